@@ -1,0 +1,112 @@
+"""`CLEXConfig`: every knob of CLEX in one validated dataclass.
+
+Key names follow the reference checkpoints (``max_factor``, ``param_factor``, ``act``, ``time_dt``) so that
+their configs map 1:1. Dicts are converted at the boundary only (:meth:`CLEXConfig.from_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+
+from .equations import ACTIVATIONS
+from .sampling import INFERENCE_T, POSITION_SAMPLERS, T_SAMPLERS
+
+#: torchdiffeq solvers we accept (fixed-grid ones take ``time_dt`` as their step; adaptive ones use rtol/atol).
+SOLVER_METHODS = ("rk4", "euler", "midpoint", "explicit_adams", "dopri5", "dopri8", "bosh3")
+#: How to integrate: ``residual`` integrates the NTK prior exactly and the network numerically (ours),
+#: ``reference`` integrates the whole right-hand side numerically, as the authors' code does.
+FORMULATIONS = ("residual", "reference")
+#: Inference t policies: the registry in :mod:`clex.sampling` plus ``fixed`` (t set once, e.g. for generation).
+INFERENCE_POLICIES = (*INFERENCE_T, "fixed")
+
+
+@dataclass
+class CLEXConfig:
+    # --- the dynamics (saved with the model; the names of the reference checkpoints) ---
+    max_factor: float = 16.0  # largest t drawn in training; the frequency table covers [1, max_factor]
+    param_factor: int = 1  # λ: the network's hidden width is λ·d
+    act: str = "tanh"  # activation of the ODE network: tanh (paper default) or silu
+    prior_base: float | None = 10000.0  # b of the prior inside the network; 10000 as the reference, None = rope_theta
+
+    # --- the solver ---
+    time_dt: float = 0.01  # step of fixed-grid solvers (the reference: rk4 at 0.01)
+    method: str = "rk4"  # a torchdiffeq method name
+    formulation: str = "residual"  # see FORMULATIONS
+    rtol: float = 1e-7  # adaptive solvers only
+    atol: float = 1e-9  # adaptive solvers only
+
+    # --- training: what one step draws ---
+    train_t: str = "integer"  # t sampler: integer (paper), uniform, log-uniform
+    position_sampler: str = "random"  # extrapolated positions: random (paper) or pose
+    seed: int = 0  # t and positions of step k depend on (seed, k) only
+
+    # --- inference ---
+    inference_t: str = "continuous"  # continuous (t = max(1, len/L)), integer (ceil, the reference), fixed
+    t_resolution: int = 16  # continuous t is rounded up to multiples of 1/t_resolution; 0 = exact
+    fixed_t: float | None = None  # the t of the "fixed" policy
+    original_length: int | None = None  # L; None = the model's max_position_embeddings
+    log_scale: bool = False  # scale queries by log(len)/log(L) past L (CLEX-7B-16K was trained with it)
+
+    extra: dict = field(default_factory=dict, repr=False)  # unknown keys kept from a loaded config
+
+    def __post_init__(self):
+        def bad(name, expected):
+            raise ValueError(f"CLEXConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+
+        def choice(name, allowed):
+            if getattr(self, name) not in allowed:
+                bad(name, "one of " + ", ".join(repr(a) for a in allowed))
+
+        def number(name, ok, expected, integer=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
+                bad(name, expected)
+            if not math.isfinite(v) or not ok(v):
+                bad(name, expected)
+
+        number("max_factor", lambda v: v >= 1, "a number >= 1")
+        number("param_factor", lambda v: v >= 1, "an integer >= 1", integer=True)
+        number("time_dt", lambda v: v > 0, "a number > 0")
+        number("rtol", lambda v: v > 0, "a number > 0")
+        number("atol", lambda v: v > 0, "a number > 0")
+        number("t_resolution", lambda v: v >= 0, "an integer >= 0 (0 = exact continuous t)", integer=True)
+        number("seed", lambda v: True, "an integer", integer=True)
+        choice("act", tuple(ACTIVATIONS))
+        choice("method", SOLVER_METHODS)
+        choice("formulation", FORMULATIONS)
+        choice("train_t", tuple(T_SAMPLERS))
+        choice("position_sampler", tuple(POSITION_SAMPLERS))
+        choice("inference_t", INFERENCE_POLICIES)
+        if self.prior_base is not None:
+            number("prior_base", lambda v: v > 1, "a number > 1, or None for the model's rope_theta")
+        if self.original_length is not None:
+            number("original_length", lambda v: v >= 1, "an integer >= 1, or None", integer=True)
+        if self.fixed_t is not None:
+            number("fixed_t", lambda v: v >= 1, "a number >= 1, or None")
+        elif self.inference_t == "fixed":
+            raise ValueError("CLEXConfig.inference_t='fixed' needs fixed_t (a number >= 1), got fixed_t=None")
+        if not isinstance(self.log_scale, bool):
+            bad("log_scale", "True or False")
+        self.param_factor = int(self.param_factor)
+        self.t_resolution = int(self.t_resolution)
+        self.seed = int(self.seed)
+        if self.original_length is not None:
+            self.original_length = int(self.original_length)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(d.pop("extra"))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CLEXConfig":
+        """Known keys become fields; unknown ones are kept in ``extra`` (and written back on save)."""
+        names = {f.name for f in fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        return cls(**known, extra=extra)
+
+    def replace(self, **changes) -> "CLEXConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,113 @@
+"""The CLEX equations, as pure functions of tensors.
+
+Symbols (CLEX paper, Chen et al. ICLR 2024, Sec. 3) and the names used here:
+
+    t        length-scaling factor t = L'/L            ``t``          (python float, t >= 1)
+    d        rotary dimension                          ``dim``        (even int)
+    j        frequency-pair index, 0 .. d/2-1          ``j``          ([d/2] float32)
+    θ⁰       the model's own inverse frequencies       ``inv_freq0``  ([d/2]), θ⁰_j = base^(-2j/d)
+    x(t)     log-frequencies, x = log θ(t)             ``x``          ([d/2])
+    W_up     up-projection   [d/2, λd]                 ``w_up``
+    W_down   down-projection [λd, d/2]                 ``w_down``
+
+The ODE (one per model, shared by every layer and head):
+
+    dx/dt = act((x + log θ_NTK(t)) · W_up) · W_down + d/dt log θ_NTK(t),   x(1) = log θ⁰
+
+with the NTK-aware prior, α(t) = 2t - 1:
+
+    log θ_NTK,j(t)        = -(2j/d) · (log b + d/(d-2) · log α(t))
+    d/dt log θ_NTK,j(t)   = -(2·2j) / ((d-2) · (2t-1))
+
+Everything here is computed in float32 (or float64 when given float64) and has no state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+#: Activations of the ODE network, by the names the reference checkpoints use.
+ACTIVATIONS = {"tanh": torch.tanh, "silu": F.silu}
+
+
+def pair_index(dim: int, *, dtype=torch.float32, device=None) -> Tensor:
+    """j = 0, 1, ..., d/2 - 1 as a [d/2] tensor."""
+    return torch.arange(dim // 2, dtype=dtype, device=device)
+
+
+def ntk_log_freqs(t: float | Tensor, dim: int, base: float, *, dtype=torch.float32, device=None) -> Tensor:
+    """log θ_NTK,j(t) = -(2j/d) · (log b + d/(d-2) · log α),  α = max(1, 2t - 1).   Shape [d/2]."""
+    alpha = torch.clamp(2 * torch.as_tensor(t, dtype=dtype, device=device) - 1, min=1.0)
+    j = pair_index(dim, dtype=dtype, device=device)
+    return -(2 * j / dim) * (math.log(base) + dim / (dim - 2) * torch.log(alpha))
+
+
+def ntk_log_freqs_rate(t: float | Tensor, dim: int, *, dtype=torch.float32, device=None) -> Tensor:
+    """d/dt log θ_NTK,j(t) = -(2·2j) / ((d-2)(2t-1)).   Shape [d/2]; independent of the base."""
+    j = pair_index(dim, dtype=dtype, device=device)
+    return -(2 * 2 * j) / ((dim - 2) * (2 * torch.as_tensor(t, dtype=dtype, device=device) - 1))
+
+
+def ntk_log_shift(t: float | Tensor, dim: int, *, dtype=torch.float32, device=None) -> Tensor:
+    """log θ_NTK(t) - log θ_NTK(1) = -(2j/(d-2)) · log(2t - 1), the prior integrated in closed form.  [d/2]"""
+    j = pair_index(dim, dtype=dtype, device=device)
+    return -(2 * j / (dim - 2)) * torch.log(2 * torch.as_tensor(t, dtype=dtype, device=device) - 1)
+
+
+def ntk_inv_freq(inv_freq0: Tensor, t: float) -> Tensor:
+    """Closed form of an untrained CLEX layer (W_down = 0): θ_j(t) = θ⁰_j · (2t - 1)^(-2j/(d-2)).  [d/2]
+
+    This is NTK-aware scaling with factor 2t - 1, the exact solution of the ODE when the network is zero.
+    """
+    dim = 2 * inv_freq0.numel()
+    return inv_freq0 * torch.exp(ntk_log_shift(t, dim, dtype=inv_freq0.dtype, device=inv_freq0.device))
+
+
+def network(h: Tensor, w_up: Tensor, w_down: Tensor, act: str) -> Tensor:
+    """The learned part of the right-hand side: act(h · W_up) · W_down.   h: [..., d/2] -> [..., d/2]"""
+    return ACTIVATIONS[act](h @ w_up) @ w_down
+
+
+def clex_rhs(t: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, *, act: str, prior_base: float) -> Tensor:
+    """dx/dt = act((x + log θ_NTK(t)) · W_up) · W_down + d/dt log θ_NTK(t), the paper's ODE as written.
+
+    ``prior_base`` is the base b of the prior inside the network's input. The reference code always uses
+    b = 10000 there, whatever the model's rope_theta (the derivative term does not depend on b).
+    x: [d/2] -> [d/2]
+    """
+    dim = 2 * x.shape[-1]
+    prior = ntk_log_freqs(t, dim, prior_base, dtype=x.dtype, device=x.device)
+    rate = ntk_log_freqs_rate(t, dim, dtype=x.dtype, device=x.device)
+    return network(x + prior, w_up.to(x.dtype), w_down.to(x.dtype), act) + rate
+
+
+def residual_rhs(
+    t: Tensor, z: Tensor, log_inv_freq0: Tensor, w_up: Tensor, w_down: Tensor, *, act: str, prior_base: float
+) -> Tensor:
+    """The same ODE with the prior integrated exactly: x(t) = log θ⁰ + ntk_log_shift(t) + z(t), z(1) = 0,
+
+        dz/dt = act((x(t) + log θ_NTK(t)) · W_up) · W_down.
+
+    Identical solutions to :func:`clex_rhs`; the numerical solver only has to follow the smooth, bounded
+    network term, so large steps stay accurate, and z stays small, so float32 round-off stays small.
+    z: [d/2] -> [d/2]
+    """
+    dim = 2 * z.shape[-1]
+    x = log_inv_freq0.to(z.dtype) + ntk_log_shift(t, dim, dtype=z.dtype, device=z.device) + z
+    prior = ntk_log_freqs(t, dim, prior_base, dtype=z.dtype, device=z.device)
+    return network(x + prior, w_up.to(z.dtype), w_down.to(z.dtype), act)
+
+
+def rope_angles(positions: Tensor, inv_freq: Tensor) -> Tensor:
+    """angle[..., p, j] = position_p · θ_j, duplicated to the rotate-half layout [..., P, d].
+
+    positions: [B, P] (float32), inv_freq: [d/2] or [B, d/2] -> [B, P, d]
+    """
+    if inv_freq.dim() == 1:
+        inv_freq = inv_freq.unsqueeze(0)
+    freqs = positions.unsqueeze(-1) * inv_freq.unsqueeze(1)  # [B, P, d/2]
+    return torch.cat((freqs, freqs), dim=-1)

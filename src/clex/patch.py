@@ -1,0 +1,119 @@
+"""Putting CLEX into a transformers model: one call, one attribute swap.
+
+transformers models of the RoPE families (LLaMA, Mistral, Mixtral, Qwen2/3, Phi, Phi-3, GPT-NeoX, ...) build
+ONE rotary module per model (``model.model.rotary_emb``), call it once per forward and hand its (cos, sin)
+to every layer. :func:`apply_clex` swaps that module for a :class:`CLEXRotaryEmbedding`, so the whole model
+sees CLEX frequencies; ``model.save_pretrained`` then records the CLEX config in config.json's
+``rope_parameters`` (type "clex").
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from .config import CLEXConfig
+from .rotary import CLEXRotaryEmbedding
+
+CLEX_KEYS = {"rope_type", *CLEXConfig.__dataclass_fields__} - {"extra"}
+
+
+def find_rotary(model: nn.Module) -> tuple[str, nn.Module]:
+    """(dotted name, module) of the model's single RoPE module; a clear ValueError if none or several."""
+    hits = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(getattr(m, "inv_freq", None), Tensor) and "rotary" in type(m).__name__.lower()
+    ]
+    if not hits:
+        raise ValueError(
+            f"{type(model).__name__} has no RoPE rotary module (a `rotary_emb` with an `inv_freq` buffer): "
+            "CLEX applies to RoPE models only (LLaMA, Mistral, Mixtral, Qwen2/3, Phi, Phi-3, GPT-NeoX, ...)"
+        )
+    if len(hits) > 1:
+        names = ", ".join(n for n, _ in hits)
+        raise ValueError(f"{type(model).__name__} has several rotary modules ({names}); CLEX supports one")
+    return hits[0]
+
+
+def text_config(model: nn.Module):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def get_clex_rotary(model: nn.Module) -> CLEXRotaryEmbedding:
+    """The model's CLEX rotary module; ValueError if CLEX was not applied."""
+    _, rotary = find_rotary(model)
+    if not isinstance(rotary, CLEXRotaryEmbedding):
+        raise ValueError(f"{type(model).__name__} has no CLEX rotary module: call clex.apply_clex(model) first")
+    return rotary
+
+
+def apply_clex(model: nn.Module, config: CLEXConfig | dict | None = None, **overrides) -> nn.Module:
+    """Replace the model's RoPE with CLEX, in place, and return the model.
+
+    config: a :class:`CLEXConfig`, a dict of its fields, or None for the defaults; keyword overrides win.
+    ``original_length`` (L) defaults to the model's ``max_position_embeddings``. The model must use plain
+    RoPE (``rope_type`` "default"): CLEX starts from the model's own frequencies θ⁰.
+    """
+    if isinstance(config, dict):
+        config = CLEXConfig.from_dict(config)
+    config = (config or CLEXConfig()).replace(**overrides) if overrides or config is None else config
+    if not isinstance(config, CLEXConfig):
+        raise ValueError(f"config must be a CLEXConfig, a dict or None, got {type(config).__name__}")
+    name, old = find_rotary(model)
+    if isinstance(old, CLEXRotaryEmbedding):
+        raise ValueError(f"{type(model).__name__} already has CLEX at `{name}`")
+    rope_type = getattr(old, "rope_type", "default")
+    if rope_type != "default":
+        raise ValueError(
+            f"CLEX starts from plain RoPE, but this model's rope_type is {rope_type!r}; allowed: 'default'. "
+            "Load the model without rope scaling, then apply CLEX"
+        )
+    hf = text_config(model)
+    length = config.original_length or getattr(hf, "max_position_embeddings", None)
+    if not length:
+        raise ValueError("CLEXConfig.original_length is None and the model config has no max_position_embeddings")
+    config = config.replace(original_length=int(length))
+    rope_parameters = dict(getattr(hf, "rope_parameters", None) or {})
+    inv_freq = getattr(old, "original_inv_freq", old.inv_freq)
+    new = CLEXRotaryEmbedding(
+        config, inv_freq, original_length=length,
+        rope_theta=float(rope_parameters.get("rope_theta", 10000.0)),
+        attention_scaling=float(getattr(old, "attention_scaling", 1.0)),
+    ).to(inv_freq.device)  # fmt: skip
+    new.train(old.training)
+    attention = [m for m in model.modules() if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "scaling", None), float)]
+    if config.log_scale and not attention:
+        raise ValueError("log_scale=True needs attention modules with a `scaling` attribute; this model has none")
+    for attn in attention:
+        attn._clex_base_scaling = getattr(attn, "_clex_base_scaling", attn.scaling)
+    new.attention_modules = tuple(attention) if config.log_scale else ()
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    model.save_pretrained = types.MethodType(_save_pretrained, model)
+    return model
+
+
+def _save_pretrained(model, save_directory, *args, **kwargs):
+    """``save_pretrained`` of a CLEX model: the model's own, then config.json's ``rope_parameters`` becomes
+    {plain RoPE parameters, CLEX fields, "rope_type": "clex"}. (The in-memory config keeps rope_type
+    "default": some configs validate rope types on assignment and know no "clex".)"""
+    type(model).save_pretrained(model, save_directory, *args, **kwargs)
+    file = Path(save_directory) / "config.json"
+    if not kwargs.get("is_main_process", True) or not file.is_file():
+        return
+    raw = json.loads(file.read_text())
+    plain = raw.get("rope_parameters") or {"rope_type": "default", "rope_theta": raw.get("rope_theta", 10000.0)}
+    raw["rope_parameters"] = {**plain, **get_clex_rotary(model).config.to_dict(), "rope_type": "clex"}
+    file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
+def split_rope_parameters(rope_parameters: dict) -> tuple[CLEXConfig, dict]:
+    """A saved ``rope_parameters`` of type "clex" -> (CLEXConfig, the plain-RoPE parameters underneath)."""
+    clex = {k: v for k, v in rope_parameters.items() if k in CLEX_KEYS and k != "rope_type"}
+    plain = {k: v for k, v in rope_parameters.items() if k not in CLEX_KEYS}
+    return CLEXConfig.from_dict(clex), {**plain, "rope_type": "default"}

@@ -1,0 +1,219 @@
+"""The CLEX modules: the learned dynamics, and the rotary embedding that replaces a model's ``rotary_emb``.
+
+`CLEXRotaryEmbedding` mirrors transformers' rotary interface, ``forward(x, position_ids) -> (cos, sin)``,
+computed in float32 and returned in x's dtype, but without its ``torch.no_grad()``: CLEX trains through it.
+
+- training mode: each forward draws t (``config.train_t``) and extrapolated positions
+  (``config.position_sampler``) from a generator seeded by (``config.seed``, ``self.draws``); the incoming
+  position ids are replaced. θ(t) is solved with gradients to the ODE parameters.
+- inference mode: each row's t comes from its key length, max(position_id) + 1, by ``config.inference_t``;
+  θ(t) comes from a table over a grid of t, built by ONE solve and rebuilt when the weights change.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from .config import CLEXConfig
+from .equations import rope_angles
+from .sampling import INFERENCE_T, POSITION_SAMPLERS, T_SAMPLERS, step_generator
+from .solve import solve_log_freqs
+
+
+class CLEXDynamics(nn.Module):
+    """The only learned part of CLEX: act(h · W_up) · W_down (see :func:`clex.equations.clex_rhs`).
+
+    ode_up_proj: [d/2, λd], kaiming-uniform (a=√5); ode_down_proj: [λd, d/2], zeros, so that an untrained
+    model follows the NTK prior exactly.
+    """
+
+    def __init__(self, dim: int, param_factor: int = 1):
+        super().__init__()
+        if dim % 2 or dim < 4:
+            raise ValueError(f"the rotary dimension d must be even and >= 4 (the prior divides by d-2), got d={dim}")
+        self.ode_up_proj = nn.Parameter(torch.empty(dim // 2, param_factor * dim))
+        self.ode_down_proj = nn.Parameter(torch.zeros(param_factor * dim, dim // 2))
+        nn.init.kaiming_uniform_(self.ode_up_proj, a=math.sqrt(5))
+
+    def version(self) -> tuple:
+        """Changes whenever a parameter is written (optimizer step, load_state_dict, .to)."""
+        return tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in self.parameters())
+
+
+class CLEXRotaryEmbedding(nn.Module):
+    """Drop-in for a transformers ``rotary_emb``: one instance serves every layer of a model.
+
+    inv_freq: θ⁰, the model's own inverse frequencies [d/2]; original_length: L; rope_theta: the model's
+    base (used only when ``config.prior_base`` is None); attention_scaling: multiplies cos and sin, as in
+    transformers (1.0 for plain RoPE).
+    """
+
+    def __init__(
+        self,
+        config: CLEXConfig,
+        inv_freq: Tensor,
+        *,
+        original_length: int,
+        rope_theta: float,
+        attention_scaling: float = 1.0,
+    ):
+        super().__init__()
+        dim = 2 * inv_freq.numel()
+        self.config = config
+        self.rope_type = "clex"
+        self.original_length = int(original_length)
+        self.original_max_seq_len = self.max_seq_len_cached = self.original_length
+        self.attention_scaling = attention_scaling
+        self.prior_base = float(config.prior_base or rope_theta)
+        self.register_buffer("inv_freq", inv_freq.detach().float().clone(), persistent=False)
+        self.register_buffer("original_inv_freq", self.inv_freq.clone(), persistent=False)
+        self.dynamics = CLEXDynamics(dim, config.param_factor)
+        self.draws = 0  # training forwards so far: step k draws from (config.seed, k); saved by the trainer
+        self.last_t: Tensor | None = None  # [B] t of the latest forward, per row
+        self.last_inv_freq: Tensor | None = None  # [B, d/2] θ of the latest forward (float32)
+        self.attention_modules: tuple = ()  # set by apply_clex; their .scaling carries log_scale
+        self._table: tuple | None = None  # (key, top t, θ table [n, d/2])
+        self._exact: dict = {}  # exact continuous t -> θ, for t_resolution = 0
+        self._warned_past_max = False
+
+    # --- θ(t) ----------------------------------------------------------------------------------------
+
+    def solve(self, times: list[float]) -> Tensor:
+        """θ(t) for sorted ``times`` (>= 1), [len(times), d/2] float32, differentiable in the ODE weights."""
+        c = self.config
+        with torch.autocast(self.inv_freq.device.type, enabled=False):  # float32, whatever autocast says
+            x = solve_log_freqs(
+                self.inv_freq.float(), self.dynamics.ode_up_proj.float(), self.dynamics.ode_down_proj.float(),
+                times, act=c.act, prior_base=self.prior_base, method=c.method, time_dt=c.time_dt,
+                formulation=c.formulation, rtol=c.rtol, atol=c.atol,
+            )  # fmt: skip
+        ones = sum(1 for t in times if t == 1.0)  # θ(1) is θ⁰ exactly, not exp(log θ⁰)
+        return torch.cat([self.inv_freq.expand(ones, -1), torch.exp(x[ones:])])
+
+    def inv_freq_at(self, t: float) -> Tensor:
+        """θ(t) for any real t >= 1, solved now (with gradients when they are enabled).  [d/2] float32"""
+        if t < 1:
+            raise ValueError(f"t must be >= 1, got {t}")
+        return self.inv_freq.clone() if t == 1 else self.solve([1.0, float(t)])[1]
+
+    def _grid_step(self) -> float:
+        res = self.config.t_resolution if self.config.inference_t == "continuous" else 1
+        return 1.0 / max(res, 1)
+
+    def table(self, top: float | None = None) -> tuple[Tensor, Tensor]:
+        """(t grid [n], θ [n, d/2]) over 1, 1+s, ..., top, s = 1/t_resolution, by ONE solve, cached until
+        the ODE weights change. Past max_factor the ODE is integrated further (one warning)."""
+        step = self._grid_step()
+        need = max(float(self.config.max_factor), top or 1.0)
+        key = (self.dynamics.version(), self.inv_freq.device, step)
+        if self._table is None or self._table[0] != key or self._table[1] < need:
+            self._warn_past_max(need)
+            top_t = float(self.config.max_factor) if need <= self.config.max_factor else math.ceil(need)
+            n = int(round((top_t - 1) / step)) + 1
+            times = [1 + k * step for k in range(n)]
+            with torch.no_grad():
+                self._table = (key, top_t, self.solve(times))
+        _, top_t, theta = self._table
+        return torch.arange(theta.shape[0], device=theta.device) * step + 1, theta
+
+    def _warn_past_max(self, t: float) -> None:
+        if t > self.config.max_factor and not self._warned_past_max:
+            warnings.warn(
+                f"CLEX: length factor t={t:g} is past max_factor={self.config.max_factor:g} (the trained range, "
+                f"{self.original_length * self.config.max_factor:g} tokens); integrating the ODE further.",
+                stacklevel=4,
+            )
+            self._warned_past_max = True
+
+    def frequencies(self, t_rows: Tensor) -> Tensor:
+        """θ for each row's t.  t_rows: [B] float64 -> [B, d/2] float32."""
+        self._warn_past_max(float(t_rows.max()))
+        wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.dynamics.parameters())
+        uniq = sorted(set(t_rows.tolist()))
+        step = self._grid_step()
+        on_grid = all(abs((t - 1) / step - round((t - 1) / step)) < 1e-6 for t in uniq)
+        if wants_grad or not on_grid:
+            if wants_grad:
+                theta = self.solve([1.0] + uniq)[1:]
+            else:  # exact continuous t: solve each new t once per weight version
+                key = self.dynamics.version()
+                if self._exact.get("key") != key:
+                    self._exact = {"key": key}
+                missing = [t for t in uniq if t not in self._exact]
+                if missing:
+                    with torch.no_grad():
+                        self._exact.update(zip(missing, self.solve([1.0] + missing)[1:]))
+                theta = torch.stack([self._exact[t] for t in uniq])
+            index = torch.tensor([uniq.index(t) for t in t_rows.tolist()], device=theta.device)
+            return theta[index]
+        _, theta = self.table(top=max(uniq))
+        index = torch.round((t_rows - 1) / step).long().to(theta.device)
+        return theta[index]
+
+    # --- which t ---------------------------------------------------------------------------------------
+
+    def t_for_length(self, kv_len: Tensor) -> Tensor:
+        """Each row's t from its key length, by the inference policy.  kv_len: [B] -> [B] float64"""
+        c = self.config
+        if c.inference_t == "fixed":
+            return torch.full(kv_len.shape, float(c.fixed_t), dtype=torch.float64)
+        return INFERENCE_T[c.inference_t](kv_len.detach().cpu(), self.original_length, c.t_resolution)
+
+    def draw(self, n: int) -> tuple[float, Tensor]:
+        """One training draw: t and n positions, from (seed, draws). Advances ``draws``.  -> (t, [n] float32)
+
+        Positions span n·t tokens (first 0, last ceil(n·t)-1); for n > L they are divided by n // L, so that
+        the span is always about L·t and t keeps its meaning, the factor over the original length.
+        """
+        c = self.config
+        gen = step_generator(c.seed, self.draws)
+        self.draws += 1
+        t = T_SAMPLERS[c.train_t](gen, c.max_factor)
+        span = max(n, math.ceil(n * t - 1e-9))
+        positions = POSITION_SAMPLERS[c.position_sampler](n, span, gen)
+        return t, positions / max(1, n // self.original_length)
+
+    # --- forward --------------------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin: [B, P, d] in x's dtype, like transformers' rotary modules.  position_ids: [B, P]"""
+        batch = position_ids.shape[0]
+        if self.training:
+            t, pos = self.draw(position_ids.shape[-1])
+            positions = pos.to(x.device).unsqueeze(0).expand(batch, -1)  # [B, P]
+            if t == 1:  # plain frequencies; 0·W keeps the ODE weights in the graph (DDP's unused check)
+                theta = self.inv_freq + 0 * sum(p.sum() for p in self.dynamics.parameters())
+            else:
+                theta = self.solve([1.0, t])[1]
+            theta = theta.unsqueeze(0).expand(batch, -1)  # [B, d/2]
+            self.last_t = torch.full((batch,), t, dtype=torch.float64)
+            kv_len = float(positions.max()) + 1
+        else:
+            positions = position_ids.float()
+            lengths = position_ids.max(dim=-1).values + 1  # [B]: keys seen by each row, padding excluded
+            self.last_t = self.t_for_length(lengths)
+            theta = self.frequencies(self.last_t)
+            kv_len = float(lengths.max())
+        self.last_inv_freq = theta.detach()
+        self._apply_log_scale(kv_len)
+        with torch.autocast(x.device.type, enabled=False):
+            emb = rope_angles(positions, theta.to(x.device))  # [B, P, d] float32
+            cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+    def _apply_log_scale(self, kv_len: float) -> None:
+        """Queries scaled by max(1, log(len)/log(L)) through each attention module's ``scaling``, which every
+        attention back-end of transformers (eager, sdpa, flash, flex) multiplies into q·k."""
+        if not self.config.log_scale:
+            return
+        factor = max(1.0, math.log(kv_len) / math.log(self.original_length))
+        for attn in self.attention_modules:
+            attn.scaling = attn._clex_base_scaling * factor
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"d={2 * self.inv_freq.numel()}, L={self.original_length}, max_factor={c.max_factor}, act={c.act}"

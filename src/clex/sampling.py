@@ -1,0 +1,99 @@
+"""Which t, and which positions: the samplers of training and the t policies of inference.
+
+Three small registries, each a dict from a name to a function; configs name their entries, an unknown name
+is refused by :class:`clex.CLEXConfig` with the list of valid names.
+
+- ``T_SAMPLERS[name](generator, max_factor) -> t``: the length factor of one training step.
+- ``POSITION_SAMPLERS[name](n, span, generator) -> positions``: n integer positions in [0, span) for a
+  training sequence of n tokens that is rotated as if it were ``span`` tokens long.
+- ``INFERENCE_T[name](kv_len, original_length, resolution) -> t``: the length factor for each row at
+  inference, from the number of keys it attends to.
+
+Every draw takes an explicit ``torch.Generator``: the same seed and step give the same t and positions on
+every rank and after a resume.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator that depends on (seed, step) only: identical on every data-parallel rank."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1))
+
+
+# --- training: the length factor t of one step -----------------------------------------------------------
+
+
+def _t_integer(gen: torch.Generator, max_factor: float) -> float:
+    """t ~ Uniform{1, 2, ..., floor(max_factor)} (the paper)."""
+    return float(torch.randint(1, int(max_factor) + 1, (1,), generator=gen).item())
+
+
+def _t_uniform(gen: torch.Generator, max_factor: float) -> float:
+    """t ~ Uniform[1, max_factor]."""
+    return 1.0 + float(torch.rand((), generator=gen)) * (max_factor - 1.0)
+
+
+def _t_log_uniform(gen: torch.Generator, max_factor: float) -> float:
+    """log t ~ Uniform[0, log max_factor]: as many draws in [1, 2] as in [8, 16]."""
+    return math.exp(float(torch.rand((), generator=gen)) * math.log(max_factor))
+
+
+T_SAMPLERS = {"integer": _t_integer, "uniform": _t_uniform, "log-uniform": _t_log_uniform}
+
+
+# --- training: the positions of one sequence ---------------------------------------------------------
+
+
+def _positions_random(n: int, span: int, gen: torch.Generator) -> Tensor:
+    """The paper's extrapolated positions: 0, then n-2 distinct sorted draws from [1, span-1), then span-1.
+
+    With span == n this is 0, 1, ..., n-1. Gaps are spread over the whole sequence.
+    """
+    if span <= n:
+        return torch.arange(n, dtype=torch.float32)
+    inner = torch.randperm(span - 2, generator=gen)[: n - 2].sort().values + 1
+    return torch.cat([torch.zeros(1), inner.float(), torch.full((1,), float(span - 1))])
+
+
+def _positions_pose(n: int, span: int, gen: torch.Generator) -> Tensor:
+    """PoSE (positional skip-wise training): two contiguous chunks, the second shifted by a random skip.
+
+    Split c ~ Uniform{1..n-1}; skip s ~ Uniform{0..span-n}; positions 0..c-1, then c+s .. n-1+s.
+    Local order is kept everywhere but at one place, and relative distances up to span-1 occur.
+    """
+    if span <= n:
+        return torch.arange(n, dtype=torch.float32)
+    cut = int(torch.randint(1, n, (1,), generator=gen))
+    skip = int(torch.randint(0, span - n + 1, (1,), generator=gen))
+    pos = torch.arange(n, dtype=torch.float32)
+    pos[cut:] += skip
+    return pos
+
+
+POSITION_SAMPLERS = {"random": _positions_random, "pose": _positions_pose}
+
+
+# --- inference: t from the key length ---------------------------------------------------------------
+
+
+def _round_up(t: Tensor, resolution: int) -> Tensor:
+    return t if resolution <= 0 else torch.ceil(t * resolution - 1e-6) / resolution
+
+
+def _t_continuous(kv_len: Tensor, original_length: int, resolution: int) -> Tensor:
+    """t = max(1, len/L), rounded up to the grid 1/resolution (resolution 0: exact)."""
+    return torch.clamp(_round_up(kv_len.double() / original_length, resolution), min=1.0)
+
+
+def _t_ceil(kv_len: Tensor, original_length: int, resolution: int) -> Tensor:
+    """t = max(1, ceil(len/L)): the reference's integer factor, for parity with released checkpoints."""
+    return torch.clamp(torch.ceil(kv_len.double() / original_length), min=1.0)
+
+
+INFERENCE_T = {"continuous": _t_continuous, "integer": _t_ceil}

@@ -1,0 +1,35 @@
+"""Tiny random models of every RoPE family we support, built from configs (no hub, no download)."""
+
+import pytest
+import torch
+
+COMMON = dict(
+    vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=16,
+)  # fmt: skip
+
+FAMILIES = {
+    "llama": ("LlamaConfig", dict(num_key_value_heads=2)),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=None)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2)),
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=16)),
+    "phi3": ("Phi3Config", dict(num_key_value_heads=2, partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "gpt_neox": ("GPTNeoXConfig", dict(rotary_pct=0.5)),
+    "phi": ("PhiConfig", dict(partial_rotary_factor=0.5)),
+    "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)),
+}
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    """A tiny random causal LM of ``family`` in eval mode, float32, with eager-equivalent sdpa attention."""
+    import transformers
+
+    name, extra = FAMILIES[family]
+    config = getattr(transformers, name)(**{**COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")

@@ -1,0 +1,57 @@
+"""CLEXConfig validation: every bad value names its field and what is allowed."""
+
+import pytest
+
+import clex
+from clex import CLEXConfig
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("max_factor", 0, "max_factor must be a number >= 1, got 0"),
+        ("max_factor", "16", "max_factor must be a number >= 1"),
+        ("time_dt", 0, "time_dt must be a number > 0, got 0"),
+        ("time_dt", -0.01, "time_dt must be a number > 0"),
+        ("param_factor", 1.5, "param_factor must be an integer >= 1"),
+        ("act", "relu", "act must be one of 'tanh', 'silu', got 'relu'"),
+        ("method", "rk5", "method must be one of 'rk4'"),
+        ("formulation", "fast", "formulation must be one of 'residual', 'reference'"),
+        ("train_t", "normal", "train_t must be one of 'integer', 'uniform', 'log-uniform'"),
+        ("position_sampler", "skip", "position_sampler must be one of 'random', 'pose'"),
+        ("inference_t", "ceil", "inference_t must be one of 'continuous', 'integer', 'fixed'"),
+        ("t_resolution", -1, "t_resolution must be an integer >= 0"),
+        ("prior_base", 1, "prior_base must be a number > 1"),
+        ("original_length", 0, "original_length must be an integer >= 1"),
+        ("fixed_t", 0.5, "fixed_t must be a number >= 1"),
+        ("log_scale", "yes", "log_scale must be True or False"),
+    ],
+)
+def test_bad_values_name_the_field_and_the_allowed_values(field, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        CLEXConfig(**{field: value})
+
+
+def test_fixed_policy_needs_fixed_t():
+    with pytest.raises(ValueError, match="needs fixed_t"):
+        CLEXConfig(inference_t="fixed")
+
+
+def test_dict_round_trip_keeps_unknown_keys():
+    c = CLEXConfig(max_factor=8, act="silu", extra={"factor": 1})
+    d = c.to_dict()
+    assert d["factor"] == 1 and CLEXConfig.from_dict(d) == c
+
+
+def test_odd_rotary_dimension_is_refused():
+    with pytest.raises(ValueError, match=r"rotary dimension d must be even and >= 4 \(the prior divides by d-2\), got d=7"):
+        clex.CLEXDynamics(7)
+
+
+def test_apply_clex_takes_dicts_and_refuses_other_things():
+    from conftest import tiny_model
+
+    model = clex.apply_clex(tiny_model("llama"), {"max_factor": 8})
+    assert clex.get_clex_rotary(model).config.max_factor == 8
+    with pytest.raises(ValueError, match="config must be a CLEXConfig, a dict or None, got int"):
+        clex.apply_clex(tiny_model("llama"), 3)

@@ -28,12 +28,17 @@ def test_save_then_load_gives_bitwise_identical_logits(tmp_path, family):
         assert torch.equal(loaded(ids(50)).logits, expected)
 
 
-def test_stock_transformers_does_not_silently_load_plain_rope(tmp_path):
+def test_stock_transformers_refuses_plain_rope_or_loads_through_clex(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    clex.apply_clex(tiny_model("llama")).save_pretrained(tmp_path)
-    with pytest.raises(KeyError, match="clex"):
+    model = clex.apply_clex(tiny_model("llama"), max_factor=4)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(KeyError, match="clex"):  # never silently plain RoPE
         AutoModelForCausalLM.from_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert isinstance(clex.get_clex_rotary(again), clex.CLEXRotaryEmbedding)
+    with torch.no_grad():
+        assert torch.equal(again(ids(40)).logits, model(ids(40)).logits)
 
 
 def test_load_overrides_and_plain_folders(tmp_path):

@@ -109,7 +109,30 @@ def _save_pretrained(model, save_directory, *args, **kwargs):
     raw = json.loads(file.read_text())
     plain = raw.get("rope_parameters") or {"rope_type": "default", "rope_theta": raw.get("rope_theta", 10000.0)}
     raw["rope_parameters"] = {**plain, **get_clex_rotary(model).config.to_dict(), "rope_type": "clex"}
+    raw["auto_map"] = {"AutoModelForCausalLM": "clex_model.CLEXForCausalLM"}
     file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    (file.parent / "clex_model.py").write_text(REMOTE_CODE)
+
+
+#: Written beside config.json so that stock transformers loads the folder with ``trust_remote_code=True``
+#: (through clex), and says what to install when clex is missing.
+REMOTE_CODE = '''"""This folder holds a CLEX model (rope_type "clex"): load it with clex.load_model(folder), or with
+AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) where the `clex` package is installed."""
+try:
+    import clex
+except ImportError as e:
+    raise ImportError("this folder holds a CLEX model: pip install clex, then clex.load_model(folder)") from e
+
+
+class CLEXForCausalLM:
+    @classmethod
+    def register_for_auto_class(cls, auto_class=None):
+        pass
+
+    @classmethod
+    def from_pretrained(cls, path, *args, config=None, **kwargs):
+        return clex.load_model(path, dtype=kwargs.get("dtype"), attn_implementation=kwargs.get("attn_implementation"))
+'''
 
 
 def split_rope_parameters(rope_parameters: dict) -> tuple[CLEXConfig, dict]:

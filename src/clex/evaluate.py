@@ -1,0 +1,280 @@
+"""Perplexity against length, in the two protocols users know, memory-safe at any length.
+
+For each length n, each document (at least n tokens long) gives ``samples`` sequences of n tokens (the
+first n, or evenly spaced windows); the n-1 tokens after the first are scored. The protocols differ only
+in what each scored token sees:
+
+- ``sliding`` (YaRN / LongLoRA): windows of ``window`` tokens (default: n, i.e. one full forward, the
+  "truncation" protocol), each a fresh forward from position 0, moved by ``stride``; a window scores only
+  the tokens no earlier window scored, so every token is scored once, with up to ``window`` - 1 tokens of
+  context. The last window ends at token n (so every window has exactly ``window`` tokens).
+- ``chunked`` (the CLEX reference): the n tokens are fed in non-overlapping chunks of ``chunk`` tokens
+  (default: the model's training length L) with the key cache carried forward, so every token sees all
+  earlier ones. A CLEX model's t would otherwise grow chunk by chunk and leave cached keys rotated with
+  stale frequencies; here t is pinned to the t of the full length n (:func:`clex.evalkit.fixed_clex_t`),
+  so the chunked loss equals one full forward's, and the cache is exact (``log_scale``'s query scale is
+  pinned to n as well). transformers' ``dynamic`` scaling recomputes its frequencies as the cache grows
+  and keeps the stale keys: that is its known behaviour, measured as is.
+
+Memory: the decoder's hidden states are taken (``model.get_decoder()``) and the output head + cross-entropy
+are applied ``loss_block`` positions at a time, so the logits of a whole sequence never exist.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .evalkit import (
+    LoadedModel,
+    as_loaded,
+    check_models,
+    fixed_clex_t,
+    load_documents,
+    model_device,
+    tokenize_documents,
+    unique_names,
+)  # fmt: skip
+from .report import write_results
+
+PROTOCOLS = ("sliding", "chunked")
+
+
+def _check_head(model: nn.Module) -> nn.Module:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for key in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(config, key, None) not in (None, 1, 1.0):
+            raise ValueError(
+                f"{type(model).__name__} post-processes its logits ({key}); perplexity here supports plain heads"
+            )
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head); expected a causal LM")
+    return head
+
+
+def token_nll(model: nn.Module, hidden: Tensor, targets: Tensor, *, block: int = 1024) -> Tensor:
+    """-log p(target) for each position, the head applied ``block`` positions at a time.
+
+    hidden: [T, H] (the decoder's last hidden states), targets: [T] -> [T] float32. Peak extra memory is
+    one [block, vocab] float32 logits block, whatever T is.
+    """
+    head = _check_head(model)
+    out = torch.empty(targets.shape[0], dtype=torch.float32)
+    for s in range(0, targets.shape[0], block):
+        logits = head(hidden[s : s + block]).float()  # [b, V], float32 for the softmax
+        out[s : s + logits.shape[0]] = F.cross_entropy(
+            logits, targets[s : s + block].to(logits.device), reduction="none"
+        ).cpu()
+    return out
+
+
+@torch.no_grad()
+def nll_sliding(
+    model: nn.Module, ids: Tensor, *, window: int | None = None, stride: int = 256, block: int = 1024
+) -> Tensor:
+    """Per-token NLL of ids [n] by sliding windows (see the module docstring).  -> [n-1] float32"""
+    n = ids.shape[0]
+    w = min(window or n, n)
+    if w < 2 or stride < 1:
+        raise ValueError(f"sliding needs window >= 2 and stride >= 1, got window={w}, stride={stride}")
+    decoder, dev = model.get_decoder(), model_device(model)
+    nll = torch.empty(n - 1)
+    done, end = 1, w  # tokens [1, done) are scored; the current window is [end - w, end)
+    while True:
+        begin = end - w
+        hidden = decoder(input_ids=ids[begin:end][None].to(dev), use_cache=False).last_hidden_state[0]  # [w, H]
+        first = max(done, begin + 1)  # first token this window scores; position p is predicted by p - 1
+        nll[first - 1 : end - 1] = token_nll(
+            model, hidden[first - 1 - begin : end - 1 - begin], ids[first:end], block=block
+        )
+        done = end
+        if end == n:
+            return nll
+        end = min(end + stride, n)
+
+
+@torch.no_grad()
+def nll_chunked(model: nn.Module, ids: Tensor, *, chunk: int, block: int = 1024) -> Tensor:
+    """Per-token NLL of ids [n] fed in chunks with the key cache carried (CLEX t fixed).  -> [n-1] float32"""
+    n = ids.shape[0]
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 token, got {chunk}")
+    decoder, dev = model.get_decoder(), model_device(model)
+    nll = torch.empty(n - 1)
+    cache = None
+    with fixed_clex_t(model, n):
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            out = decoder(input_ids=ids[s:e][None].to(dev), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            m = min(e, n - 1) - s  # positions s .. s+m-1 predict tokens s+1 .. s+m (the next chunk's first too)
+            if m > 0:
+                nll[s : s + m] = token_nll(model, out.last_hidden_state[0, :m], ids[s + 1 : s + 1 + m], block=block)
+    return nll
+
+
+def _windows(doc_len: int, n: int, samples: int) -> list[int]:
+    """Start offsets of ``samples`` evenly spaced n-token windows in a document of doc_len tokens."""
+    if samples == 1 or doc_len == n:
+        return [0]
+    return sorted({round(i * (doc_len - n) / (samples - 1)) for i in range(samples)})
+
+
+def _stats(values: list[float]) -> dict:
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"std": float(t.std()) if len(values) > 1 else 0.0, "min": float(t.min()), "max": float(t.max())}
+
+
+def perplexity(
+    loaded: LoadedModel,
+    tokens: dict[str, list[int]],
+    lengths: Sequence[int],
+    *,
+    protocol: str = "chunked",
+    window: int | None = None,
+    stride: int = 256,
+    chunk: int | None = None,
+    samples: int = 1,
+    buckets: int = 8,
+    loss_block: int = 1024,
+) -> dict[int, dict]:
+    """{length: results} for one model over tokenised documents (see :func:`run_ppl` for the fields)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    longest = max(len(v) for v in tokens.values())
+    for n in lengths:
+        if n > longest:
+            raise ValueError(
+                f"length {n} is longer than every document ({len(tokens)} documents; the longest has {longest} "
+                f"tokens with {loaded.name}'s tokenizer); allowed: lengths <= {longest}"
+            )
+    results = {}
+    for n in lengths:
+        jobs = [(doc, off) for doc, ids in tokens.items() if len(ids) >= n for off in _windows(len(ids), n, samples)]
+        nlls, per_doc = [], {}
+        for doc, off in tqdm(jobs, desc=f"{loaded.name} ppl@{n} ({protocol})", leave=False):
+            ids = torch.tensor(tokens[doc][off : off + n])
+            if protocol == "sliding":
+                nll = nll_sliding(loaded.model, ids, window=window, stride=stride, block=loss_block)
+            else:
+                nll = nll_chunked(loaded.model, ids, chunk=chunk or loaded.train_length or n, block=loss_block)
+            nlls.append(nll)
+            per_doc[f"{doc}@{off}"] = math.exp(float(nll.mean()))
+        allnll = torch.stack(nlls)  # [docs, n-1]
+        edges = [round(i * n / buckets) for i in range(buckets + 1)]  # buckets over the target position 1..n-1
+        bucket_nll = [
+            float(allnll[:, max(a, 1) - 1 : b - 1].mean()) if b - 1 > max(a, 1) - 1 else None
+            for a, b in itertools.pairwise(edges)
+        ]
+        mean_nll = float(allnll.mean())
+        spread = _stats(list(per_doc.values()))
+        results[n] = {
+            "length": n, "sequences": len(jobs), "nll": mean_nll, "ppl": math.exp(mean_nll),
+            "ppl_std": spread["std"], "ppl_min": spread["min"], "ppl_max": spread["max"],
+            "bucket_edges": edges, "bucket_nll": bucket_nll, "per_sequence_ppl": per_doc,
+        }  # fmt: skip
+    return results
+
+
+def parse_ints(value, field: str) -> list[int]:
+    """A list of positive ints from a list or a comma-separated string ("128,256")."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        out = [int(str(v).strip()) for v in items if str(v).strip()]
+    except ValueError:
+        raise ValueError(f"{field} must be positive integers like '128,256', got {value!r}") from None
+    if not out or min(out) < 2:
+        raise ValueError(f"{field} must be integers >= 2, got {value!r}")
+    return out
+
+
+def run_ppl(
+    models: Sequence = (),
+    *,
+    lengths: Sequence[int] | str | None = None,
+    protocol: str = "chunked",
+    window: int | None = None,
+    stride: int = 256,
+    chunk: int | None = None,
+    documents: str | None = None,
+    samples: int = 1,
+    max_documents: int | None = None,
+    buckets: int = 8,
+    loss_block: int = 1024,
+    device: str = "cpu",
+    dtype: str | None = None,
+    seed: int = 0,
+    out_dir: str = "runs/eval",
+    name: str = "ppl",
+    plot: bool = True,
+) -> dict:
+    """Perplexity against length for one or more models, side by side (JSON + Markdown + PNG).
+
+    models: model specs (``[NAME=]PATH[:METHOD[:K=V,...]]``, see :mod:`clex.evalkit`) or built
+    (name, model, tokenizer) triples. lengths: token counts (default: 1, 2, 4, 8, 16 x the first model's
+    training length L). protocol: ``chunked`` (key cache carried over chunks of ``chunk`` tokens, default L)
+    or ``sliding`` (windows of ``window`` tokens, default the whole length, moved by ``stride``).
+    documents: a .txt/.md/.jsonl file or a folder (default: the embedded corpus's held-out plays);
+    samples: sequences per document (evenly spaced); buckets: position buckets of the per-position loss.
+    Per length: ppl = exp(mean token NLL), the spread of per-sequence ppl (std, min, max), bucket NLLs.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if samples < 1 or buckets < 1 or loss_block < 1:
+        raise ValueError(f"samples, buckets and loss_block must be >= 1, got {samples}, {buckets}, {loss_block}")
+    specs = check_models(models)
+    docs = load_documents(documents)
+    if max_documents is not None:
+        docs = dict(list(docs.items())[: max(1, int(max_documents))])
+    if lengths is not None:
+        lengths = parse_ints(lengths, "lengths")
+    config = {
+        "lengths": lengths, "protocol": protocol, "window": window, "stride": stride, "chunk": chunk,
+        "documents": str(documents) if documents is not None else "embedded held-out plays",
+        "document_names": list(docs), "samples": samples, "buckets": buckets, "loss_block": loss_block,
+        "device": device, "dtype": dtype,
+    }  # fmt: skip
+    models_out = {}
+    for item in tqdm(specs, desc="models", disable=len(specs) < 2):
+        torch.manual_seed(seed)
+        loaded = as_loaded(item, device=device, dtype=dtype)  # one model in memory at a time
+        unique_names([*models_out, loaded.name])
+        if lengths is None:
+            if not loaded.train_length:
+                raise ValueError(f"{loaded.name} has no known training length; give lengths explicitly")
+            lengths = [loaded.train_length * k for k in (1, 2, 4, 8, 16)]
+            config["lengths"] = lengths
+        tokens = tokenize_documents(loaded.tokenizer, docs)
+        res = perplexity(
+            loaded, tokens, lengths, protocol=protocol, window=window, stride=stride, chunk=chunk,
+            samples=samples, buckets=buckets, loss_block=loss_block,
+        )  # fmt: skip
+        models_out[loaded.name] = {"spec": loaded.spec, "train_length": loaded.train_length, "results": res}
+        del loaded
+    payload = {"task": "perplexity", "config": config, "seed": seed, "models": models_out}
+    rows = [
+        {
+            "model": m,
+            "L": v["train_length"],
+            **{str(n): f"{r['ppl']:.3f} ± {r['ppl_std']:.2f}" for n, r in v["results"].items()},
+        }
+        for m, v in models_out.items()
+    ]
+    paths = write_results(
+        out_dir, name, payload, rows, title=f"Perplexity by length ({protocol})",
+        notes="Cells: perplexity (exp of the mean token NLL) ± std of per-sequence perplexity. L: training length.",
+    )  # fmt: skip
+    if plot:
+        from .plot import plot_ppl
+
+        paths["png"] = plot_ppl(payload, Path(out_dir) / f"{name}.png")
+    payload["paths"] = {k: str(v) for k, v in paths.items()}
+    return payload

@@ -1,0 +1,195 @@
+"""Figures (matplotlib, Agg): perplexity against length, the retrieval heatmap, and CLEX's learned θ(t).
+
+- :func:`plot_ppl`: one line per model from a ``clex eval ppl`` payload; each training length L marked.
+- :func:`plot_retrieval`: accuracy by length x depth, one heatmap per model.
+- :func:`plot_freqs`: θ_j(t) / θ_j(1) of a CLEX model against the pair index j, beside PI (``linear``),
+  NTK (``dynamic``, α = t) and YaRN for the same t, all three from transformers' ``ROPE_INIT_FUNCTIONS``;
+  and the CLEX prior (NTK with α = 2t − 1, what an untrained CLEX gives), so the learned part shows.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    return out
+
+
+def plot_ppl(payload: dict, out: str | Path, *, title: str | None = None) -> Path:
+    """Perplexity (log scale) against length (log2 scale), one line per model; dashed verticals at each L."""
+    plt = _pyplot()
+    models = payload.get("models") or {}
+    if not models:
+        raise ValueError("plot_ppl needs a payload with at least one model under 'models', got none")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, entry in models.items():
+        results = sorted(entry["results"].items(), key=lambda kv: int(kv[0]))
+        xs = [int(k) for k, _ in results]
+        ys = [r["ppl"] if r["ppl"] is not None else float("nan") for _, r in results]
+        lo = [y - (r.get("ppl_std") or 0) for y, (_, r) in zip(ys, results)]
+        hi = [y + (r.get("ppl_std") or 0) for y, (_, r) in zip(ys, results)]
+        (line,) = ax.plot(xs, ys, marker="o", label=name)
+        ax.fill_between(xs, [max(v, 1e-9) for v in lo], hi, color=line.get_color(), alpha=0.12)
+    for length in sorted({e.get("train_length") for e in models.values()} - {None}):
+        ax.axvline(length, color="grey", linestyle="--", linewidth=1)
+        ax.annotate(f"L={length}", (length, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                    textcoords="offset points", fontsize=8, color="grey")  # fmt: skip
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    lengths = sorted({int(k) for e in models.values() for k in e["results"]})
+    ax.set_xticks(lengths, [str(n) for n in lengths], rotation=45 if len(lengths) > 6 else 0)
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_ylabel("perplexity")
+    protocol = (payload.get("config") or {}).get("protocol", "")
+    ax.set_title(title or f"Perplexity by length ({protocol})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def plot_retrieval(payload: dict, out: str | Path, *, title: str | None = None) -> Path:
+    """Accuracy heatmaps (depth x length), one panel per model, each cell annotated."""
+    plt = _pyplot()
+    models = payload.get("models") or {}
+    if not models:
+        raise ValueError("plot_retrieval needs a payload with at least one model under 'models', got none")
+    fig, axes = plt.subplots(1, len(models), figsize=(1.2 + 3.6 * len(models), 3.6), squeeze=False)
+    image = None
+    for ax, (name, entry) in zip(axes[0], models.items()):
+        lengths = sorted(entry["grid"], key=int)
+        depths = sorted({float(d) for row in entry["grid"].values() for d in row})
+        acc = [[_cell(entry["grid"][n], d) for n in lengths] for d in depths]  # [depth, length]
+        image = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for i, row in enumerate(acc):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45, fontsize=8)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=8)
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_title(f"{name} (mean {entry.get('mean', 0):.0%})", fontsize=9)
+    axes[0][0].set_ylabel("key depth")
+    fig.colorbar(image, ax=axes[0].tolist(), fraction=0.03, label="accuracy")
+    fig.suptitle(title or f"{payload.get('task', 'retrieval')} accuracy")
+    return _save(fig, out)
+
+
+def _cell(row: dict, depth: float) -> float:
+    for d, v in row.items():
+        if abs(float(d) - depth) < 1e-12:
+            return float(v)
+    return float("nan")
+
+
+def _rope_config(model: nn.Module | None, rotary) -> object:
+    """A plain-RoPE transformers config matching the rotary: a copy of the model's, or a minimal LLaMA one."""
+    if model is not None and getattr(model, "config", None) is not None:
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        return copy.deepcopy(config)
+    from transformers import LlamaConfig
+
+    d = 2 * rotary.inv_freq.numel()
+    base = float(rotary.inv_freq[1].double() ** (-d / 2))  # θ⁰_1 = base^(-2/d)
+    return LlamaConfig(hidden_size=d, head_dim=d, num_attention_heads=1, num_key_value_heads=1,
+                       max_position_embeddings=rotary.original_length,
+                       rope_parameters={"rope_type": "default", "rope_theta": base})  # fmt: skip
+
+
+def baseline_inv_freqs(config, t: float, length: int) -> dict[str, torch.Tensor]:
+    """θ(t) of PI, NTK (α = t), YaRN and the CLEX prior (NTK, α = 2t − 1), by ROPE_INIT_FUNCTIONS.
+
+    config: a plain-RoPE transformers config (copied, never changed); length: L.  -> {name: [d/2] float32}
+    """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    plain = {**(config.rope_parameters or {}), "rope_type": "default"}
+    plan = {
+        "PI": ("linear", {"factor": t}, None),
+        "NTK": ("dynamic", {"factor": 1.0}, t * length),  # base·(seq_len/L)^(d/(d-2)): α = t
+        "YaRN": ("yarn", {"factor": t, "original_max_position_embeddings": length}, None),
+        "CLEX prior (NTK α=2t-1)": ("dynamic", {"factor": 2.0}, t * length),  # α = 2·seq_len/L − 1
+    }
+    out = {}
+    for name, (rope_type, params, seq_len) in plan.items():
+        cfg = copy.deepcopy(config)
+        cfg.rope_parameters = {**plain, "rope_type": rope_type, **params}
+        out[name] = ROPE_INIT_FUNCTIONS[rope_type](cfg, None, seq_len=seq_len)[0].float()
+    return out
+
+
+def plot_freqs(
+    model: str | Path | nn.Module,
+    *,
+    ts: Sequence[float] | str = (1, 2, 4, 8, 16),
+    out: str | Path = "runs/plots/freqs.png",
+) -> dict:
+    """Plot the learned frequencies θ(t) of a CLEX model beside PI, NTK and YaRN for the same t.
+
+    model: a CLEX model folder, a CLEX model, or its CLEXRotaryEmbedding. ts: length factors (>= 1).
+    Writes the PNG at ``out`` and the numbers beside it (same name, .json). Returns the numbers.
+    """
+    from .checkpoint import load_model
+    from .rotary import CLEXRotaryEmbedding
+
+    ts = [float(t) for t in (ts.split(",") if isinstance(ts, str) else ts)]
+    if not ts or min(ts) < 1:
+        raise ValueError(f"ts must be length factors >= 1 like '1,2,4,8', got {ts!r}")
+    owner = None
+    if isinstance(model, CLEXRotaryEmbedding):
+        rotary = model
+    else:
+        owner = model if isinstance(model, nn.Module) else load_model(str(model))
+        from .evalkit import rotary_of
+
+        rotary = rotary_of(owner)
+        if not isinstance(rotary, CLEXRotaryEmbedding):
+            what = type(model).__name__ if owner is model else str(model)
+            raise ValueError(f"plot freqs needs a CLEX model (rope_type 'clex'), but {what} has no CLEX rotary")
+    config, length = _rope_config(owner, rotary), rotary.original_length
+    theta0 = rotary.inv_freq.float().cpu()
+    numbers = {"original_length": length, "theta0": theta0.tolist(), "t": {}}
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(ts), figsize=(3.3 * len(ts), 3.4), squeeze=False, sharey=True)
+    for ax, t in zip(axes[0], ts):
+        with torch.no_grad():
+            curves = {"CLEX (learned)": rotary.inv_freq_at(t).float().cpu(), **baseline_inv_freqs(config, t, length)}
+        numbers["t"][f"{t:g}"] = {k: v.tolist() for k, v in curves.items()}
+        for name, theta in curves.items():
+            style = {"linewidth": 2.2} if name.startswith("CLEX (") else {"linewidth": 1.2, "zorder": 3}
+            if "prior" in name:
+                style.update(color="black", linestyle=":")
+            ax.plot(range(theta.numel()), (theta / theta0).numpy(), label=name, **style)
+        ax.set_yscale("log")
+        ax.set_title(f"t = {t:g} ({t * length:g} tokens)", fontsize=9)
+        ax.set_xlabel("frequency pair j")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("θ_j(t) / θ_j(1)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"CLEX frequencies against PI, NTK and YaRN (L = {length})")
+    png = _save(fig, out)
+    Path(png).with_suffix(".json").write_text(json.dumps(numbers, indent=1) + "\n")
+    return {**numbers, "paths": {"png": str(png), "json": str(Path(png).with_suffix(".json"))}}

@@ -1,0 +1,110 @@
+"""Writing results: one JSON (payload + versions + time) and one Markdown table per run, shared by pipelines.
+
+    paths = write_results("runs/eval", "ppl", payload, rows, title="Perplexity")
+    # -> {"json": runs/eval/ppl.json, "markdown": runs/eval/ppl.md}
+
+``rows`` are dicts with the same keys (the table's columns, in first-seen order unless ``columns`` is given).
+Non-finite floats become ``null`` in JSON (strict JSON has no NaN/inf) and "inf"/"nan" in the table.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def versions() -> dict[str, str]:
+    """Versions of what produced a result: python, torch, transformers, clex, the platform."""
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "clex": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "cuda": torch.version.cuda or "none",
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # a 0-d tensor or numpy scalar
+        return _jsonable(value.item())
+    return value
+
+
+def format_cell(value: Any, digits: int = 3) -> str:
+    """A table cell: floats with ``digits`` decimals (one from 100, scientific past 1e6 or below 1e-3), None as '-'."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
+            return f"{value:.{digits - 1}e}"
+        return f"{value:.1f}" if abs(value) >= 100 else f"{value:.{digits}f}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: int = 3) -> str:
+    """A GitHub Markdown table of ``rows`` (dicts); missing cells are '-'."""
+    if not rows:
+        return "(no rows)\n"
+    if columns is None:
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(format_cell(row.get(c), digits) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(
+    out_dir: str | Path,
+    name: str,
+    payload: dict,
+    rows: Sequence[dict],
+    *,
+    columns: Sequence[str] | None = None,
+    title: str | None = None,
+    notes: str | None = None,
+) -> dict[str, Path]:
+    """Write ``<out_dir>/<name>.json`` (payload + versions + time) and ``<out_dir>/<name>.md`` (the table).
+
+    The payload should carry its own ``config`` and ``seed``; ``versions`` and ``written_at`` are added
+    when missing. Returns {"json": path, "markdown": path}.
+    """
+    if not name or any(c in name for c in "/\\"):
+        raise ValueError(f"results name must be a plain file stem like 'ppl', got {name!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {**payload}
+    payload.setdefault("versions", versions())
+    payload.setdefault("written_at", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+    json_path.write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n")
+    parts = [f"# {title or name}\n", markdown_table(rows, columns)]
+    if notes:
+        parts.append(notes.strip() + "\n")
+    v = payload["versions"]
+    parts.append(f"_clex {v.get('clex')}, torch {v.get('torch')}, transformers {v.get('transformers')}; "
+                 f"seed {payload.get('seed', '-')}; full results in `{json_path.name}`._\n")  # fmt: skip
+    md_path.write_text("\n".join(parts))
+    return {"json": json_path, "markdown": md_path}

@@ -1,0 +1,202 @@
+"""Perplexity: both protocols equal a full forward where they should, memory-safe loss, specs, outputs, errors."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+
+import clex
+from clex import evaluate
+from clex.evalkit import ModelSpec, apply_rope_override, fixed_clex_t, load_spec
+from clex.evaluate import nll_chunked, nll_sliding, run_ppl
+from clex.tokenizer import byte_tokenizer
+
+L = 16  # the tiny models' max_position_embeddings
+
+
+def byte_model(use_clex=False, seed=0):
+    model = tiny_model("llama", seed=seed, vocab_size=257)
+    if use_clex:
+        clex.apply_clex(model, max_factor=16)
+        with torch.no_grad():  # a "trained" CLEX: θ(t) depends on t beyond the NTK prior
+            clex.get_clex_rotary(model).dynamics.ode_down_proj.normal_(
+                0, 0.2, generator=torch.Generator().manual_seed(1)
+            )
+    return model
+
+
+def ids(n, seed=1):
+    return torch.randint(0, 257, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def full_nll(model, x):
+    with torch.no_grad():
+        logits = model(x[None]).logits[0]
+    return F.cross_entropy(logits[:-1].float(), x[1:], reduction="none")
+
+
+@pytest.mark.parametrize("use_clex", [False, True])
+def test_sliding_and_chunked_equal_a_full_forward_when_the_window_covers_the_sequence(use_clex):
+    model, x = byte_model(use_clex), ids(90)  # 90 tokens: t = 5.625 for CLEX, past L = 16
+    ref = full_nll(model, x)
+    torch.testing.assert_close(nll_sliding(model, x, block=7), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(nll_chunked(model, x, chunk=L, block=7), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(nll_chunked(model, x, chunk=7, block=1000), ref, rtol=0, atol=1e-5)
+
+
+def test_chunked_clex_with_log_scale_equals_a_full_forward():
+    model = clex.apply_clex(tiny_model("llama", vocab_size=257), max_factor=8, log_scale=True)
+    x = ids(90)
+    ref = full_nll(model, x)
+    torch.testing.assert_close(nll_chunked(model, x, chunk=L), ref, rtol=0, atol=1e-5)
+    assert "_apply_log_scale" not in vars(clex.get_clex_rotary(model))  # the pin is undone
+
+
+def test_chunked_clex_is_exact_only_because_t_is_fixed(monkeypatch):
+    model, x = byte_model(True), ids(90)
+    ref = full_nll(model, x)
+    import contextlib
+
+    monkeypatch.setattr(evaluate, "fixed_clex_t", lambda model, n: contextlib.nullcontext())
+    drifting = nll_chunked(model, x, chunk=L)  # t grows chunk by chunk; cached keys keep their old rotation
+    assert (drifting - ref).abs().max() > 1e-3
+    # without the fix the first chunk is scored at t = 1 (16 keys), not at the t of the 90-token sequence
+    torch.testing.assert_close(drifting[: L - 1], full_nll(model, x[:L]), rtol=0, atol=1e-5)
+
+
+def test_fixed_t_restores_the_policy_and_leaves_plain_models_alone():
+    model = byte_model(True)
+    rot = clex.get_clex_rotary(model)
+    before = rot.config
+    with fixed_clex_t(model, 40) as t:
+        assert t == 2.5 and rot.config.inference_t == "fixed" and rot.config.fixed_t == 2.5
+    assert rot.config is before
+    with fixed_clex_t(byte_model(False), 40) as t:
+        assert t is None
+
+
+def test_sliding_scores_each_token_once_with_its_own_window():
+    model, x = byte_model(), ids(70)
+    got = nll_sliding(model, x, window=32, stride=10)
+    torch.testing.assert_close(got[:31], full_nll(model, x[:32]), rtol=0, atol=1e-5)  # the first window
+    torch.testing.assert_close(got[-8:], full_nll(model, x[-32:])[-8:], rtol=0, atol=1e-5)  # the last window
+    assert (got[-8:] - full_nll(model, x)[-8:]).abs().max() > 1e-4  # a shorter context changes the loss
+
+
+def test_the_loss_never_holds_full_sequence_logits():
+    model, x = byte_model(True), ids(120)
+    rows = []
+    model.lm_head.register_forward_hook(lambda m, inp, out: rows.append(out.shape))
+    model.forward = None  # the causal LM's own forward (full logits) must not be used
+    nll_chunked(model, x, chunk=L, block=8)
+    nll_sliding(model, x, window=64, stride=32, block=8)
+    assert rows and all(s[-1] == 257 and s.numel() <= 8 * 257 for s in rows)
+
+
+def test_yarn_override_is_transformers_own_yarn():
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": L, "rope_theta": 10000.0}
+    ours = apply_rope_override(byte_model(), "yarn", {"factor": 4.0})
+    theirs = tiny_model("llama", seed=0, vocab_size=257, rope_parameters=rope)
+    x = ids(60)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x[None]).logits, theirs(x[None]).logits)
+    assert ours.model.rotary_emb.attention_scaling > 1  # YaRN's attention factor came with it
+    with pytest.raises(ValueError, match="unknown RoPE method 'bogus'; allowed: linear"):
+        apply_rope_override(byte_model(), "bogus", {})
+    with pytest.raises(ValueError, match="needs a plain-RoPE model, but this one already has CLEX"):
+        apply_rope_override(byte_model(True), "yarn", {"factor": 4.0})
+    with pytest.raises(ValueError, match="factor"):
+        apply_rope_override(byte_model(), "linear", {})
+
+
+def test_model_spec_syntax():
+    s = ModelSpec.parse("yarn4=runs/base:yarn:factor=4,beta_fast=32.0")
+    assert (s.name, s.path, s.method, s.params) == ("yarn4", "runs/base", "yarn", {"factor": 4, "beta_fast": 32.0})
+    s = ModelSpec.parse("runs/base:pi:factor=2")
+    assert s.method == "linear" and s.label == "base:linear(factor=2)"
+    assert ModelSpec.parse("runs/clex").label == "clex" and ModelSpec.parse("runs/clex").method is None
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        ModelSpec.parse("runs/base:yarn:factor")
+    with pytest.raises(ValueError, match="no model path"):
+        ModelSpec.parse("name=:yarn")
+
+
+@pytest.fixture
+def folder(tmp_path):
+    path = tmp_path / "base"
+    byte_model().save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_run_ppl_side_by_side_writes_json_markdown_png(folder, tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("To be, or not to be, that is the question. " * 4)
+    (docs / "b.md").write_text("Whether 'tis nobler in the mind to suffer the slings. " * 2)
+    specs = [f"base={folder}", f"pi={folder}:pi:factor=4", f"{folder}:clex:max_factor=16", f"y={folder}:yarn:factor=4"]
+    out = run_ppl(
+        specs, lengths="32,150", protocol="chunked", documents=str(docs), out_dir=str(tmp_path / "o"), buckets=4
+    )
+    assert list(out["models"]) == ["base", "pi", "base:clex(max_factor=16)", "y"]
+    r = out["models"]["base"]["results"]
+    assert r[32]["sequences"] == 2 and r[150]["sequences"] == 1  # a.txt has 176 tokens, b.md 108
+    assert len(r[150]["bucket_nll"]) == 4 and r[150]["ppl_min"] <= r[150]["ppl"] <= r[150]["ppl_max"]
+    assert out["models"]["base:clex(max_factor=16)"]["train_length"] == L
+    assert out["models"]["base"]["results"][150]["ppl"] != out["models"]["pi"]["results"][150]["ppl"]
+    clex_r = out["models"]["base:clex(max_factor=16)"]["results"]
+    assert clex_r[32]["ppl"] != r[32]["ppl"]  # past L, CLEX (here: its NTK prior) changes the model
+    saved = json.loads((tmp_path / "o" / "ppl.json").read_text())
+    assert saved["seed"] == 0 and saved["config"]["protocol"] == "chunked" and "transformers" in saved["versions"]
+    table = (tmp_path / "o" / "ppl.md").read_text()
+    assert "| base | 16 |" in table and "| y |" in table
+    assert (tmp_path / "o" / "ppl.png").stat().st_size > 5000
+    sliding = run_ppl(
+        [f"base={folder}"],
+        lengths=[150],
+        protocol="sliding",
+        documents=str(docs),
+        out_dir=str(tmp_path / "s"),
+        plot=False,
+    )
+    assert sliding["models"]["base"]["results"][150]["ppl"] == pytest.approx(r[150]["ppl"], rel=1e-5)
+
+
+def test_a_built_model_triple_is_accepted(tmp_path):
+    out = run_ppl(
+        [("mine", byte_model(), byte_tokenizer())],
+        lengths=[20],
+        documents={"d": "abc " * 20},
+        out_dir=str(tmp_path),
+        plot=False,
+    )
+    x = torch.tensor(list(b"abc " * 5))
+    assert out["models"]["mine"]["results"][20]["nll"] == pytest.approx(
+        float(full_nll(byte_model(), x).mean()), rel=1e-5
+    )
+
+
+def test_bad_input_is_refused_clearly(folder, tmp_path):
+    docs = {"short": "tiny text " * 5}
+    with pytest.raises(ValueError, match=r"length 500 is longer than every document \(1 documents; the longest has 50"):
+        run_ppl([f"{folder}"], lengths=[20, 500], documents=docs, out_dir=str(tmp_path), plot=False)
+    with pytest.raises(FileNotFoundError, match="model folder not found: .*nowhere"):
+        run_ppl([str(tmp_path / "nowhere")], lengths=[20], documents=docs, out_dir=str(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="the corpus is empty"):
+        run_ppl([f"{folder}"], lengths=[20], documents=str(empty), out_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="documents not found"):
+        run_ppl([f"{folder}"], lengths=[20], documents=str(tmp_path / "missing.txt"), out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="protocol must be one of sliding, chunked, got 'full'"):
+        run_ppl([f"{folder}"], protocol="full")
+    with pytest.raises(ValueError, match="at least one model"):
+        run_ppl([], lengths=[20])
+    with pytest.raises(ValueError, match="model names must be unique"):
+        run_ppl([f"{folder}", f"{folder}"], lengths=[20], documents=docs, out_dir=str(tmp_path), plot=False)
+    no_tok = tmp_path / "no_tok"
+    byte_model().save_pretrained(no_tok)
+    with pytest.raises(FileNotFoundError, match="has no tokenizer"):
+        load_spec(str(no_tok))

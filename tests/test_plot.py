@@ -1,0 +1,72 @@
+"""Figures: written, non-empty PNGs; the frequency plot's numbers are transformers' own and CLEX's."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import clex
+from clex.plot import plot_freqs, plot_ppl, plot_retrieval
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(path):
+    return path.is_file() and path.stat().st_size > 5000 and path.read_bytes()[:8] == PNG
+
+
+def test_ppl_and_retrieval_plots_are_written(tmp_path):
+    ppl = {"config": {"protocol": "chunked"}, "models": {
+        "base": {"train_length": 128, "results": {128: {"ppl": 5.0, "ppl_std": 0.2}, 256: {"ppl": 40.0, "ppl_std": 3.0}}},
+        "clex": {"train_length": 128, "results": {"128": {"ppl": 5.1, "ppl_std": 0.2}, "256": {"ppl": 5.3, "ppl_std": None}}},
+    }}  # fmt: skip
+    assert is_png(plot_ppl(ppl, tmp_path / "sub" / "ppl.png"))
+    grid = {"passkey": {"128": {"0.0": 1.0, "1.0": 0.5}, "256": {"0.0": 0.0, "1.0": 0.25}}}
+    payload = {
+        "task": "passkey",
+        "models": {"a": {"grid": grid["passkey"], "mean": 0.44}, "b": {"grid": grid["passkey"]}},
+    }
+    assert is_png(plot_retrieval(payload, tmp_path / "heat.png"))
+    with pytest.raises(ValueError, match="at least one model"):
+        plot_ppl({"models": {}}, tmp_path / "x.png")
+
+
+def test_freqs_of_an_untrained_clex_model_are_the_ntk_prior_and_baselines_are_transformers(tmp_path):
+    model = clex.apply_clex(tiny_model("llama"), max_factor=16)
+    out = plot_freqs(model, ts="1,2,4", out=tmp_path / "freqs.png")
+    assert is_png(tmp_path / "freqs.png") and json.loads((tmp_path / "freqs.json").read_text())["original_length"] == 16
+    theta0 = torch.tensor(out["theta0"])
+    for t in ("1", "2", "4"):
+        curves = {k: torch.tensor(v) for k, v in out["t"][t].items()}
+        torch.testing.assert_close(curves["CLEX (learned)"], curves["CLEX prior (NTK α=2t-1)"], rtol=1e-5, atol=0)
+        torch.testing.assert_close(curves["PI"], theta0 / float(t))
+        j = torch.arange(theta0.numel())
+        torch.testing.assert_close(
+            curves["NTK"], theta0 * float(t) ** (-2 * j / (2 * theta0.numel() - 2)), rtol=1e-5, atol=0
+        )
+    yarn4 = torch.tensor(out["t"]["4"]["YaRN"])
+    assert yarn4[0] == theta0[0] and torch.isclose(yarn4[-1], theta0[-1] / 4)  # high freqs kept, low ones interpolated
+
+
+def test_freqs_from_a_saved_folder_and_a_trained_clex_differs_from_its_prior(tmp_path):
+    model = clex.apply_clex(tiny_model("llama"), max_factor=16)
+    with torch.no_grad():
+        clex.get_clex_rotary(model).dynamics.ode_down_proj.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(tmp_path / "m")
+    out = plot_freqs(str(tmp_path / "m"), ts=[4], out=tmp_path / "f.png")
+    curves = out["t"]["4"]
+    assert max(abs(a - b) for a, b in zip(curves["CLEX (learned)"], curves["CLEX prior (NTK α=2t-1)"])) > 1e-3
+    assert is_png(tmp_path / "f.png")
+    # a bare rotary works too (a minimal config is rebuilt from θ⁰), with the same baselines
+    again = plot_freqs(clex.get_clex_rotary(model), ts=[4], out=tmp_path / "g.png")
+    torch.testing.assert_close(torch.tensor(again["t"]["4"]["YaRN"]), torch.tensor(curves["YaRN"]))
+
+
+def test_freqs_needs_a_clex_model(tmp_path):
+    with pytest.raises(ValueError, match="needs a CLEX model"):
+        plot_freqs(tiny_model("llama"), out=tmp_path / "x.png")
+    with pytest.raises(ValueError, match="ts must be length factors >= 1"):
+        plot_freqs(clex.apply_clex(tiny_model("llama")), ts=[0.5], out=tmp_path / "x.png")
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        plot_freqs(str(tmp_path / "nowhere"), out=tmp_path / "x.png")

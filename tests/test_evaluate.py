@@ -107,8 +107,10 @@ def test_yarn_override_is_transformers_own_yarn():
         apply_rope_override(byte_model(), "bogus", {})
     with pytest.raises(ValueError, match="needs a plain-RoPE model, but this one already has CLEX"):
         apply_rope_override(byte_model(True), "yarn", {"factor": 4.0})
-    with pytest.raises(ValueError, match="factor"):
+    with pytest.raises(ValueError, match="missing.*factor|factor.*missing|'factor'"):
         apply_rope_override(byte_model(), "linear", {})
+    with pytest.raises(ValueError, match="factor must be a number >= 1, got 0.5"):
+        apply_rope_override(byte_model(), "yarn", {"factor": 0.5})
 
 
 def test_model_spec_syntax():

@@ -6,7 +6,8 @@ A **model spec** names one model (or one RoPE method on a model) to evaluate, as
 
 - ``PATH``: a local model folder: ours (saved with CLEX), the authors' released layout, or a plain
   transformers folder; read by :func:`clex.load_model`, tokenizer by ``AutoTokenizer`` from the same folder.
-  ``smollm2`` (when no such folder exists) is the embedded SmolLM2 GGUF, loaded by ``clex.smollm2``.
+  ``smollm2`` (when no such folder exists) is the embedded SmolLM2-135M GGUF (:func:`clex.smollm2.load_smollm2`;
+  ``smollm2:clex:...`` applies CLEX fresh, ``smollm2:yarn:factor=4`` a transformers scaling).
 - ``METHOD``: a RoPE scaling applied through transformers' own ``rope_parameters`` (the rotary module is
   rebuilt with its own class, nothing re-implemented): ``linear`` (alias ``pi``), ``dynamic`` (alias ``ntk``),
   ``yarn``, ``longrope``, ``llama3``, ... (the keys of ``ROPE_INIT_FUNCTIONS``); or ``clex``: CLEXConfig
@@ -37,6 +38,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .patch import find_rotary
+from .rotary import CLEXRotaryEmbedding
 
 ALIASES = {"pi": "linear", "ntk": "dynamic"}
 
@@ -102,8 +106,6 @@ class LoadedModel:
 
 def rotary_of(model) -> nn.Module | None:
     """The model's single RoPE module, or None (no RoPE, or not a torch module, e.g. a test double)."""
-    from .patch import find_rotary
-
     if not isinstance(model, nn.Module):
         return None
     try:
@@ -122,8 +124,6 @@ def model_device(model) -> torch.device:
 
 def train_length_of(model: nn.Module) -> int | None:
     """L: the CLEX rotary's original length, else the RoPE config's original length, else max positions."""
-    from .rotary import CLEXRotaryEmbedding
-
     rot = rotary_of(model)
     if isinstance(rot, CLEXRotaryEmbedding):
         return rot.original_length
@@ -142,12 +142,12 @@ def apply_rope_override(model: nn.Module, rope_type: str, params: dict) -> nn.Mo
     """
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from .patch import find_rotary
-    from .rotary import CLEXRotaryEmbedding
-
     if rope_type not in ROPE_INIT_FUNCTIONS:
         allowed = ", ".join([*ROPE_INIT_FUNCTIONS, *ALIASES, "clex"])
         raise ValueError(f"unknown RoPE method {rope_type!r}; allowed: {allowed}")
+    factor = params.get("factor", 1.0)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
+        raise ValueError(f"RoPE method {rope_type!r}: factor must be a number >= 1, got {factor!r}")
     name, old = find_rotary(model)
     if isinstance(old, CLEXRotaryEmbedding):
         raise ValueError(f"RoPE method {rope_type!r} needs a plain-RoPE model, but this one already has CLEX")
@@ -189,10 +189,10 @@ def load_spec(spec: str | ModelSpec, *, device: str = "cpu", dtype: str | None =
     spec = ModelSpec.parse(spec) if isinstance(spec, str) else spec
     path = Path(spec.path)
     if spec.path == "smollm2" and not path.exists():
-        from . import smollm2  # the embedded GGUF model (another module's job)
+        from .smollm2 import load_smollm2  # the embedded GGUF model, converted once to a cached folder
 
-        model, tokenizer = smollm2.load_smollm2()
-        model = model.to(device)
+        fresh = CLEXConfig.from_dict(spec.params) if spec.method == "clex" else None
+        model, tokenizer = load_smollm2(dtype=dtype or "float32", device=device, clex=fresh)
     else:
         saved, _ = clex_config_of(read_config(path))  # FileNotFoundError for a missing folder
         if spec.method == "clex" and saved is None:
@@ -245,8 +245,6 @@ def fixed_clex_t(model: nn.Module, length: int) -> Iterator[float | None]:
     tokens, and the key cache stays exact. With ``log_scale`` the query scale is pinned to ``length`` too
     (a full forward's). Models without CLEX are left alone (yields None).
     """
-    from .rotary import CLEXRotaryEmbedding
-
     rot = rotary_of(model)
     if not isinstance(rot, CLEXRotaryEmbedding):
         yield None

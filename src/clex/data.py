@@ -1,0 +1,177 @@
+"""Training text: load documents, hold some out, tokenise and pack them into fixed-length rows.
+
+Sources (:func:`load_texts`): nothing (the embedded corpus: the training plays of :mod:`clex.corpus`, whose
+held-out plays are never touched), a .txt/.md file (one document), a folder of .txt/.md/.jsonl files, a
+.jsonl file (one document per line, in ``text_field``), or a ``datasets`` dataset saved with
+``save_to_disk`` (its "train" split if it is a DatasetDict).
+
+Packing (:func:`pack`): each document is tokenised without special tokens and followed by EOS; the stream is
+cut into rows of ``seq_len`` tokens, the remainder dropped. Rows are what the model sees, labels = inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIXES = (".jsonl",)
+EMBEDDED = ("embedded", "corpus", "shakespeare")  # names that mean "the embedded corpus" in a config file
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"cannot read {file}: it is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {file}: {e.strerror or e}") from None
+
+
+def _read_jsonl(file: Path, text_field: str) -> list[str]:
+    texts = []
+    for n, line in enumerate(_read_text(file).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}:{n} is not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+            keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(f"{file}:{n} has no string field {text_field!r} (text_field); found: {keys}")
+        texts.append(row[text_field])
+    return texts
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def _read_saved_dataset(folder: Path, text_field: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"{folder} is a saved `datasets` dataset; reading it needs: pip install datasets") from None
+    ds = datasets.load_from_disk(str(folder))
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise ValueError(f"{folder} is a DatasetDict without a 'train' split; splits: {', '.join(ds)}")
+        ds = ds["train"]
+    if text_field not in ds.column_names:
+        raise ValueError(f"{folder} has no column {text_field!r} (text_field); columns: {', '.join(ds.column_names)}")
+    return [t for t in ds[text_field] if isinstance(t, str)]
+
+
+def _read_file(file: Path, text_field: str) -> list[str]:
+    suffix = file.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        return [_read_text(file)]
+    if suffix in JSONL_SUFFIXES:
+        return _read_jsonl(file, text_field)
+    raise ValueError(f"{file}: unsupported file type {suffix or '(none)'!r}; allowed: .txt, .md, .jsonl, a folder")
+
+
+def load_texts(source: str | Path | None = None, *, text_field: str = "text") -> list[str]:
+    """Documents (non-empty strings) from ``source``; None = the embedded corpus's training plays.
+
+    Raises FileNotFoundError for a missing path, ValueError (naming the file) for an unreadable file,
+    a file type we do not read, or a source without any non-empty document.
+    """
+    if source is None or (isinstance(source, str) and source.lower() in EMBEDDED):
+        from .corpus import split_plays
+
+        return list(split_plays()[0].values())
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data source not found: {path}")
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            texts = _read_saved_dataset(path, text_field)
+        else:
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES)
+            if not files:
+                raise ValueError(f"{path} holds no .txt, .md or .jsonl files (nor a dataset saved with save_to_disk)")
+            texts = [t for f in files for t in _read_file(f, text_field)]
+    else:
+        texts = _read_file(path, text_field)
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ValueError(f"{path} holds no text: every document is empty")
+    return texts
+
+
+def split_documents(texts: list[str], held_out: float = 0.05, *, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(training, held-out) documents: a seeded random ``held_out`` fraction of the documents (at least one
+    when held_out > 0). With a single document, its last ``held_out`` fraction of characters is held out."""
+    if not 0 <= held_out < 1:
+        raise ValueError(f"held_out must be a fraction in [0, 1), got {held_out!r}")
+    if held_out == 0 or not texts:
+        return list(texts), []
+    if len(texts) == 1:
+        cut = int(len(texts[0]) * (1 - held_out))
+        return [texts[0][:cut]], [texts[0][cut:]]
+    n = min(len(texts) - 1, max(1, round(held_out * len(texts))))
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen = set(order[:n])
+    return [t for i, t in enumerate(texts) if i not in chosen], [t for i, t in enumerate(texts) if i in chosen]
+
+
+def pack(texts: list[str], tokenizer, seq_len: int, *, name: str = "the texts") -> Tensor:
+    """Tokenise ``texts``, join them with EOS (one after each document) and cut into rows.  -> [N, seq_len] int64
+
+    ``name`` says where the texts came from, for the error when they make no full row.
+    """
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token: packing needs one to separate documents")
+    ids: list[int] = []
+    for doc in tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []:
+        ids.extend(doc)
+        ids.append(eos)
+    rows = len(ids) // seq_len
+    if rows == 0:
+        raise ValueError(
+            f"{name} give {len(ids)} tokens, fewer than one row of seq_len={seq_len}: "
+            "give more or longer documents, or a smaller seq_len"
+        )
+    return torch.tensor(ids[: rows * seq_len], dtype=torch.long).view(rows, seq_len)  # [N, seq_len]
+
+
+def prepare_data(
+    source: str | Path | None, tokenizer, seq_len: int, *, held_out: float = 0.05, seed: int = 0,
+    text_field: str = "text",
+) -> tuple[Tensor, Tensor | None]:
+    """(training rows [N, seq_len], held-out rows [M, seq_len] or None when held_out = 0)."""  # fmt: skip
+    texts = load_texts(source, text_field=text_field)
+    train, held = split_documents(texts, held_out, seed=seed)
+    where = "the embedded corpus" if source is None else str(source)
+    rows = pack(train, tokenizer, seq_len, name=f"the training documents of {where}")
+    eval_rows = pack(held, tokenizer, seq_len, name=f"the held-out documents of {where} (held_out={held_out})") if held else None
+    return rows, eval_rows
+
+
+def epoch_order(n_rows: int, epoch: int, seed: int) -> Tensor:
+    """The row order of one epoch: a permutation that depends on (seed, epoch) only.  -> [n_rows]"""
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def rows_at(rows: Tensor, start: int, count: int, seed: int) -> Tensor:
+    """Rows ``start .. start+count-1`` of the endless stream of shuffled epochs.  -> [count, seq_len]
+
+    The stream position ``start`` is all the trainer stores to resume the data exactly.
+    """
+    n = rows.shape[0]
+    orders: dict[int, Tensor] = {}
+    picks = []
+    for k in range(start, start + count):
+        epoch, i = divmod(k, n)
+        if epoch not in orders:
+            orders[epoch] = epoch_order(n, epoch, seed)
+        picks.append(int(orders[epoch][i]))
+    return rows[picks]

@@ -1,0 +1,325 @@
+"""Fine-tuning: CLEX and the baselines in one loop, on one process or many (accelerate: DDP, FSDP, DeepSpeed).
+
+``run(TrainConfig(...)) -> out_dir/final``; ``main(config, override, resume)`` is ``clex train``. Under
+``accelerate launch`` the same code runs on every process (configs in ``configs/accelerate/``).
+
+What a step is: ``grad_accum`` micro-batches per process, each ``batch_size`` packed rows of ``seq_len``
+tokens. Rows come from an endless stream of shuffled epochs (order from (seed, epoch)), rank r taking its
+slice of each global micro-batch; the stream position is all that resuming needs.
+
+The CLEX t: the rotary module draws one t per training forward from (clex seed, draw counter), so it is the
+same on every rank. Each micro-batch is a forward, so with ``grad_accum`` > 1 one optimizer step averages
+the gradients of ``grad_accum`` different t (more t per step, and the same t sequence whatever the number of
+processes); the counter is checkpointed. At t = 1 the rotary keeps the ODE weights in the graph with a zero
+gradient, so DDP's unused-parameter check never fires.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from .checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .data import prepare_data, rows_at
+from .methods import original_length, pose_position_ids, prepare_model
+from .patch import find_rotary
+from .presets import build_model, count_parameters
+from .rotary import CLEXRotaryEmbedding
+from .sampling import step_generator
+from .train_config import TrainConfig
+
+__all__ = ["TrainConfig", "run", "main"]
+
+#: The config fields that shape the loss curve: a resume with other values warns.
+_CURVE_FIELDS = ("model", "method", "factor", "clex", "rope", "pose", "data", "seq_len", "held_out", "steps",
+                 "batch_size", "grad_accum", "lr", "warmup_ratio", "schedule", "weight_decay", "train", "seed")  # fmt: skip
+
+
+def lr_schedule(optimizer, kind: str, *, warmup: int, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``warmup`` steps, then cosine to 0 / linear to 0 / constant until ``steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0 - progress if kind == "linear" else 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _select_trainable(model, config: TrainConfig):
+    """Freeze what ``config.train`` leaves out; LoRA wraps the model with peft. -> (model, trainable params)"""
+    clex_params = []
+    _, rot = find_rotary(model)
+    if isinstance(rot, CLEXRotaryEmbedding):
+        clex_params = list(rot.dynamics.parameters())
+    if config.train == "lora":
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ValueError("TrainConfig.train='lora' needs peft: pip install peft") from None
+        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=list(config.lora_targets), task_type="CAUSAL_LM")  # fmt: skip
+        model = get_peft_model(model, lora)
+    elif config.train == "clex":
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for p in clex_params:  # the ODE weights train in every mode
+        p.requires_grad_(True)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def _accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+
+    kwargs = {}
+    if config.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ValueError("TrainConfig.tensorboard=true needs TensorBoard: pip install tensorboard") from None
+        kwargs.update(log_with="tensorboard", project_dir=str(Path(config.out_dir) / "tensorboard"))
+    return Accelerator(
+        cpu=config.cpu or not _has_accelerator(), mixed_precision="bf16" if config.dtype == "bfloat16" else None,  # None: the launch config's
+        gradient_accumulation_steps=config.grad_accum, **kwargs,
+    )  # fmt: skip
+
+
+def _has_accelerator() -> bool:
+    """A GPU (or other device) is present; without one, accelerate must be told `cpu` to form a gloo group
+    from torchrun's environment (else every process would train alone)."""
+    from accelerate.utils import is_mps_available, is_npu_available, is_xpu_available
+
+    return torch.cuda.is_available() or is_mps_available() or is_xpu_available() or is_npu_available()
+
+
+def _deepspeed_fill(accelerator, config: TrainConfig) -> None:
+    """DeepSpeed reads micro-batch size, accumulation and clipping from its own config (we feed it no
+    dataloader): the run config's values win."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
+        plugin.deepspeed_config["gradient_clipping"] = config.max_grad_norm
+        plugin.deepspeed_config["gradient_accumulation_steps"] = config.grad_accum
+
+
+def _zero3_external_params(accelerator, rotary) -> None:
+    """Under DeepSpeed ZeRO-3 a parameter is gathered when ITS module runs; the rotary reads the ODE weights
+    of its `dynamics` child directly, so register them as the rotary's external parameters."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if rotary is None or plugin is None or plugin.zero_stage != 3:
+        return
+    import deepspeed
+
+    for p in rotary.dynamics.parameters():
+        deepspeed.zero.register_external_parameter(rotary, p)
+
+
+def _evaluate(model, accelerator, eval_rows, config: TrainConfig) -> float:
+    """Mean held-out loss over the first eval_batches * batch_size rows, split over the processes."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_rank = min(config.eval_batches * config.batch_size, eval_rows.shape[0]) // world
+    if per_rank == 0:
+        return float("nan")
+    mine = eval_rows[rank * per_rank : (rank + 1) * per_rank]
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # [sum of loss x rows, rows]
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, per_rank, config.batch_size):
+            batch = mine[i : i + config.batch_size].to(accelerator.device)
+            loss = model(input_ids=batch, labels=batch).loss
+            total += torch.tensor([float(loss) * batch.shape[0], batch.shape[0]], dtype=torch.float64, device=total.device)
+    model.train()
+    total = accelerator.reduce(total, reduction="sum")
+    return float(total[0] / total[1])
+
+
+def _trim_log(log_file: Path, step: int) -> None:
+    """Drop records past ``step`` (written by a run killed after its last checkpoint)."""
+    if log_file.is_file():
+        keep = [line for line in log_file.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        log_file.write_text("".join(line + "\n" for line in keep))
+
+
+def _check_resume_config(out_dir: Path, config: TrainConfig) -> None:
+    file = out_dir / "config.yaml"
+    if not file.is_file():
+        return
+    from .train_config import read_config_file
+
+    old = read_config_file(file)
+    new = config.to_dict()
+    changed = [k for k in _CURVE_FIELDS if k in old and old[k] != new[k]]
+    if changed:
+        warnings.warn(f"resuming {out_dir} with changed fields {changed}: the loss curve will differ from the first run's", stacklevel=3)
+
+
+def run(config: TrainConfig) -> Path:
+    """Fine-tune a model as ``config`` says; returns the folder of the final model (out_dir/final)."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"run() takes a TrainConfig, got {type(config).__name__}")
+    out_dir = Path(config.out_dir)
+    if not config.resume and list_checkpoints(out_dir):
+        raise ValueError(f"out_dir {out_dir} already holds checkpoints: set resume=true to continue it, or pick a new out_dir")
+    accelerator = _accelerator(config)
+    main_proc, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    set_seed(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+
+    # --- model, method, data ---
+    model, tokenizer = build_model(config.model, seed=config.seed)
+    length0 = original_length(model)
+    clex_fields = config.clex_config().to_dict() if config.method == "clex" else None
+    prepare_model(model, config.method, factor=config.factor, clex=clex_fields, rope=config.rope or None, pose=config.pose)
+    _, rotary = find_rotary(model)
+    rotary = rotary if isinstance(rotary, CLEXRotaryEmbedding) else None
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
+    model, params = _select_trainable(model, config)
+    rows, eval_rows = prepare_data(config.data, tokenizer, config.seq_len, held_out=config.held_out, seed=config.seed,
+                                   text_field=config.text_field)  # fmt: skip
+
+    # --- optimiser and schedule (the paper's: AdamW, lr 2e-5, 3% warmup, cosine, no weight decay) ---
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                                  weight_decay=config.weight_decay)  # fmt: skip
+    _deepspeed_fill(accelerator, config)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # made on the prepared optimizer (DeepSpeed may swap in its own); stepped by us once per optimizer step
+    scheduler = lr_schedule(optimizer, config.schedule, warmup=math.ceil(config.warmup_ratio * config.steps), steps=config.steps)
+    accelerator.register_for_checkpointing(scheduler)
+    _zero3_external_params(accelerator, rotary)
+
+    # --- fresh start or resume ---
+    state = {"step": 0, "data_position": 0, "draws": 0, "tokens": 0}
+    ckpt = latest_checkpoint(out_dir) if config.resume else None
+    if ckpt is not None:
+        _check_resume_config(out_dir, config)
+        state = load_checkpoint(accelerator, ckpt)
+        if rotary is not None:
+            rotary.draws = state["draws"]
+    log_file = out_dir / "log.jsonl"
+    if main_proc:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config.write_yaml(out_dir / "config.yaml")
+        _trim_log(log_file, state["step"]) if ckpt is not None else log_file.write_text("")
+        print(f"clex train: {config.model} ({count_parameters(model) / 1e6:.2f}M parameters, "
+              f"{sum(p.numel() for p in params) / 1e6:.3f}M trained), method {config.method}"
+              f"{' + pose' if config.pose else ''}, L0 {length0}, factor {config.factor:g}, {rows.shape[0]} rows of "
+              f"{config.seq_len}, {world} process(es)" + (f"; resumed from {ckpt.name}" if ckpt else ""), flush=True)  # fmt: skip
+    if config.tensorboard:
+        accelerator.init_trackers("clex", config={k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))})
+
+    # --- the loop ---
+    B, n, accum = config.batch_size, config.seq_len, config.grad_accum
+    tokens_per_step = B * n * accum * world
+    bar = tqdm(total=config.steps, initial=state["step"], disable=not main_proc, desc=f"train {config.method}", dynamic_ncols=True)
+    window_loss, window_t, window_steps, window_start = [], [], 0, time.perf_counter()
+    for step in range(state["step"] + 1, config.steps + 1):
+        step_losses = []
+        for micro in range(accum):
+            batch = rows_at(rows, state["data_position"] + rank * B, B, config.seed).to(accelerator.device)  # [B, n]
+            state["data_position"] += B * world
+            inputs = {"input_ids": batch, "labels": batch}
+            if config.pose and rotary is None:  # PoSE for the other methods: skip-wise position ids over L0 * factor
+                gen = step_generator(config.seed + 1, (step - 1) * accum + micro)
+                inputs["position_ids"] = pose_position_ids(B, n, round(length0 * config.factor), gen).to(accelerator.device)
+            with accelerator.accumulate(model):
+                loss = model(**inputs).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_losses.append(loss.detach().float())
+            if rotary is not None:
+                window_t.append(float(rotary.last_t[0]))
+        state["step"], state["tokens"] = step, state["tokens"] + tokens_per_step
+        state["draws"] = rotary.draws if rotary is not None else 0
+        step_loss = float(accelerator.reduce(torch.stack(step_losses).mean(), reduction="mean"))
+        window_loss.append(step_loss)
+        window_steps += 1
+        postfix = {"loss": f"{step_loss:.3f}"}
+        if rotary is not None:
+            postfix["t"] = f"{window_t[-1]:g}"
+
+        record = None
+        if step % config.log_every == 0 or step == config.steps:
+            elapsed = time.perf_counter() - window_start
+            record = {"step": step, "loss": sum(window_loss) / len(window_loss), "lr": scheduler.get_last_lr()[0],
+                      "tokens": state["tokens"], "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9)}  # fmt: skip
+            if rotary is not None:  # every rank's t of every micro-batch in the window: [world, steps x accum]
+                ts = accelerator.gather(torch.tensor([window_t], dtype=torch.float64, device=accelerator.device))
+                record["t"] = window_t
+                record["t_ranks"] = ts.tolist()
+            postfix["tok/s"] = f"{record['tokens_per_s']:.0f}"
+            window_loss, window_t, window_steps, window_start = [], [], 0, time.perf_counter()
+        if eval_rows is not None and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):
+            record = record or {"step": step}
+            record["eval_loss"] = _evaluate(model, accelerator, eval_rows, config)
+            postfix["eval"] = f"{record['eval_loss']:.3f}"
+        if record is not None and main_proc:
+            with open(log_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if record is not None and config.tensorboard:
+            accelerator.log({k: v for k, v in record.items() if isinstance(v, float)}, step=step)
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(1)
+        if config.save_every and (step % config.save_every == 0 or step == config.steps):
+            save_checkpoint(accelerator, out_dir, step, dict(state), keep=config.keep_checkpoints)
+    bar.close()
+
+    # --- the final model: plain transformers folder (CLEX: rope_parameters type "clex") + tokenizer ---
+    final = out_dir / "final"
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if config.train == "lora":
+        unwrapped = unwrapped.merge_and_unload()
+        state_dict = None if world == 1 else accelerator.get_state_dict(unwrapped)
+    else:
+        state_dict = accelerator.get_state_dict(model)
+    unwrapped.save_pretrained(final, is_main_process=main_proc, save_function=accelerator.save, state_dict=state_dict)
+    if main_proc:
+        tokenizer.save_pretrained(final)
+        config.write_yaml(final / "clex_train.yaml")
+    if config.tensorboard:
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return final
+
+
+def main(config: str | None = None, override: list[str] | None = None, resume: bool = False) -> int:
+    """Fine-tune a RoPE model with CLEX or a baseline (PI, NTK, YaRN, ...), from a YAML/TOML config.
+
+    Args:
+        config: a YAML or TOML file of TrainConfig fields (e.g. recipes/tiny-clex.yaml); none = the defaults
+        override: key=value pairs that override the file, e.g. steps=100 method=yarn clex.max_factor=8
+        resume: continue from the newest checkpoint in out_dir
+    """
+    cfg = TrainConfig.from_file(config, list(override or ()) + (["resume=true"] if resume else []))
+    final = run(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"final model: {final}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # python -m clex.train CONFIG [key=value ...]  (e.g. under accelerate launch)
+    args = sys.argv[1:]
+    path = args.pop(0) if args and "=" not in args[0] else None
+    sys.exit(main(path, override=args))

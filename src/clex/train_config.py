@@ -1,0 +1,234 @@
+"""`TrainConfig`: every knob of a fine-tuning run, in one validated dataclass, read from YAML or TOML.
+
+``TrainConfig.from_file("recipes/tiny-clex.yaml", ["steps=50", "clex.max_factor=8"])``: any field can be
+overridden with ``key=value`` (values parsed as YAML: numbers, true/false, null, [lists]); ``a.b=v`` sets one
+entry of a dict field (``clex``, ``rope``). The resolved config is written as YAML next to the checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from .config import CLEXConfig
+from .methods import METHODS
+
+TRAINABLE = ("all", "clex", "lora")
+DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainConfig:
+    # --- model and method ---
+    model: str = "tiny-llama"  # a preset of clex.presets.MODEL_PRESETS, or a local model folder
+    method: str = "clex"  # a name of clex.methods.METHODS
+    factor: float = 16.0  # target length / L0: the baselines' scale, the PoSE span, CLEX's max_factor (default)
+    clex: dict = field(default_factory=dict)  # CLEXConfig fields for method clex; seed defaults to `seed`
+    rope: dict = field(default_factory=dict)  # extra transformers rope_parameters (e.g. beta_fast for yarn)
+    pose: bool = False  # PoSE positional skip-wise training, with any method
+
+    # --- data ---
+    data: str | None = None  # None: the embedded corpus; a .txt/.md/.jsonl file, a folder, a saved dataset
+    text_field: str = "text"  # the text column of .jsonl files and saved datasets
+    seq_len: int = 128  # tokens per training row (train short: L0 or less for CLEX)
+    held_out: float = 0.05  # fraction of documents held out for the evaluation loss (0: none)
+
+    # --- optimisation (defaults: the paper's recipe) ---
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 8  # rows per process per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size * processes * grad_accum
+    lr: float = 2e-5
+    warmup_ratio: float = 0.03  # linear warmup over this fraction of the steps
+    schedule: str = "cosine"  # cosine | linear | constant (after the warmup)
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0  # gradient clipping; 0 = none
+
+    # --- what to train ---
+    train: str = "all"  # all | clex (only the ODE weights) | lora (LoRA adapters + the ODE weights)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    # --- precision, devices, seeds ---
+    seed: int = 0  # model init, data order, held-out split, t draws, PoSE positions
+    dtype: str = "float32"  # float32 | bfloat16 (autocast, float32 master weights); float32 on CPU
+    gradient_checkpointing: bool = False
+    cpu: bool = False  # force the CPU even where a GPU is present
+    threads: int = 0  # torch CPU threads per process (0: torch's default); 1 is fastest for tiny models on busy CPUs
+
+    # --- output ---
+    out_dir: str = "runs/clex"  # config.yaml, log.jsonl, checkpoint-*/ and final/
+    save_every: int = 200  # checkpoint every N steps (0: none but the final model)
+    keep_checkpoints: int = 2  # keep the newest N checkpoints (0: all)
+    log_every: int = 10  # a JSONL record (and TensorBoard point) every N steps
+    eval_every: int = 200  # held-out loss every N steps (0: only at the end)
+    eval_batches: int = 8  # held-out batches per evaluation
+    tensorboard: bool = False  # also log to TensorBoard (out_dir/tensorboard; needs `pip install tensorboard`)
+    resume: bool = False  # continue from the newest checkpoint in out_dir
+
+    def __post_init__(self):
+        for f in fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _KINDS[f.name]))
+
+        def bad(name, expected):
+            raise ValueError(f"TrainConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+
+        def choice(name, allowed):
+            if getattr(self, name) not in allowed:
+                bad(name, "one of " + ", ".join(repr(a) for a in allowed))
+
+        choice("method", tuple(METHODS))
+        choice("train", TRAINABLE)
+        choice("dtype", DTYPES)
+        choice("schedule", SCHEDULES)
+        for name, low in [("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("seq_len", 2), ("eval_batches", 1),
+                          ("lora_rank", 1), ("log_every", 1), ("save_every", 0), ("keep_checkpoints", 0), ("eval_every", 0), ("threads", 0)]:  # fmt: skip
+            if getattr(self, name) < low:
+                bad(name, f"an integer >= {low}")
+        if not self.factor >= 1:
+            bad("factor", "a number >= 1 (target length / original length)")
+        if not 0 <= self.held_out < 1:
+            bad("held_out", "a fraction in [0, 1)")
+        if not 0 <= self.warmup_ratio <= 1:
+            bad("warmup_ratio", "a fraction in [0, 1]")
+        for name in ("lr", "weight_decay", "max_grad_norm", "lora_alpha", "lora_dropout"):
+            if getattr(self, name) < 0:
+                bad(name, "a number >= 0")
+        if self.lr == 0:
+            bad("lr", "a number > 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                bad(name, "a number in [0, 1)")
+        if self.train == "clex" and self.method != "clex":
+            raise ValueError(f"TrainConfig.train='clex' trains only the CLEX parameters: it needs method 'clex', got {self.method!r}")
+        if self.clex and self.method != "clex":
+            raise ValueError(f"TrainConfig.clex fields {sorted(self.clex)} apply to method 'clex' only, got method {self.method!r}")
+        if self.rope and self.method in ("clex", "none"):
+            raise ValueError(f"TrainConfig.rope parameters apply to the transformers rope methods, not {self.method!r}")
+        if self.method == "clex":
+            self.clex_config()  # validates the fields now, with CLEXConfig's messages
+
+    def clex_config(self) -> CLEXConfig:
+        """The CLEXConfig this run applies: max_factor = factor, seed = seed, then the ``clex`` fields."""
+        known = set(CLEXConfig.__dataclass_fields__) - {"extra"}
+        unknown = sorted(set(self.clex) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig.clex has unknown fields {unknown}; CLEXConfig fields: {', '.join(sorted(known))}")
+        fields_ = {"max_factor": self.factor, "seed": self.seed, **self.clex}
+        if self.pose:
+            fields_["position_sampler"] = "pose"
+        return CLEXConfig.from_dict(fields_)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; fields: {', '.join(names)}")
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> "TrainConfig":
+        """Read a YAML (.yaml/.yml) or TOML (.toml) file (None: the defaults), then apply ``key=value``
+        overrides."""
+        d = read_config_file(path) if path is not None else {}
+        for item in overrides or ():
+            apply_override(d, item)
+        return cls.from_dict(d)
+
+    def write_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# --- file and override parsing -----------------------------------------------------------------------
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The mapping in a YAML or TOML config file; clear errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            d = yaml.safe_load(path.read_text(encoding="utf-8"))
+        elif suffix == ".toml":
+            d = tomllib.loads(path.read_text(encoding="utf-8"))
+        else:
+            raise ValueError(f"config file {path} must end in .yaml, .yml or .toml, got {suffix or '(none)'!r}")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot parse config file {path}: {e}") from None
+    d = {} if d is None else d
+    if not isinstance(d, dict):
+        raise ValueError(f"config file {path} must hold a mapping of TrainConfig fields, got {type(d).__name__}")
+    return d
+
+
+def apply_override(d: dict, item: str) -> None:
+    """Apply one ``key=value`` (or ``dictfield.key=value``) to the config dict ``d``, in place."""
+    key, sep, text = item.partition("=")
+    key = key.strip().lstrip("-").replace("-", "_")
+    if not sep or not key:
+        raise ValueError(f"an override must look like key=value, got {item!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    head, dot, sub = key.partition(".")
+    if dot:
+        if _KINDS.get(head) is not dict:
+            raise ValueError(f"override {item!r}: only dict fields (clex, rope) take dotted keys")
+        d[head] = {**(d.get(head) or {}), sub: value}
+    else:
+        if head not in _KINDS:
+            raise ValueError(f"unknown TrainConfig field {head!r} in override {item!r}; fields: {', '.join(_KINDS)}")
+        d[head] = value
+
+
+def _kind(annotation: str):
+    return {"str": str, "str | None": (str, None), "int": int, "float": float, "bool": bool, "dict": dict, "list": list}[annotation]
+
+
+_KINDS = {f.name: _kind(f.type) for f in fields(TrainConfig)}
+
+
+def _coerce(name: str, value, kind):
+    """Check and normalise one field: ints from integral floats, floats from numbers or numeric strings
+    (YAML reads 1e-3 as a string), str | None, lists from a single string."""
+    def bad(expected):
+        raise ValueError(f"TrainConfig.{name} must be {expected}, got {value!r}")
+
+    if kind == (str, None):
+        return None if value is None else (str(value) if isinstance(value, (str, Path)) else bad("a string or null"))
+    if kind is bool:
+        return value if isinstance(value, bool) else bad("true or false")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+            bad("an integer")
+        return int(value)
+    if kind is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                bad("a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            bad("a finite number")
+        return float(value)
+    if kind is dict:
+        return dict(value or {}) if isinstance(value, (dict, type(None))) else bad("a mapping")
+    if kind is list:
+        return [value] if isinstance(value, str) else (list(value) if isinstance(value, (list, tuple)) else bad("a list"))
+    return value if isinstance(value, str) else bad("a string")

@@ -1,0 +1,185 @@
+"""The fine-tuning loop: config files and overrides, loss falls per method, exact resume, 2 processes."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import clex
+from clex.train import TrainConfig, main, run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run ~10x faster on one thread than on two contended cores; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    """Three short plays (20k characters each): enough rows for a few dozen steps, fast to pack."""
+    from clex.corpus import split_plays
+
+    folder = tmp_path_factory.mktemp("texts")
+    for name, text in list(split_plays()[0].items())[:3]:
+        (folder / f"{name}.txt").write_text(text[:20_000])
+    return folder
+
+
+def tiny(tmp_path, text_dir, **kw):
+    """A micro model, 32-token rows, cheap CLEX solves (rk4 at dt 0.1, max_factor 4)."""
+    base = dict(model="micro-llama", data=str(text_dir), seq_len=32, batch_size=8, steps=30, lr=3e-3,
+                factor=4.0, out_dir=str(tmp_path / "run"), save_every=0, log_every=1, eval_every=0, eval_batches=2)
+    if kw.get("method", "clex") == "clex":
+        base["clex"] = {"time_dt": 0.1}
+    return TrainConfig(**{**base, **kw})
+
+
+def records(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+
+
+# --- config ------------------------------------------------------------------------------------------
+
+
+def test_config_files_and_overrides(tmp_path):
+    (tmp_path / "a.yaml").write_text("method: yarn\nfactor: 8\nlr: 1e-3\nrope:\n  beta_fast: 16\n")
+    cfg = TrainConfig.from_file(tmp_path / "a.yaml", ["steps=7", "rope.beta_slow=2", "pose=true", "data=null"])
+    assert (cfg.method, cfg.factor, cfg.lr, cfg.steps, cfg.pose, cfg.data) == ("yarn", 8.0, 1e-3, 7, True, None)
+    assert cfg.rope == {"beta_fast": 16, "beta_slow": 2}
+    (tmp_path / "b.toml").write_text('method = "clex"\n[clex]\nmax_factor = 8\nact = "silu"\n')
+    cfg = TrainConfig.from_file(tmp_path / "b.toml", ["clex.param_factor=2"])
+    assert cfg.clex_config().max_factor == 8 and cfg.clex_config().act == "silu" and cfg.clex_config().param_factor == 2
+    assert TrainConfig.from_file(None, ["seed=3"]).clex_config().seed == 3  # the CLEX draws follow the run's seed
+    cfg.write_yaml(tmp_path / "r.yaml")
+    assert TrainConfig.from_file(tmp_path / "r.yaml") == cfg  # the resolved config reads back to the same run
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(method="rope-magic"), ["method", "clex", "yarn", "none"]),
+        (dict(train="clex", method="pi"), ["train", "clex", "pi"]),
+        (dict(clex={"max_factor": 0}), ["max_factor", ">= 1"]),
+        (dict(clex={"maxfactor": 8}), ["unknown", "maxfactor"]),
+        (dict(dtype="float8"), ["dtype", "bfloat16"]),
+        (dict(steps=0), ["steps", ">= 1"]),
+        (dict(held_out=1.0), ["held_out"]),
+        (dict(method="pi", clex={"act": "silu"}), ["clex", "pi"]),
+    ],
+)
+def test_bad_configs_name_the_field(kwargs, words):
+    with pytest.raises(ValueError) as e:
+        TrainConfig(**kwargs)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_bad_config_files_and_overrides(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        TrainConfig.from_file(tmp_path / "nope.yaml")
+    (tmp_path / "c.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"c\.json.*\.yaml"):
+        TrainConfig.from_file(tmp_path / "c.json")
+    (tmp_path / "d.yaml").write_text("stepz: 3\n")
+    with pytest.raises(ValueError, match="stepz"):
+        TrainConfig.from_file(tmp_path / "d.yaml")
+    with pytest.raises(ValueError, match="key=value"):
+        TrainConfig.from_file(None, ["steps"])
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig.from_file(None, ["batch_size=two"])
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_recipes_parse(recipe):
+    TrainConfig.from_file(recipe)
+
+
+# --- training -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, pose", [("clex", False), ("pi", False), ("yarn", True)])
+def test_loss_falls(tmp_path, text_dir, method, pose):
+    final = run(tiny(tmp_path, text_dir, method=method, pose=pose))
+    losses = [r["loss"] for r in records(tmp_path / "run")]
+    assert len(losses) == 30
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first - 1.0, (first, last)  # from ~5.5 (uniform over 257 bytes) down past 4.5
+    if method == "clex":  # t drawn from {1..4}, logged; the final folder loads back with CLEX
+        ts = [t for r in records(tmp_path / "run") for t in r["t"]]
+        assert set(ts) <= {1.0, 2.0, 3.0, 4.0} and len(set(ts)) > 1
+        model = clex.load_model(final)
+        assert clex.get_clex_rotary(model).config.max_factor == 4
+        assert torch.count_nonzero(clex.get_clex_rotary(model).dynamics.ode_down_proj) > 0  # the ODE learned
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path, text_dir):
+    """A run killed after its step-6 checkpoint (and a half-written step-9 one) resumes to the same losses."""
+    common = dict(steps=10, save_every=3, keep_checkpoints=0, grad_accum=2, batch_size=4, pose=True)
+    full = tmp_path / "full"
+    run(tiny(full, text_dir, **common))
+    whole = records(full / "run")
+
+    killed = tmp_path / "killed" / "run"
+    shutil.copytree(full / "run", killed)
+    for name in ("checkpoint-000009", "checkpoint-000010", "final"):  # what a kill after step 7 leaves...
+        shutil.rmtree(killed / name)
+    shutil.copytree(full / "run" / "checkpoint-000009", killed / ".tmp-checkpoint-000009")  # ...mid-save
+    (killed / ".tmp-checkpoint-000009" / "trainer_state.json").unlink()
+    with pytest.raises(ValueError, match="resume"):  # no silent overwrite of an unfinished run
+        run(tiny(tmp_path / "killed", text_dir, **common))
+    run(tiny(tmp_path / "killed", text_dir, **common, resume=True))
+    again = records(killed)
+    assert [r["step"] for r in again] == list(range(1, 11))  # records past the checkpoint were dropped
+    for a, b in zip(whole, again):
+        assert a["t"] == b["t"]  # the CLEX draw counter was restored
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (a["step"], a["loss"], b["loss"])
+    assert not (killed / ".tmp-checkpoint-000009").exists()
+    w1 = clex.load_model(full / "run" / "final").state_dict()
+    w2 = clex.load_model(killed / "final").state_dict()
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
+
+
+def test_train_clex_only_and_lora(tmp_path, text_dir):
+    base = clex.presets.build_model("micro-llama", seed=0)[0].state_dict()
+    final = run(tiny(tmp_path / "a", text_dir, train="clex", steps=4, lr=1e-2))
+    after = clex.load_model(final).state_dict()
+    changed = {k for k in after if k in base and not torch.equal(after[k], base[k])}
+    assert changed == set()  # every transformer weight frozen
+    assert torch.count_nonzero(after["model.rotary_emb.dynamics.ode_down_proj"]) > 0
+    final = run(tiny(tmp_path / "b", text_dir, train="lora", lora_rank=4, steps=4, lr=1e-2))
+    merged = clex.load_model(final).state_dict()
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(merged["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_two_processes_draw_the_same_t(tmp_path, text_dir):
+    """torchrun, 2 CPU processes (gloo, DDP): t=1 draws happen (ODE weights unused) and every rank logs the same t."""
+    out = tmp_path / "ddp"
+    args = ["model=micro-llama", f"data={text_dir}", "seq_len=32", "batch_size=4", "steps=6", "factor=4",
+            "clex.time_dt=0.1", f"out_dir={out}", "log_every=2", "save_every=3", "eval_every=0", "eval_batches=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "clex.train", *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    logs = records(out)
+    assert "2 process(es)" in stdout
+    ranks = [row for r in logs for row in zip(*r["t_ranks"])]
+    assert len(logs[0]["t_ranks"]) == 2 and all(a == b for a, b in ranks)
+    assert 1.0 in [t for r in logs[:-1] for t in r["t"]]  # a t=1 step, followed by more DDP steps
+    assert (out / "final" / "config.json").is_file() and len(list((out / "checkpoint-000006").glob("random_states_*"))) == 2

@@ -1,0 +1,169 @@
+"""`clex demo`: the paper's table in miniature, from nothing, on a CPU.
+
+1. Pre-train a byte-level LLaMA from scratch with plain RoPE at a short original length L0 on the embedded
+   Shakespeare plays (four whole plays held out).
+2. Fine-tune copies of it, all with the same token budget (steps x rows x length) in the same training loop:
+   CLEX at L0 (the paper's "CLEX-4K"), CLEX at 4 L0 ("CLEX-16K"), and the baselines at 4 L0 — PI s=4,
+   YaRN s=4 and s=8, NTK s=4, naive fine-tuning, PoSE (PI s=4, L0 rows spanning 4 L0) — plus CLEX at L0 with
+   PoSE positions. The base model stays as it is.
+3. Perplexity at L0 x {1, 2, 4, 8, 16} on the held-out plays (chunked protocol = one full forward).
+4. ``results/demo/``: demo.json, demo.md (the table), demo.png (perplexity against length), models/ (every
+   fine-tuned model, loadable with ``clex eval ... --models NAME=results/demo/models/NAME/final``).
+
+Every stage is skipped when its output exists, so an interrupted demo continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+#: name -> (method, rows of k x L0, factor, extra TrainConfig fields, the paper's row it mirrors)
+VARIANTS: dict[str, tuple] = {
+    "clex-1x": ("clex", 1, 16, {}, "CLEX-4K: trained at the original length"),
+    "clex-pose-1x": ("clex", 1, 16, {"pose": True}, "CLEX-4K with PoSE positions instead of the paper's"),
+    "clex-4x": ("clex", 4, 16, {}, "CLEX-16K: trained at 4x the original length"),
+    "pi-4x": ("pi", 4, 4, {}, "PI s=4 at 4x (paper: PI 16k)"),
+    "yarn4-4x": ("yarn", 4, 4, {}, "YaRN s=4 at 4x (paper: YaRN s=16)"),
+    "yarn8-4x": ("yarn", 4, 8, {}, "YaRN s=8 at 4x (paper: YaRN s=32)"),
+    "ntk-4x": ("ntk", 4, 4, {}, "static NTK-aware s=4 at 4x (paper: CodeLLaMA)"),
+    "naive-4x": ("none", 4, 4, {}, "plain RoPE fine-tuned at 4x"),
+    "pose-pi-1x": ("pi", 1, 4, {"pose": True}, "PoSE + PI s=4: L0 rows spanning 4x"),
+}
+
+
+@dataclass
+class DemoScale:
+    """How big the miniature is. Token budget of each fine-tune = finetune_steps x rows x L0."""
+
+    preset: str  # a clex.presets model preset
+    pretrain_steps: int
+    pretrain_batch: int  # rows of L0 tokens
+    pretrain_lr: float
+    finetune_steps: int
+    finetune_rows: int  # rows of L0 tokens per step (rows of k L0 tokens: finetune_rows // k)
+    finetune_lr: float
+    lengths: tuple = (1, 2, 4, 8, 16)  # evaluation lengths, x L0
+    eval_samples: int = 4  # sequences per held-out play and length
+    variants: tuple = tuple(VARIANTS)
+    threads: int = 0  # torch threads (0: torch's default)
+
+
+SCALES = {
+    # CI smoke run: seconds of training, a couple of minutes in all; checks the plumbing, not the claim.
+    "quick": DemoScale("micro-llama", 40, 8, 3e-3, 8, 8, 1e-3, lengths=(1, 2, 4), eval_samples=1,
+                       variants=("clex-1x", "pi-4x", "yarn4-4x")),
+    # The default: about 15 minutes on 2 cores.
+    "default": DemoScale("tiny-llama", 1200, 16, 2e-3, 150, 16, 5e-4),
+    # A larger CPU (or a longer wait): a bigger model, longer training.
+    "large": DemoScale("small-llama", 4000, 32, 1e-3, 500, 32, 3e-4, eval_samples=8),
+}  # fmt: skip
+
+
+def _train(cfg: dict, out: Path, label: str) -> tuple[Path, float]:
+    """One TrainConfig run into ``out`` (skipped when out/final exists; resumed when checkpoints exist)."""
+    from .checkpointing import list_checkpoints
+    from .train import run as train_run
+    from .train_config import TrainConfig
+
+    final = out / "final"
+    if (final / "config.json").is_file():
+        print(f"[demo] {label}: already trained ({final})")
+        return final, 0.0
+    start = time.perf_counter()
+    train_run(TrainConfig.from_dict({**cfg, "out_dir": str(out), "resume": bool(list_checkpoints(out))}))
+    seconds = time.perf_counter() - start
+    losses = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    last = [r for r in losses if "loss" in r][-1:] or [{}]
+    evals = [r["eval_loss"] for r in losses if "eval_loss" in r]
+    print(f"[demo] {label}: {seconds:.0f} s, final train loss {last[0].get('loss', float('nan')):.3f}"
+          + (f", held-out loss {evals[-1]:.3f}" if evals else ""))  # fmt: skip
+    return final, seconds
+
+
+def run(out_dir: str = "results/demo", quick: bool = False, scale: str = "default", seed: int = 0,
+        fresh: bool = False) -> dict:  # fmt: skip
+    """Reproduce the paper's table in miniature: pre-train, fine-tune CLEX and baselines, perplexity vs length.
+
+    Args:
+        out_dir: where results and models go (stages already there are reused)
+        quick: the CI smoke run (about two minutes; same as --scale quick)
+        scale: quick | default | large
+        seed: seed of every stage (model init, data order, t draws, evaluation windows)
+        fresh: delete out_dir first instead of reusing finished stages
+    """
+    from .evaluate import run_ppl
+    from .presets import MODEL_PRESETS
+
+    scale = "quick" if quick else scale
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    s = SCALES[scale]
+    out = Path(out_dir)
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    models = out / "models"
+    L0 = int(MODEL_PRESETS[s.preset]["max_position_embeddings"])
+    t0 = time.perf_counter()
+    times = {}
+    common = dict(seed=seed, threads=s.threads, save_every=max(1, s.finetune_steps // 2), log_every=max(1, s.finetune_steps // 10),
+                  eval_every=0, held_out=0.02, warmup_ratio=0.03, schedule="cosine", weight_decay=0.0)  # fmt: skip
+
+    print(f"[demo] scale {scale}: {s.preset}, L0 = {L0}; pre-training {s.pretrain_steps} steps x {s.pretrain_batch} x {L0} tokens")
+    base_cfg = dict(common, model=s.preset, method="none", factor=1, seq_len=L0, steps=s.pretrain_steps,
+                    batch_size=s.pretrain_batch, lr=s.pretrain_lr, save_every=max(1, s.pretrain_steps // 4),
+                    log_every=max(1, s.pretrain_steps // 20))  # fmt: skip
+    base, times["pretrain"] = _train(base_cfg, models / "base", "pre-training (plain RoPE)")
+
+    budget = s.finetune_steps * s.finetune_rows * L0
+    print(f"[demo] fine-tuning {len(s.variants)} variants, {budget:,} tokens each")
+    finals = {"base": base}
+    for name in s.variants:
+        method, k, factor, extra, _ = VARIANTS[name]
+        cfg = dict(common, model=str(base), method=method, factor=factor, seq_len=k * L0, steps=s.finetune_steps,
+                   batch_size=max(1, s.finetune_rows // k), lr=s.finetune_lr, **extra)  # fmt: skip
+        finals[name], times[name] = _train(cfg, models / name, f"{name} ({method}, rows of {k} x L0)")
+
+    lengths = [L0 * k for k in s.lengths]
+    start = time.perf_counter()
+    payload = run_ppl(
+        [f"{n}={p}" for n, p in finals.items()], lengths=lengths, protocol="chunked", samples=s.eval_samples,
+        seed=seed, out_dir=str(out), name="ppl", plot=True,
+    )  # fmt: skip
+    times["evaluation"] = time.perf_counter() - start
+    table = _paper_table(payload, s, L0)
+    wall = time.perf_counter() - t0
+    summary = {"scale": asdict(s), "L0": L0, "token_budget": budget, "seconds": times, "wall_seconds": wall,
+               "table": table, "ppl": payload["paths"]}  # fmt: skip
+    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    md = _markdown(table, lengths, L0, wall, scale)
+    (out / "demo.md").write_text(md)
+    shutil.copyfile(out / "ppl.png", out / "demo.png")
+    print("\n" + md)
+    return summary
+
+
+def _paper_table(payload: dict, s: DemoScale, L0: int) -> list[dict]:
+    rows = []
+    for name, v in payload["models"].items():
+        method, k, factor, _, mirrors = VARIANTS.get(name, ("none", 1, 1, {}, "the pre-trained model, untouched"))
+        ppl = {int(n): r["ppl"] for n, r in v["results"].items()}
+        rows.append({"model": name, "trained at": f"{k} x L0" if name != "base" else "1 x L0", "mirrors": mirrors,
+                     "ppl": ppl})  # fmt: skip
+    return rows
+
+
+def _markdown(table: list[dict], lengths: list[int], L0: int, wall: float, scale: str) -> str:
+    head = "| model | trained at | " + " | ".join(f"{n // L0}x ({n})" for n in lengths) + " | mirrors |"
+    lines = [f"# clex demo ({scale}): perplexity (bytes) on held-out plays, L0 = {L0}", "", head,
+             "|" + "---|" * (len(lengths) + 3)]  # fmt: skip
+    best = {n: min(r["ppl"][n] for r in table) for n in lengths}
+    for r in table:
+        cells = [(f"**{r['ppl'][n]:.3f}**" if math.isclose(r["ppl"][n], best[n]) else f"{r['ppl'][n]:.3f}") for n in lengths]
+        lines.append(f"| {r['model']} | {r['trained at']} | " + " | ".join(cells) + f" | {r['mirrors']} |")
+    lines += ["", f"Wall time {wall / 60:.1f} min. Lower is better; bold: the best at that length.", ""]
+    return "\n".join(lines)

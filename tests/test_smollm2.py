@@ -1,7 +1,9 @@
 """The SmolLM2 loader on a tiny LLaMA GGUF written here with the `gguf` package (never the real 98 MB file)."""
 
 import json
+import subprocess
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,3 +180,22 @@ def test_cli_command(tiny_gguf, converted, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["folder"] == str(folder) and out["max_position_embeddings"] == CONTEXT
     assert out["rope_theta"] == THETA
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def test_recipes_share_one_budget():
+    from clex.train_config import TrainConfig
+
+    configs = {m: TrainConfig.from_file(RECIPES / f"smollm2-{m}.yaml").to_dict() for m in ("clex", "pi", "yarn")}
+    own = {"method", "clex", "out_dir"}  # the only fields a method may set differently
+    budget = {k: v for k, v in configs["clex"].items() if k not in own}
+    for method, config in configs.items():
+        assert config["method"] == method and config["out_dir"] == f"results/smollm2/{method}"
+        assert {k: v for k, v in config.items() if k not in own} == budget, method
+    assert budget["factor"] * 8192 == 65536 and budget["pose"] is True
+
+
+def test_pipeline_script_parses():
+    subprocess.run(["bash", "-n", str(RECIPES / "smollm2.sh")], check=True)

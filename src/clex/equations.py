@@ -34,6 +34,15 @@ from torch.nn import functional as F
 ACTIVATIONS = {"tanh": torch.tanh, "silu": F.silu}
 
 
+def _silu_grad(p: Tensor) -> Tensor:
+    s = torch.sigmoid(p)
+    return s * (1 + p * (1 - s))
+
+
+#: Their derivatives act'(p), for hand-written backward passes: tanh' = 1 - tanh², silu' = σ·(1 + p·(1 - σ)).
+ACTIVATION_GRADS = {"tanh": lambda p: 1 - torch.tanh(p) ** 2, "silu": _silu_grad}
+
+
 def pair_index(dim: int, *, dtype=torch.float32, device=None) -> Tensor:
     """j = 0, 1, ..., d/2 - 1 as a [d/2] tensor."""
     return torch.arange(dim // 2, dtype=dtype, device=device)
@@ -100,6 +109,19 @@ def residual_rhs(
     x = log_inv_freq0.to(z.dtype) + ntk_log_shift(t, dim, dtype=z.dtype, device=z.device) + z
     prior = ntk_log_freqs(t, dim, prior_base, dtype=z.dtype, device=z.device)
     return network(x + prior, w_up.to(z.dtype), w_down.to(z.dtype), act)
+
+
+def residual_input(times: Tensor, log_inv_freq0: Tensor, *, prior_base: float) -> Tensor:
+    """The network's input at z = 0 in the residual formulation, for many t at once:
+
+        c(t) = log θ⁰ + ntk_log_shift(t) + log θ_NTK(t),   so that   dz/dt = act((c(t) + z) · W_up) · W_down.
+
+    times: [n] (any float dtype), log_inv_freq0: [d/2]  ->  [n, d/2] in log_inv_freq0's dtype
+    """
+    dim = 2 * log_inv_freq0.shape[-1]
+    t = times.to(log_inv_freq0.dtype).unsqueeze(-1)  # [n, 1], broadcast against j: [d/2]
+    kw = dict(dtype=log_inv_freq0.dtype, device=log_inv_freq0.device)
+    return log_inv_freq0 + ntk_log_shift(t, dim, **kw) + ntk_log_freqs(t, dim, prior_base, **kw)
 
 
 def rope_angles(positions: Tensor, inv_freq: Tensor) -> Tensor:

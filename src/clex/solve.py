@@ -1,8 +1,21 @@
-"""Solving the CLEX ODE for the log-frequencies x(t) = log θ(t), with torchdiffeq.
+"""Solving the CLEX ODE for the log-frequencies x(t) = log θ(t).
 
-One call solves for a whole sorted list of times (a table over a grid of t costs ONE solve). Fixed-grid
-methods step at most ``time_dt`` and land exactly on every requested time (no interpolation between grid
-points); adaptive methods use ``rtol``/``atol``. Gradients flow by backpropagation through every step.
+    dx/dt = act((x + log θ_NTK(t)) · W_up) · W_down + d/dt log θ_NTK(t),   x(1) = log θ⁰     (paper, Eq. 9)
+
+One call solves for a whole sorted list of times (a table over a grid of t costs ONE solve). Two back-ends:
+
+- ``rk4-fused`` (the default of :class:`clex.CLEXConfig`): the 3/8-rule RK4 of torchdiffeq's ``rk4``, written
+  out as one loop in plain torch, in float64, with a hand-written backward (the exact discrete adjoint of the
+  steps taken, so the gradients are those of backpropagation through every step). Residual formulation only.
+- any torchdiffeq method (``rk4``, ``dopri5``, ...): the reference path, either formulation.
+
+Fixed-grid methods land exactly on every requested time. Their steps are at most
+
+    h(t) = min(time_dt, log_dt · (t - 1/2))
+
+i.e. equal steps of about ``log_dt`` in log(2t - 1) near t = 1, where the prior log(2t - 1) bends most, and
+steps of ``time_dt`` further on (``log_dt=None``: uniform steps of ``time_dt``, as the reference code).
+Adaptive methods use ``rtol``/``atol``.
 """
 
 from __future__ import annotations
@@ -15,21 +28,168 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from .equations import clex_rhs, ntk_log_shift, residual_rhs
+from .equations import ACTIVATION_GRADS, ACTIVATIONS, clex_rhs, ntk_log_shift, residual_input, residual_rhs
 
+#: torchdiffeq's fixed-grid methods (they take the grid of :func:`fine_grid`).
 FIXED_GRID_METHODS = ("rk4", "euler", "midpoint", "explicit_adams")
+#: Our own solvers, by name (fixed grid, residual formulation).
+FUSED_METHODS = ("rk4-fused",)
+#: Default step in log(2t - 1) near t = 1 (see the module docstring); None = uniform steps.
+DEFAULT_LOG_DT = 0.25  # = CLEXConfig.log_dt
 
 
-def fine_grid(times: Sequence[float], time_dt: float) -> tuple[list[float], list[int]]:
-    """A grid from 1 through every time in ``times`` (sorted, >= 1), each interval cut into equal steps
-    of at most ``time_dt``. Returns (grid, index of each requested time in the grid)."""
+# --- the grid -------------------------------------------------------------------------------------------------
+
+
+def _stretch(time_dt: float, log_dt: float | None):
+    """(σ, σ⁻¹) with dσ/dt = 1 / h(t), σ(1) = 0: steps of equal length in σ are steps of length h(t) in t.
+
+    σ(t) = log(2·min(t, t*) - 1) / log_dt + max(0, t - t*) / time_dt,   t* = max(1, 1/2 + time_dt / log_dt).
+    """
+    if log_dt is None:
+        return (lambda t: (t - 1.0) / time_dt), (lambda s: 1.0 + s * time_dt)
+    knee = max(1.0, 0.5 + time_dt / log_dt)
+    s_knee = math.log(2 * knee - 1) / log_dt
+
+    def sigma(t: float) -> float:
+        return math.log(2 * min(t, knee) - 1) / log_dt + max(0.0, t - knee) / time_dt
+
+    def inverse(s: float) -> float:
+        return (1 + math.exp(s * log_dt)) / 2 if s <= s_knee else knee + (s - s_knee) * time_dt
+
+    return sigma, inverse
+
+
+def fine_grid(times: Sequence[float], time_dt: float, log_dt: float | None = None) -> tuple[list[float], list[int]]:
+    """A grid from 1 through every time in ``times`` (sorted, >= 1); each interval between requested times is
+    cut into equal steps in σ (see :func:`_stretch`), each step at most h(t) = min(time_dt, log_dt·(t - 1/2))
+    (at most ``time_dt`` when ``log_dt`` is None). Returns (grid, index of each requested time in the grid)."""
+    sigma, inverse = _stretch(time_dt, log_dt)
     grid, where, prev = [1.0], [], 1.0
     for t in times:
-        n = max(0, math.ceil((t - prev) / time_dt - 1e-9))
-        grid.extend(prev + (t - prev) * k / n for k in range(1, n + 1))
-        prev = t if n else prev
+        if t > prev:
+            s0, s1 = sigma(prev), sigma(t)
+            n = max(1, math.ceil(s1 - s0 - 1e-9))
+            grid.extend(inverse(s0 + (s1 - s0) * k / n) for k in range(1, n))
+            grid.append(t)  # exactly the requested time
+            prev = t
         where.append(len(grid) - 1)
     return grid, where
+
+
+# --- the fused RK4 ----------------------------------------------------------------------------------------
+
+# The 3/8 rule (torchdiffeq's "rk4"): stage i evaluates at t + C[i]·dt, state y + dt·Σ_j A[i][j]·k_j;
+# the step is y + dt·Σ_i B[i]·k_i.
+_A = ((0.0, 0.0, 0.0, 0.0), (1 / 3, 0.0, 0.0, 0.0), (-1 / 3, 1.0, 0.0, 0.0), (1.0, -1.0, 1.0, 0.0))
+_B = (1 / 8, 3 / 8, 3 / 8, 1 / 8)
+_C = (0.0, 1 / 3, 2 / 3, 1.0)
+
+
+class _FusedRK4(torch.autograd.Function):
+    """RK4 (3/8 rule) for dv/dt = act(a(t) + v · M), v(1) = 0, with its exact discrete adjoint as backward.
+
+    Why v: in the residual formulation dz/dt = act((c(t) + z) · W_up) · W_down. With a(t) = c(t) · W_up,
+    M = W_down · W_up and z = v · W_down, the ODE for v has ONE matrix product per evaluation, and RK4 on v
+    is RK4 on z exactly (Runge-Kutta steps commute with linear maps).
+
+    a: [4S, H] the inputs at the 4 stages of each of the S steps (H = λd); m: [H, H]; dts: S step lengths;
+    keep: step indices to return (0 = the start)  ->  [len(keep), H]
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, m: Tensor, dts: tuple, keep: tuple, act: str) -> Tensor:
+        f, mt, (steps, width) = ACTIVATIONS[act], m.t(), (len(dts), a.shape[-1])
+        coef = a.new_tensor(_A)  # [4, 4]
+        ends = a.new_zeros(steps + 1, width)  # v after each step
+        states = a.new_empty(4 * steps, width)  # V_i: the state each stage evaluates at
+        pre = a.new_empty(4 * steps, width)  # p_i = a_i + V_i · M
+        k = a.new_zeros(4, width)  # the stage slopes of the current step (zeros: stale rows get weight 0)
+        weights = a.new_tensor(_B)
+        for s, dt in enumerate(dts):
+            v = ends[s]
+            for i in range(4):
+                r = 4 * s + i
+                if i == 0:
+                    states[r].copy_(v)
+                else:
+                    torch.addmv(v, k.t(), coef[i], alpha=dt, out=states[r])
+                torch.addmv(a[r], mt, states[r], out=pre[r])
+                if act == "tanh":
+                    torch.tanh(pre[r], out=k[i])
+                else:
+                    k[i] = f(pre[r])
+            torch.addmv(v, k.t(), weights, alpha=dt, out=ends[s + 1])
+        ctx.save_for_backward(m, states, pre)
+        ctx.dts, ctx.keep, ctx.act = dts, keep, act
+        return ends[list(keep)]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        m, states, pre = ctx.saved_tensors
+        dts, act = ctx.dts, ctx.act
+        width = m.shape[0]
+        wanted: dict[int, Tensor] = {}
+        for row, step in enumerate(ctx.keep):  # dL/dv at each requested step end (duplicates add up)
+            wanted[step] = wanted[step] + grad[row] if step in wanted else grad[row]
+        slope = ACTIVATION_GRADS[act](pre)  # [4S, H] act'(p_i), all stages at once
+        grad_pre = torch.zeros_like(pre)  # dL/dp_i = dL/da_i
+        grad_states = m.new_zeros(4, width)  # dL/dV_i of the current step
+        coef_t = m.new_tensor(_A).t().contiguous()  # row i: A[l][i] for l = 0..3 (nonzero for l > i only)
+        ones = m.new_ones(4)
+        g = wanted.get(len(dts), m.new_zeros(width))  # dL/dv at the end of the current step
+        for s in range(len(dts) - 1, -1, -1):
+            dt = dts[s]
+            for i in range(3, -1, -1):
+                r = 4 * s + i
+                # dL/dk_i = dt·(B_i·g + Σ_{l>i} A_li · dL/dV_l)
+                dk = torch.addmv(g, grad_states.t(), coef_t[i], beta=dt * _B[i], alpha=dt)
+                torch.mul(dk, slope[r], out=grad_pre[r])
+                torch.mv(m, grad_pre[r], out=grad_states[i])  # p = a + V·M  ->  dL/dV = M · dL/dp
+            g = torch.addmv(g, grad_states.t(), ones)  # v enters every stage state with weight 1
+            if s in wanted:
+                g = g + wanted[s]
+        grad_m = states.t() @ grad_pre  # Σ_i V_iᵀ · dL/dp_i   [H, H]
+        return grad_pre, grad_m, None, None, None
+
+
+def _solve_fused(log_f0: Tensor, w_up: Tensor, w_down: Tensor, times: list[float], *, act, prior_base, time_dt, log_dt):
+    """z(t) for each requested t by :class:`_FusedRK4`, in float64 (float32 where a device has no float64).
+
+    -> [len(times), d/2] in the working dtype."""
+    grid, where = fine_grid(times, time_dt, log_dt)
+    work = torch.float32 if log_f0.device.type == "mps" else torch.float64  # float64 forced: no round-off drift
+    up, down = w_up.to(work), w_down.to(work)
+    if len(grid) == 1:  # nothing to integrate: z = 0, still in the graph of the weights
+        return (0 * down.sum()).expand(len(times), down.shape[-1])
+    start = torch.tensor(grid[:-1], dtype=work, device=log_f0.device)  # [S]
+    dts = [b - a for a, b in zip(grid, grid[1:])]
+    step = torch.tensor(dts, dtype=work, device=log_f0.device)
+    stage_t = (start.unsqueeze(1) + step.unsqueeze(1) * start.new_tensor(_C)).reshape(-1)  # [4S]
+    a = residual_input(stage_t, log_f0.to(work), prior_base=prior_base) @ up  # [4S, λd]
+    v = _FusedRK4.apply(a, down @ up, tuple(dts), tuple(where), act)  # [n, λd]
+    return v @ down  # [n, d/2]
+
+
+# --- torchdiffeq ----------------------------------------------------------------------------------------
+
+
+def _solve_torchdiffeq(y0: Tensor, func, times: list[float], *, method, time_dt, log_dt, rtol, atol) -> Tensor:
+    """y(t) for each requested t by torchdiffeq's ``odeint``.  -> [len(times), *y0.shape]"""
+    dtype, device = y0.dtype, y0.device
+    unique = sorted({1.0, *times})
+    at = torch.tensor(unique, dtype=dtype, device=device)
+    if method in FIXED_GRID_METHODS:
+        # Our grid, but odeint returns the requested times only: writing every grid point into its output
+        # makes its backward quadratic in the number of steps.
+        grid = torch.tensor(fine_grid(unique, time_dt, log_dt)[0], dtype=dtype, device=device)
+        sol = odeint(func, y0, at, method=method, options=dict(grid_constructor=lambda f, y, t: grid))
+    else:
+        sol = odeint(func, y0, at, method=method, rtol=rtol, atol=atol)
+    return sol[[unique.index(t) for t in times]]
+
+
+# --- the entry point --------------------------------------------------------------------------------------
 
 
 def solve_log_freqs(
@@ -45,18 +205,31 @@ def solve_log_freqs(
     formulation: str = "residual",
     rtol: float = 1e-7,
     atol: float = 1e-9,
+    log_dt: float | None = DEFAULT_LOG_DT,
 ) -> Tensor:
     """x(t) = log θ(t) for each t in ``times`` (sorted, each >= 1), starting from x(1) = log θ⁰.
 
-    inv_freq0: [d/2] (its dtype sets the solve's dtype: float32 normally, float64 for references);
-    w_up: [d/2, λd]; w_down: [λd, d/2]  ->  [len(times), d/2]
+    inv_freq0: [d/2] (its dtype is the result's; torchdiffeq methods also solve in it: float32 normally,
+    float64 for references); w_up: [d/2, λd]; w_down: [λd, d/2]  ->  [len(times), d/2].
+    Gradients flow to w_up and w_down (backpropagation through every step, or its exact equivalent).
     """
     times = [float(t) for t in times]
     if any(b < a for a, b in zip(times, times[1:])) or (times and times[0] < 1.0):
         raise ValueError(f"times must be sorted and >= 1, got {times[:4]}...")
+    if formulation not in ("residual", "reference"):
+        raise ValueError(f"formulation must be 'residual' or 'reference', got {formulation!r}")
+    if method in FUSED_METHODS and formulation != "residual":
+        raise ValueError(f"method {method!r} solves formulation 'residual' only, got {formulation!r}: "
+                         "use formulation='residual', or a torchdiffeq method such as 'rk4'")  # fmt: skip
+    if not time_dt > 0 or (log_dt is not None and not log_dt > 0):
+        raise ValueError(f"time_dt and log_dt must be > 0 (log_dt may be None), got {time_dt!r} and {log_dt!r}")
     dtype, device = inv_freq0.dtype, inv_freq0.device
     log_f0 = torch.log(inv_freq0)
     dim = 2 * inv_freq0.numel()
+    if method in FUSED_METHODS:
+        z = _solve_fused(log_f0, w_up, w_down, times, act=act, prior_base=prior_base, time_dt=time_dt, log_dt=log_dt)
+        shift = ntk_log_shift(torch.tensor(times, dtype=z.dtype, device=device).unsqueeze(-1), dim, dtype=z.dtype, device=device)
+        return (log_f0.to(z.dtype) + shift + z).to(dtype)  # summed in float64, rounded once
     w_up, w_down = w_up.to(dtype), w_down.to(dtype)
     if formulation == "residual":
         func = partial(residual_rhs, log_inv_freq0=log_f0, w_up=w_up, w_down=w_down, act=act, prior_base=prior_base)
@@ -64,20 +237,13 @@ def solve_log_freqs(
     else:
         func = partial(clex_rhs, w_up=w_up, w_down=w_down, act=act, prior_base=prior_base)
         y0 = log_f0
-
-    def rhs(t, y):
-        return func(t, y)
-
     if all(t == 1.0 for t in times):  # nothing to integrate
         sol = y0.expand(len(times), -1)
-    elif method in FIXED_GRID_METHODS:
-        grid, where = fine_grid(times, time_dt)
-        sol = odeint(rhs, y0, torch.tensor(grid, dtype=dtype, device=device), method=method)[where]
     else:
-        grid = sorted({1.0, *times})
-        sol = odeint(rhs, y0, torch.tensor(grid, dtype=dtype, device=device), method=method, rtol=rtol, atol=atol)
-        sol = sol[[grid.index(t) for t in times]]
+        kw = dict(method=method, time_dt=time_dt, log_dt=log_dt, rtol=rtol, atol=atol)
+        sol = _solve_torchdiffeq(y0, lambda t, y: func(t, y), times, **kw)
     if formulation == "residual":  # x = log θ⁰ + (closed-form prior shift) + z
         shift = torch.stack([ntk_log_shift(t, dim, dtype=dtype, device=device) for t in times])
         sol = log_f0 + shift + sol
     return sol
+

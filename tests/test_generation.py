@@ -99,7 +99,8 @@ def rotate_queries_only(q, k, cos, sin, unsqueeze_dim=1):
 def reference_logits(model, family, rows, prompts, monkeypatch):
     """Teacher-forced decoding of ``rows`` with UnrotatedCache, padded as generate pads.  [steps, B, V]"""
     generation.disable_exact_cache(model)  # the oracle rotates by itself
-    monkeypatch.setattr(importlib.import_module(f"transformers.models.{MODULES[family]}.modeling_{MODULES[family]}"), "apply_rotary_pos_emb", rotate_queries_only)
+    module = importlib.import_module(f"transformers.models.{MODULES[family]}.modeling_{MODULES[family]}")
+    monkeypatch.setattr(module, "apply_rotary_pos_emb", rotate_queries_only)
     ids, mask = left_pad(prompts)
     width, steps = ids.shape[1], len(rows[0]) - len(prompts[0])
     tokens = torch.cat([ids, torch.tensor([r[len(p) :] for r, p in zip(rows, prompts)])], dim=1)
@@ -110,7 +111,10 @@ def reference_logits(model, family, rows, prompts, monkeypatch):
         for end in range(width, width + steps):
             start = 0 if end == width else end - 1
             cache.positions = positions[:, :end]
-            logits = model(tokens[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end], past_key_values=cache).logits
+            logits = model(
+                tokens[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end],
+                past_key_values=cache,
+            ).logits  # fmt: skip
             out.append(logits[:, -1])
     monkeypatch.undo()
     return torch.stack(out)
@@ -178,7 +182,9 @@ def test_fixed_t_generation_equals_a_full_forward_at_that_t():
     t = generation.fixed_t_for(model, len(prompts[0]), 60)
     assert t == 5.0  # (20 + 60) / 16, on the 1/2 grid
     assert generation.fixed_t_for(model, 20, 61) == 5.5
-    out = generation.generate_fixed_t(model, torch.tensor(prompts), max_new_tokens=60, return_dict_in_generate=True, output_logits=True)
+    out = generation.generate_fixed_t(
+        model, torch.tensor(prompts), max_new_tokens=60, return_dict_in_generate=True, output_logits=True
+    )
     assert clex.get_clex_rotary(model).config.inference_t == "continuous"  # restored
     rows = [out.sequences[0].tolist()]
     with generation.fixed_t(model, t):
@@ -217,3 +223,35 @@ def test_a_cache_made_inside_the_forward_gets_its_state_and_crop_is_followed():
         full = model(ids[:, :21], use_cache=False).logits[0, -1]
     assert cache._clex_keys.length == 21 and hooks.rerotations == 1
     assert (logits - full).abs().max() <= 1e-5
+
+
+def test_the_rotary_decode_memo_follows_lengths_weights_and_policy():
+    """The rotary's per-token memo (clex.rotary._inference_frequencies) gives what a fresh lookup gives."""
+    model = clex_model("llama")
+    rotary = clex.get_clex_rotary(model)
+    x = torch.zeros(2, 1, 8)
+    with torch.no_grad():
+        for n in (40, 41, 17, 16, 190, 5):  # within the block of lengths memoised, and back before it
+            rotary(x, torch.tensor([[n - 1], [n // 2]]))
+            t = rotary.t_for_length(torch.tensor([n, n // 2 + 1]))
+            assert torch.equal(rotary.last_t, t) and torch.equal(rotary.last_inv_freq, rotary.frequencies(t))
+        rotary(x, torch.tensor([[39], [20]]))  # t = 2.5, 1.5
+        before = rotary.last_inv_freq.clone()
+        rotary.dynamics.ode_down_proj.mul_(2)  # new weights: new θ for the same t
+        rotary(x, torch.tensor([[39], [20]]))
+        assert (rotary.last_inv_freq - before).abs().max() > 1e-4
+        assert torch.equal(rotary.last_inv_freq, rotary.frequencies(torch.tensor([2.5, 1.5], dtype=torch.float64)))
+        with generation.fixed_t(model, 3.5):
+            rotary(x, torch.tensor([[6], [2]]))
+            assert rotary.last_t.tolist() == [3.5, 3.5]
+        rotary(x, torch.tensor([[6], [2]]))
+        assert rotary.last_t.tolist() == [1.0, 1.0]
+
+
+def test_fixed_t_for_checks_its_arguments():
+    model = clex_model("llama")
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 0, got -1"):
+        generation.fixed_t_for(model, 10, -1)
+    with pytest.raises(ValueError, match="fixed_t must be a number >= 1"):
+        with generation.fixed_t(model, 0.5):
+            pass

@@ -41,7 +41,7 @@ class CLEXDynamics(nn.Module):
 
     def version(self) -> tuple:
         """Changes whenever a parameter is written (optimizer step, load_state_dict, .to)."""
-        return tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in self.parameters())
+        return tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in self._parameters.values())  # no children
 
 
 class CLEXRotaryEmbedding(nn.Module):
@@ -78,6 +78,8 @@ class CLEXRotaryEmbedding(nn.Module):
         self.attention_modules: tuple = ()  # set by apply_clex; their .scaling carries log_scale
         self._table: tuple | None = None  # (key, top t, θ table [n, d/2])
         self._exact: dict = {}  # exact continuous t -> θ, for t_resolution = 0
+        self._decode_memo: dict = {}  # see _inference_frequencies
+        self.inference_listener = None  # f(x, position_ids, θ [B, d/2]) once θ is chosen (inference; generation)
         self._warned_past_max = False
 
     # --- θ(t) ----------------------------------------------------------------------------------------
@@ -163,6 +165,39 @@ class CLEXRotaryEmbedding(nn.Module):
             return torch.full(kv_len.shape, float(c.fixed_t), dtype=torch.float64)
         return INFERENCE_T[c.inference_t](kv_len.detach().cpu(), self.original_length, c.t_resolution)
 
+    def _inference_frequencies(self, position_ids: Tensor) -> tuple[Tensor, Tensor, float]:
+        """(t [B] float64, θ [B, d/2], longest key length) for inference, each row's key length being
+        max(position_id) + 1 (padding excluded).
+
+        Memoised for decoding, where it runs once per token: the t policy is evaluated once for a block of
+        lengths (vectorised, the same function and float64 arithmetic, so the same t), and θ is reused
+        while every row keeps its t. The memo is keyed by the policy's fields and the weights' version, and
+        skipped when gradients to the ODE weights are wanted (θ then carries a graph).
+        """
+        lengths = [n + 1 for n in position_ids.amax(dim=-1).tolist()]  # [B] python ints
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.dynamics.parameters()):
+            t_rows = self.t_for_length(torch.tensor(lengths))
+            return t_rows, self.frequencies(t_rows), float(max(lengths))
+        c = self.config
+        policy = (c.inference_t, c.t_resolution, c.fixed_t, self.original_length)
+        key = (policy, self.dynamics.version(), self.inv_freq.device)
+        memo = self._decode_memo
+        if memo.get("key") != key:
+            memo.clear()
+            memo["key"] = key
+        start, ts = memo.get("lengths", (0, []))
+        lo, hi = min(lengths), max(lengths)
+        if lo < start or hi >= start + len(ts):  # a new block of lengths: one vectorised policy call
+            start = lo
+            ts = self.t_for_length(torch.arange(start, hi + 1024)).tolist()
+            memo["lengths"] = (start, ts)
+        t_key = tuple(ts[n - start] for n in lengths)
+        last = memo.get("last")
+        if last is None or last[0] != t_key:
+            t_rows = torch.tensor(t_key, dtype=torch.float64)
+            last = memo["last"] = (t_key, t_rows, self.frequencies(t_rows))
+        return last[1], last[2], float(hi)
+
     def draw(self, n: int) -> tuple[float, Tensor]:
         """One training draw: t and n positions, from (seed, draws). Advances ``draws``.  -> (t, [n] float32)
 
@@ -194,16 +229,18 @@ class CLEXRotaryEmbedding(nn.Module):
             kv_len = float(positions.max()) + 1
         else:
             positions = position_ids.float()
-            lengths = position_ids.max(dim=-1).values + 1  # [B]: keys seen by each row, padding excluded
-            self.last_t = self.t_for_length(lengths)
-            theta = self.frequencies(self.last_t)
-            kv_len = float(lengths.max())
-        self.last_inv_freq = theta.detach()
+            t_rows, theta, kv_len = self._inference_frequencies(position_ids)
+            vars(self).update(last_t=t_rows)  # plain attributes: skips nn.Module.__setattr__ (once per token)
+            if self.inference_listener is not None:
+                self.inference_listener(x, position_ids, theta)
+        vars(self).update(last_inv_freq=theta.detach() if theta.requires_grad else theta)
         self._apply_log_scale(kv_len)
         with torch.autocast(x.device.type, enabled=False):
             emb = rope_angles(positions, theta.to(x.device))  # [B, P, d] float32
-            cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
-        return cos.to(x.dtype), sin.to(x.dtype)
+            cos, sin = emb.cos(), emb.sin()
+            if self.attention_scaling != 1.0:  # (skipped at 1: the same values, two ops fewer per decode step)
+                cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return (cos, sin) if x.dtype == torch.float32 else (cos.to(x.dtype), sin.to(x.dtype))
 
     def _apply_log_scale(self, kv_len: float) -> None:
         """Queries scaled by max(1, log(len)/log(L)) through each attention module's ``scaling``, which every

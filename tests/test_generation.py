@@ -255,3 +255,33 @@ def test_fixed_t_for_checks_its_arguments():
     with pytest.raises(ValueError, match="fixed_t must be a number >= 1"):
         with generation.fixed_t(model, 0.5):
             pass
+
+
+def test_rotate_keys_in_blocks_rows_and_half_precision_equals_a_fresh_rotation(monkeypatch):
+    from clex import keycache
+
+    monkeypatch.setattr(keycache, "_CPU_BLOCK_BYTES", 1024)  # many blocks of 4 positions
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 3, 50, 20, generator=g)  # head_dim 20, rotary d = 16: partial rotary
+    positions = torch.arange(50.0).expand(2, -1)
+    old, new = torch.rand(2, 8, generator=g), torch.rand(2, 8, generator=g)
+
+    def rotate(theta):
+        angles = rope_angles(positions, theta)[:, None]  # [B, 1, S, 16]
+        k = keys[..., :16]
+        turned = torch.cat((-k[..., 8:], k[..., :8]), dim=-1)
+        return torch.cat((k * angles.cos() + turned * angles.sin(), keys[..., 16:]), dim=-1)
+
+    cached, expected = rotate(old), rotate(new)
+    cos, sin = generation.rotation_delta(positions, old, new)
+    every = cached.clone()
+    generation.rotate_keys_(every, cos, sin)
+    torch.testing.assert_close(every, expected, rtol=0, atol=1e-5)
+    assert torch.equal(every[..., 16:], keys[..., 16:])  # the pass-through dims are untouched
+    one = cached.clone()
+    generation.rotate_keys_(one, cos[1:], sin[1:], rows=torch.tensor([1]))
+    assert torch.equal(one[0], cached[0])
+    torch.testing.assert_close(one[1], expected[1], rtol=0, atol=1e-5)
+    half = cached.bfloat16()
+    generation.rotate_keys_(half, cos, sin)
+    torch.testing.assert_close(half.float(), expected, rtol=0, atol=3e-2)

@@ -33,6 +33,7 @@ REROTATE_MODES = ("on_change", "every_step")
 #: subclass DynamicLayer but store their keys quantized).
 SUPPORTED_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer)
 _STATE = "_clex_keys"  # the attribute of a Cache that holds its _KeyState
+_CPU_BLOCK_BYTES = 1 << 19  # keys re-rotated per block on CPU
 
 
 # --- the math -------------------------------------------------------------------------------------------
@@ -59,15 +60,20 @@ def rotate_keys_(keys: Tensor, cos: Tensor, sin: Tensor, rows: Tensor | None = N
 
     keys: [B, H, slots, head_dim] (any float dtype; computed in float32); cos/sin: [b, S, d/2] with b =
     len(rows) (or B when rows is None), S <= slots: the first S slots are rotated. float32 keys of all rows
-    are updated in place with one temporary (about five passes over the rotated part, memory-bound).
+    are updated in place with one temporary (five memory-bound passes; on CPU block by block, in cache).
     """
     n, half = cos.shape[1], cos.shape[2]
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [b, 1, S, d/2]: the same for every head
     if rows is None and keys.dtype == torch.float32:
-        k1, k2 = keys[:, :, :n, :half], keys[:, :, :n, half : 2 * half]  # views into the cache
-        k1_sin = k1 * sin
-        k1.mul_(cos).addcmul_(k2, sin, value=-1)
-        k2.mul_(cos).add_(k1_sin)
+        step = n
+        if keys.device.type == "cpu":  # blocks of ~512 KB stay in cache across the five passes (~2x faster)
+            step = max(16, _CPU_BLOCK_BYTES // (keys.shape[0] * keys.shape[1] * 2 * half * keys.element_size()))
+        for i in range(0, n, step):
+            k1, k2 = keys[:, :, i : i + step, :half], keys[:, :, i : i + step, half : 2 * half]  # cache views
+            c, s = cos[:, :, i : i + step], sin[:, :, i : i + step]
+            k1_sin = k1 * s
+            k1.mul_(c).addcmul_(k2, s, value=-1)
+            k2.mul_(c).add_(k1_sin)
         return
     k = (keys if rows is None else keys[rows])[:, :, :n, : 2 * half].float()  # [b, H, S, d] float32 copy
     k1, k2 = k[..., :half], k[..., half:]

@@ -183,3 +183,17 @@ def test_two_processes_draw_the_same_t(tmp_path, text_dir):
     assert len(logs[0]["t_ranks"]) == 2 and all(a == b for a, b in ranks)
     assert 1.0 in [t for r in logs[:-1] for t in r["t"]]  # a t=1 step, followed by more DDP steps
     assert (out / "final" / "config.json").is_file() and len(list((out / "checkpoint-000006").glob("random_states_*"))) == 2
+
+
+def test_main_is_the_cli_entry(tmp_path, text_dir, capsys):
+    """`clex train --config F --override k=v --resume` maps to main(config, override, resume)."""
+    (tmp_path / "r.yaml").write_text(f"model: micro-llama\nmethod: ntk\nfactor: 2\ndata: {text_dir}\nseq_len: 32\n")
+    args = ["steps=2", f"out_dir={tmp_path / 'out'}", "save_every=1", "batch_size=2"]
+    assert main(str(tmp_path / "r.yaml"), override=args) == 0
+    assert "final model" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        main(str(tmp_path / "r.yaml"), override=args)
+    assert main(str(tmp_path / "r.yaml"), override=args, resume=True) == 0  # nothing left to do
+    resolved = TrainConfig.from_file(tmp_path / "out" / "config.yaml")
+    assert resolved.method == "ntk" and resolved.steps == 2 and resolved.resume
+    assert "ntk" in main.__doc__ and "grad_accum" in main.__doc__

@@ -16,6 +16,7 @@ gradient, so DDP's unused-parameter check never fires.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,7 +29,7 @@ import torch
 
 from .checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import prepare_data, rows_at
-from .methods import original_length, pose_position_ids, prepare_model
+from .methods import METHODS, original_length, pose_position_ids, prepare_model
 from .patch import find_rotary
 from .presets import build_model, count_parameters
 from .rotary import CLEXRotaryEmbedding
@@ -307,6 +308,11 @@ def run(config: TrainConfig) -> Path:
 def main(config: str | None = None, override: list[str] | None = None, resume: bool = False) -> int:
     """Fine-tune a RoPE model with CLEX or a baseline (PI, NTK, YaRN, ...), from a YAML/TOML config.
 
+    Methods: {methods}; `pose=true` adds PoSE positions to any of them. Every TrainConfig field can be
+    set in the file or overridden: {fields}. Several processes: `accelerate launch --config_file
+    configs/accelerate/{{ddp,fsdp,deepspeed-zero3}}.yaml -m clex.train CONFIG [key=value ...]`, or on CPUs
+    `torchrun --standalone --nproc_per_node N -m clex.train CONFIG [key=value ...]`.
+
     Args:
         config: a YAML or TOML file of TrainConfig fields (e.g. recipes/tiny-clex.yaml); none = the defaults
         override: key=value pairs that override the file, e.g. steps=100 method=yarn clex.max_factor=8
@@ -317,6 +323,11 @@ def main(config: str | None = None, override: list[str] | None = None, resume: b
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"final model: {final}", flush=True)
     return 0
+
+
+main.__doc__ = main.__doc__.format(
+    methods=", ".join(METHODS), fields=", ".join(f.name for f in dataclasses.fields(TrainConfig))
+)  # generated from the registries, so the help cannot drift
 
 
 if __name__ == "__main__":  # python -m clex.train CONFIG [key=value ...]  (e.g. under accelerate launch)

@@ -96,11 +96,14 @@ def measure(models: dict, args) -> list[dict]:
         for name, ts in times.items():
             med = statistics.median(ts)
             q1, _, q3 = statistics.quantiles(ts, n=4)
-            paired = statistics.median(t / b for t, b in zip(ts, times["plain"]))  # per round, same load
+            ratios = [t / b for t, b in zip(ts, times["plain"])]  # per round: same load for both
+            paired = statistics.median(ratios)
+            r1, _, r3 = statistics.quantiles(ratios, n=4)
             changes = (_rerotations(models[name]) - before[name]) / args.rounds
             rows.append(dict(
                 factor=factor, context=n, variant=name, ms_per_token=med * 1e3, iqr_ms=(q3 - q1) * 1e3,
-                ratio_vs_plain=med / base, paired_ratio_vs_plain=paired, rerotations_per_round=changes, rounds=len(ts),
+                ratio_vs_plain=med / base, paired_ratio_vs_plain=paired, paired_ratio_iqr=[r1, r3],
+                rerotations_per_round=changes, rounds=len(ts), ms_per_token_rounds=[t * 1e3 for t in ts],
             ))  # fmt: skip
             line = f"{med * 1e3:7.3f} ms/token  x{med / base:.4f} (paired x{paired:.4f})"
             print(f"  {factor:g}x L ({n} keys) {name:>10}: {line}", file=sys.stderr)

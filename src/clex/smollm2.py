@@ -150,8 +150,8 @@ def convert(gguf: str | Path | None = None, cache_dir: str | Path | None = None,
                   "rope_theta": (config.get("rope_parameters") or {}).get("rope_theta")}  # fmt: skip
         (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")  # last: marks the folder complete
         if folder.exists():  # force, or an incomplete/stale folder: move it aside, then swap
-            old = root / f".{folder.name}.old-{os.getpid()}"
-            os.replace(folder, old)
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-old-", dir=root))
+            os.replace(folder, old)  # a directory may replace an empty one
             shutil.rmtree(old, ignore_errors=True)
         try:
             os.replace(tmp, folder)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -86,89 +87,167 @@ _B = (1 / 8, 3 / 8, 3 / 8, 1 / 8)
 _C = (0.0, 1 / 3, 2 / 3, 1.0)
 
 
+@contextmanager
+def _one_thread(device: torch.device):
+    """Intra-op threads off for the tiny tensors of the fused solve (CPU only): they only add start-up cost,
+    and on a busy machine a parallel region waits for a whole scheduler time slice (measured: 16 ms for a
+    [80, 32] float64 product with 2 threads, 6 µs with 1). The previous setting is restored."""
+    if device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+_TABLEAUS: dict = {}
+
+
+def _tableau(like: Tensor) -> tuple[Tensor, Tensor]:
+    """(A [4, 4], B [4]) as tensors of ``like``'s dtype and device, made once."""
+    key = (like.dtype, like.device)
+    if key not in _TABLEAUS:
+        _TABLEAUS[key] = (like.new_tensor(_A), like.new_tensor(_B))
+    return _TABLEAUS[key]
+
+
+def _rk4_steps(a: Tensor, m: Tensor, dts: Sequence[float], act: str) -> tuple[Tensor, Tensor, Tensor]:
+    """RK4 (3/8 rule) for dv/dt = act(a(t) + v · M), v(1) = 0.
+
+    a: [4S, H] the inputs at the 4 stages of each of the S steps; m: [H, H]; dts: the S step lengths
+    ->  (v after each step [S+1, H], the state V_i each stage evaluated at [4S, H], p_i = a_i + V_i·M [4S, H])
+    """
+    steps, width = len(dts), a.shape[-1]
+    f, mt = ACTIVATIONS[act], m.t()
+    ends = a.new_zeros(steps + 1, width)
+    states = a.new_empty(4 * steps, width)
+    pre = a.new_empty(4 * steps, width)
+    k = a.new_zeros(4, width)  # the stage slopes of the current step (zeros: stale rows get weight 0)
+    coef, weights = _tableau(a)
+    kt, coef = k.t(), coef.unbind(0)
+    # row views made once: indexing in the loop would cost a Python-level select per use
+    a_, ends_, states_, pre_, k_ = a.unbind(0), ends.unbind(0), states.unbind(0), pre.unbind(0), k.unbind(0)
+    tanh = act == "tanh"
+    r = 0
+    for s, dt in enumerate(dts):
+        v = ends_[s]
+        for i in range(4):
+            if i == 0:
+                states_[r].copy_(v)
+            else:
+                torch.addmv(v, kt, coef[i], alpha=dt, out=states_[r])  # V_i = v + dt·Σ_j A_ij k_j
+            torch.addmv(a_[r], mt, states_[r], out=pre_[r])  # p_i = a_i + V_i·M
+            if tanh:
+                torch.tanh(pre_[r], out=k_[i])
+            else:
+                k_[i].copy_(f(pre_[r]))
+            r += 1
+        torch.addmv(v, kt, weights, alpha=dt, out=ends_[s + 1])  # v + dt·Σ_i B_i k_i
+    return ends, states, pre
+
+
+def _rk4_adjoint(m: Tensor, states: Tensor, pre: Tensor, dts: Sequence[float], act: str, wanted: dict) -> tuple:
+    """The exact reverse sweep of :func:`_rk4_steps`: given dL/dv at some step ends (``wanted``: step index ->
+    [H]), returns (dL/da [4S, H], dL/dM [H, H]) -- what backpropagation through every step would give."""
+    width = m.shape[0]
+    slope = ACTIVATION_GRADS[act](pre)  # [4S, H] act'(p_i), all stages at once
+    grad_pre = torch.zeros_like(pre)  # dL/dp_i = dL/da_i
+    grad_states = m.new_zeros(4, width)  # dL/dV_i of the current step
+    coef, _ = _tableau(m)
+    coef_t = coef.t().contiguous().unbind(0)  # row i: A[l][i] for l = 0..3 (nonzero for l > i only)
+    gst, ones = grad_states.t(), m.new_ones(4)
+    slope_, grad_pre_, grad_states_ = slope.unbind(0), grad_pre.unbind(0), grad_states.unbind(0)
+    g = wanted.get(len(dts), m.new_zeros(width))  # dL/dv at the end of the current step
+    for s in range(len(dts) - 1, -1, -1):
+        dt = dts[s]
+        for i in range(3, -1, -1):
+            r = 4 * s + i
+            # dL/dk_i = dt·(B_i·g + Σ_{l>i} A_li · dL/dV_l)
+            dk = torch.addmv(g, gst, coef_t[i], beta=dt * _B[i], alpha=dt)
+            torch.mul(dk, slope_[r], out=grad_pre_[r])
+            torch.mv(m, grad_pre_[r], out=grad_states_[i])  # p = a + V·M  ->  dL/dV = M · dL/dp
+        g = torch.addmv(g, gst, ones)  # v enters every stage state with weight 1
+        if s in wanted:
+            g = g + wanted[s]
+    return grad_pre, states.t() @ grad_pre  # dL/dM = Σ_i V_iᵀ · dL/dp_i
+
+
 class _FusedRK4(torch.autograd.Function):
-    """RK4 (3/8 rule) for dv/dt = act(a(t) + v · M), v(1) = 0, with its exact discrete adjoint as backward.
+    """z(t) of the residual formulation by :func:`_rk4_steps`, with :func:`_rk4_adjoint` as backward.
 
-    Why v: in the residual formulation dz/dt = act((c(t) + z) · W_up) · W_down. With a(t) = c(t) · W_up,
-    M = W_down · W_up and z = v · W_down, the ODE for v has ONE matrix product per evaluation, and RK4 on v
-    is RK4 on z exactly (Runge-Kutta steps commute with linear maps).
+    Why v: dz/dt = act((c(t) + z) · W_up) · W_down. With a(t) = c(t) · W_up, M = W_down · W_up and
+    z = v · W_down, the ODE for v has ONE matrix product per evaluation, and RK4 on v is RK4 on z exactly
+    (Runge-Kutta steps commute with linear maps).
 
-    a: [4S, H] the inputs at the 4 stages of each of the S steps (H = λd); m: [H, H]; dts: S step lengths;
-    keep: step indices to return (0 = the start)  ->  [len(keep), H]
+    w_up: [d/2, H], w_down: [H, d/2] (any float dtype; the solve runs in c's dtype); c: [4S, d/2] the
+    network input at z = 0 at every stage (no gradient); keep: step indices to return  ->  z [len(keep), d/2]
     """
 
     @staticmethod
-    def forward(ctx, a: Tensor, m: Tensor, dts: tuple, keep: tuple, act: str) -> Tensor:
-        f, mt, (steps, width) = ACTIVATIONS[act], m.t(), (len(dts), a.shape[-1])
-        coef = a.new_tensor(_A)  # [4, 4]
-        ends = a.new_zeros(steps + 1, width)  # v after each step
-        states = a.new_empty(4 * steps, width)  # V_i: the state each stage evaluates at
-        pre = a.new_empty(4 * steps, width)  # p_i = a_i + V_i · M
-        k = a.new_zeros(4, width)  # the stage slopes of the current step (zeros: stale rows get weight 0)
-        weights = a.new_tensor(_B)
-        for s, dt in enumerate(dts):
-            v = ends[s]
-            for i in range(4):
-                r = 4 * s + i
-                if i == 0:
-                    states[r].copy_(v)
-                else:
-                    torch.addmv(v, k.t(), coef[i], alpha=dt, out=states[r])
-                torch.addmv(a[r], mt, states[r], out=pre[r])
-                if act == "tanh":
-                    torch.tanh(pre[r], out=k[i])
-                else:
-                    k[i] = f(pre[r])
-            torch.addmv(v, k.t(), weights, alpha=dt, out=ends[s + 1])
-        ctx.save_for_backward(m, states, pre)
-        ctx.dts, ctx.keep, ctx.act = dts, keep, act
-        return ends[list(keep)]
+    def forward(ctx, w_up: Tensor, w_down: Tensor, c: Tensor, dts: tuple, keep: tuple, act: str) -> Tensor:
+        with _one_thread(c.device):
+            up, down = w_up.to(c.dtype), w_down.to(c.dtype)
+            m = down @ up
+            ends, states, pre = _rk4_steps(c @ up, m, dts, act)
+            v = ends[list(keep)]  # [n, H]
+            ctx.save_for_backward(up, down, c, m, states, pre, v)
+            ctx.dts, ctx.keep, ctx.act, ctx.dtypes = dts, keep, act, (w_up.dtype, w_down.dtype)
+            return v @ down
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        m, states, pre = ctx.saved_tensors
-        dts, act = ctx.dts, ctx.act
-        width = m.shape[0]
-        wanted: dict[int, Tensor] = {}
-        for row, step in enumerate(ctx.keep):  # dL/dv at each requested step end (duplicates add up)
-            wanted[step] = wanted[step] + grad[row] if step in wanted else grad[row]
-        slope = ACTIVATION_GRADS[act](pre)  # [4S, H] act'(p_i), all stages at once
-        grad_pre = torch.zeros_like(pre)  # dL/dp_i = dL/da_i
-        grad_states = m.new_zeros(4, width)  # dL/dV_i of the current step
-        coef_t = m.new_tensor(_A).t().contiguous()  # row i: A[l][i] for l = 0..3 (nonzero for l > i only)
-        ones = m.new_ones(4)
-        g = wanted.get(len(dts), m.new_zeros(width))  # dL/dv at the end of the current step
-        for s in range(len(dts) - 1, -1, -1):
-            dt = dts[s]
-            for i in range(3, -1, -1):
-                r = 4 * s + i
-                # dL/dk_i = dt·(B_i·g + Σ_{l>i} A_li · dL/dV_l)
-                dk = torch.addmv(g, grad_states.t(), coef_t[i], beta=dt * _B[i], alpha=dt)
-                torch.mul(dk, slope[r], out=grad_pre[r])
-                torch.mv(m, grad_pre[r], out=grad_states[i])  # p = a + V·M  ->  dL/dV = M · dL/dp
-            g = torch.addmv(g, grad_states.t(), ones)  # v enters every stage state with weight 1
-            if s in wanted:
-                g = g + wanted[s]
-        grad_m = states.t() @ grad_pre  # Σ_i V_iᵀ · dL/dp_i   [H, H]
-        return grad_pre, grad_m, None, None, None
+    def backward(ctx, grad_z: Tensor):
+        up, down, c, m, states, pre, v = ctx.saved_tensors
+        with _one_thread(c.device):
+            grad_z = grad_z.to(c.dtype)
+            grad_v = grad_z @ down.t()  # [n, H]
+            wanted: dict[int, Tensor] = {}
+            for row, step in enumerate(ctx.keep):  # duplicates add up
+                wanted[step] = wanted[step] + grad_v[row] if step in wanted else grad_v[row]
+            grad_a, grad_m = _rk4_adjoint(m, states, pre, ctx.dts, ctx.act, wanted)
+            grad_up = c.t() @ grad_a + down.t() @ grad_m  # a = c·W_up, M = W_down·W_up
+            grad_down = v.t() @ grad_z + grad_m @ up.t()  # z = v·W_down
+            return grad_up.to(ctx.dtypes[0]), grad_down.to(ctx.dtypes[1]), None, None, None, None
 
 
-def _solve_fused(log_f0: Tensor, w_up: Tensor, w_down: Tensor, times: list[float], *, act, prior_base, time_dt, log_dt):
-    """z(t) for each requested t by :class:`_FusedRK4`, in float64 (float32 where a device has no float64).
+_SETUPS: dict = {}  # (times, grid knobs, base, dtype, device) -> (θ⁰, stage inputs c, dts, where, base)
 
-    -> [len(times), d/2] in the working dtype."""
+
+def _fused_setup(inv_freq0: Tensor, times: list[float], *, prior_base, time_dt, log_dt, work) -> tuple:
+    """What a fused solve needs besides the weights, cached (a training step repeats one of few t):
+    c [4S, d/2] the network input at z = 0 at every stage, the step lengths, the index of each requested
+    time among the step ends, and x_NTK(t) = log θ⁰ + ntk_log_shift(t) [n, d/2] (the solution at W = 0)."""
+    key = (tuple(times), time_dt, log_dt, prior_base, work, inv_freq0.dtype, inv_freq0.device)
+    hit = _SETUPS.get(key)
+    if hit is not None and torch.equal(hit[0], inv_freq0):
+        return hit[1:]
     grid, where = fine_grid(times, time_dt, log_dt)
-    work = torch.float32 if log_f0.device.type == "mps" else torch.float64  # float64 forced: no round-off drift
-    up, down = w_up.to(work), w_down.to(work)
-    if len(grid) == 1:  # nothing to integrate: z = 0, still in the graph of the weights
-        return (0 * down.sum()).expand(len(times), down.shape[-1])
-    start = torch.tensor(grid[:-1], dtype=work, device=log_f0.device)  # [S]
-    dts = [b - a for a, b in zip(grid, grid[1:])]
-    step = torch.tensor(dts, dtype=work, device=log_f0.device)
-    stage_t = (start.unsqueeze(1) + step.unsqueeze(1) * start.new_tensor(_C)).reshape(-1)  # [4S]
-    a = residual_input(stage_t, log_f0.to(work), prior_base=prior_base) @ up  # [4S, λd]
-    v = _FusedRK4.apply(a, down @ up, tuple(dts), tuple(where), act)  # [n, λd]
-    return v @ down  # [n, d/2]
+    dts = tuple(b - a for a, b in zip(grid, grid[1:]))
+    with torch.no_grad(), _one_thread(inv_freq0.device):
+        log_f0 = torch.log(inv_freq0).to(work)  # [d/2]
+        start = torch.tensor(grid[:-1], dtype=work, device=inv_freq0.device)  # [S]
+        step = torch.tensor(dts, dtype=work, device=inv_freq0.device)
+        stage_t = (start.unsqueeze(1) + step.unsqueeze(1) * start.new_tensor(_C)).reshape(-1)  # [4S]
+        c = residual_input(stage_t, log_f0, prior_base=prior_base)  # [4S, d/2]
+        at = torch.tensor(times, dtype=work, device=inv_freq0.device).unsqueeze(-1)  # [n, 1]
+        base = log_f0 + ntk_log_shift(at, 2 * log_f0.numel(), dtype=work, device=inv_freq0.device)  # [n, d/2]
+    if len(_SETUPS) >= 64:  # a table, a few dozen training t: plenty
+        _SETUPS.clear()
+    _SETUPS[key] = (inv_freq0.detach().clone(), c, dts, tuple(where), base)
+    return c, dts, tuple(where), base
+
+
+def _solve_fused(inv_freq0: Tensor, w_up: Tensor, w_down: Tensor, times: list[float], *, act, prior_base, time_dt, log_dt):
+    """x(t) = log θ(t) for each requested t by :class:`_FusedRK4`, solved in float64 (float32 where a device
+    has no float64), returned in inv_freq0's dtype.  -> [len(times), d/2]"""
+    work = torch.float32 if inv_freq0.device.type == "mps" else torch.float64  # float64 forced: no round-off drift
+    c, dts, where, base = _fused_setup(inv_freq0, times, prior_base=prior_base, time_dt=time_dt, log_dt=log_dt, work=work)
+    if not dts:  # nothing to integrate: x = log θ⁰, with the weights still in the graph (zero gradient)
+        return (base + 0 * w_down.sum()).to(inv_freq0.dtype)
+    z = _FusedRK4.apply(w_up, w_down, c, dts, where, act)  # [n, d/2] float64
+    return (base + z).to(inv_freq0.dtype)  # summed in float64, rounded once
 
 
 # --- torchdiffeq ----------------------------------------------------------------------------------------
@@ -223,13 +302,11 @@ def solve_log_freqs(
                          "use formulation='residual', or a torchdiffeq method such as 'rk4'")  # fmt: skip
     if not time_dt > 0 or (log_dt is not None and not log_dt > 0):
         raise ValueError(f"time_dt and log_dt must be > 0 (log_dt may be None), got {time_dt!r} and {log_dt!r}")
+    if method in FUSED_METHODS:
+        return _solve_fused(inv_freq0, w_up, w_down, times, act=act, prior_base=prior_base, time_dt=time_dt, log_dt=log_dt)
     dtype, device = inv_freq0.dtype, inv_freq0.device
     log_f0 = torch.log(inv_freq0)
     dim = 2 * inv_freq0.numel()
-    if method in FUSED_METHODS:
-        z = _solve_fused(log_f0, w_up, w_down, times, act=act, prior_base=prior_base, time_dt=time_dt, log_dt=log_dt)
-        shift = ntk_log_shift(torch.tensor(times, dtype=z.dtype, device=device).unsqueeze(-1), dim, dtype=z.dtype, device=device)
-        return (log_f0.to(z.dtype) + shift + z).to(dtype)  # summed in float64, rounded once
     w_up, w_down = w_up.to(dtype), w_down.to(dtype)
     if formulation == "residual":
         func = partial(residual_rhs, log_inv_freq0=log_f0, w_up=w_up, w_down=w_down, act=act, prior_base=prior_base)

@@ -1,0 +1,92 @@
+"""Shared helpers of the benchmarks: interleaved median timing, tiny model configs, Markdown tables, JSON.
+
+Timings on a shared machine are noisy: every benchmark runs its variants *interleaved* (one repetition of
+each in turn, round after round) and reports medians, so that a slow spell hits every variant alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+#: The tiny demo-sized LLaMA (byte vocabulary + 1, L = 128): a 2.4M-parameter model.
+TINY = dict(vocab_size=257, hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=128)  # fmt: skip
+#: SmolLM2-135M's shape (random init, no weights are loaded): 30 layers, head_dim 64, L = 8192.
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True)  # fmt: skip
+
+
+def llama(config: dict, seed: int = 0):
+    """A random LlamaForCausalLM of the given shape (float32, sdpa attention), from a fixed seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**config, attn_implementation="sdpa"))
+
+
+def interleaved(fns: dict[str, Callable[[], object]], *, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, measured round-robin: ``warmup`` untimed rounds, then ``rounds``
+    timed ones, each calling every function once (in a rotated order, so none is always first)."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for n in order:
+            start = time.perf_counter()
+            fns[n]()
+            if r >= warmup:
+                times[n].append(time.perf_counter() - start)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def summary(xs: list[float]) -> dict:
+    """Median and spread (seconds) of a list of timings."""
+    return {"median_s": median(xs), "min_s": min(xs), "max_s": max(xs), "n": len(xs)}
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    """Where the numbers come from."""
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.platform(),
+    }
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    """Writes ``payload`` plus :func:`environment` as indented JSON; creates the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": environment(), **payload}, indent=2) + "\n")
+    return path
+
+
+def parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """An argument parser with the common ``--out`` (default results/bench/<name>.json)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=f"results/bench/{name}.json", help="JSON output (default: %(default)s)")
+    return p

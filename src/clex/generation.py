@@ -22,14 +22,15 @@ re-rotated ONCE, in place, by
     δ[p, j] = p·θ_new,j − p·θ_old,j,      k ← k·cos δ + rotate_half(k)·sin δ      (rotary dims only)
 
 and left alone while θ stays put. With t on a grid of step 1/r (``CLEXConfig.t_resolution``, r = 16 by
-default) θ changes once every L/r tokens, so the O(cached length) re-rotation (about five memory passes over
-the keys) is paid once per L/r decode steps instead of at every step as in the reference: amortised about
-2.5·r/L of a key-bound decode step (1% at L = 4096, r = 16). Both angles are formed in float32 exactly as the
-rotary module forms them, and δ, cos δ, sin δ in float64, so a re-rotated key equals a freshly rotated one up
-to one rounding (fp32: ~1e-7 relative per change; bf16/fp16 keys take one more rounding per change, so
-prefer a coarse grid or the fixed-t policy there). Alternatives weighed: caching unrotated keys (a new
-attention per family, and the per-step rotation this avoids), or a Cache subclass per cache type (users of
-``generate`` rarely pass one, and every cache class of transformers would need its own).
+default) θ changes once every L/r tokens, so the O(cached length) re-rotation (a few memory passes over the
+keys, less than one decode step's worth at long context) is paid once per L/r decode steps instead of at
+every step as in the reference: amortised < r/L of a step (benchmarks/decode.py measures it). Both angles
+are formed in float32 exactly as the rotary module forms them, and δ, cos δ, sin δ in float64, so a
+re-rotated key equals a freshly rotated one up to one rounding (fp32: ~1e-7 relative per change; bf16/fp16
+keys take one more rounding per change, so prefer a coarse grid or the fixed-t policy there). Alternatives
+weighed: caching unrotated keys (a new attention per family, and the per-step rotation this avoids), or a
+Cache subclass per cache type (users of ``generate`` rarely pass one, and every cache class of transformers
+would need its own).
 
 Hooking (:class:`ExactKeyCache`). A forward pre-hook on the module that owns the rotary (``model.model``)
 notes the forward's cache, making the model's default ``DynamicCache`` itself when the forward would; the

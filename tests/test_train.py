@@ -197,3 +197,16 @@ def test_main_is_the_cli_entry(tmp_path, text_dir, capsys):
     resolved = TrainConfig.from_file(tmp_path / "out" / "config.yaml")
     assert resolved.method == "ntk" and resolved.steps == 2 and resolved.resume
     assert "ntk" in main.__doc__ and "grad_accum" in main.__doc__
+
+
+def test_the_ode_weights_get_their_own_learning_rate():
+    from clex.presets import build_model
+    from clex.train import _select_trainable
+
+    model, _ = build_model("micro-llama")
+    clex.apply_clex(model, max_factor=4)
+    _, groups = _select_trainable(model, TrainConfig(model="micro-llama", lr=1e-3, clex_lr=2e-5))
+    assert len(groups) == 2 and "lr" not in groups[0] and groups[1]["lr"] == 2e-5
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in clex.get_clex_rotary(model).dynamics.parameters()}
+    with pytest.raises(ValueError, match="TrainConfig.clex_lr must be a number > 0, or null for lr, got 0.0"):
+        TrainConfig(clex_lr=0)

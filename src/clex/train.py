@@ -58,7 +58,8 @@ def lr_schedule(optimizer, kind: str, *, warmup: int, steps: int) -> torch.optim
 
 
 def _select_trainable(model, config: TrainConfig):
-    """Freeze what ``config.train`` leaves out; LoRA wraps the model with peft. -> (model, trainable params)"""
+    """Freeze what ``config.train`` leaves out; LoRA wraps the model with peft.
+    -> (model, optimizer parameter groups: the model's trainable weights, then the ODE weights at clex_lr)"""
     clex_params = []
     _, rot = find_rotary(model)
     if isinstance(rot, CLEXRotaryEmbedding):
@@ -76,7 +77,11 @@ def _select_trainable(model, config: TrainConfig):
             p.requires_grad_(False)
     for p in clex_params:  # the ODE weights train in every mode
         p.requires_grad_(True)
-    return model, [p for p in model.parameters() if p.requires_grad]
+    ode = {id(p) for p in clex_params}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in ode]}]
+    if clex_params:  # their own group, for their own lr
+        groups.append({"params": clex_params, "lr": config.clex_lr or config.lr})
+    return model, [g for g in groups if g["params"]]
 
 
 def _accelerator(config: TrainConfig):
@@ -191,12 +196,13 @@ def run(config: TrainConfig) -> Path:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     model.train()
-    model, params = _select_trainable(model, config)
+    model, groups = _select_trainable(model, config)
+    params = [p for g in groups for p in g["params"]]
     rows, eval_rows = prepare_data(config.data, tokenizer, config.seq_len, held_out=config.held_out, seed=config.seed,
                                    text_field=config.text_field)  # fmt: skip
 
     # --- optimiser and schedule (the paper's: AdamW, lr 2e-5, 3% warmup, cosine, no weight decay) ---
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.weight_decay)  # fmt: skip
     _deepspeed_fill(accelerator, config)
     model, optimizer = accelerator.prepare(model, optimizer)

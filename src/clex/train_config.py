@@ -44,6 +44,8 @@ class TrainConfig:
     batch_size: int = 8  # rows per process per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size * processes * grad_accum
     lr: float = 2e-5
+    clex_lr: float | None = None  # lr of the CLEX ODE weights (None: lr); Adam moves W_down by ~lr a step, and
+                                  # the network's output scales with λd, so a large lr makes θ(t) jagged
     warmup_ratio: float = 0.03  # linear warmup over this fraction of the steps
     schedule: str = "cosine"  # cosine | linear | constant (after the warmup)
     weight_decay: float = 0.0
@@ -105,6 +107,8 @@ class TrainConfig:
                 bad(name, "a number >= 0")
         if self.lr == 0:
             bad("lr", "a number > 0")
+        if self.clex_lr is not None and self.clex_lr <= 0:
+            bad("clex_lr", "a number > 0, or null for lr")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 bad(name, "a number in [0, 1)")
@@ -198,7 +202,7 @@ def apply_override(d: dict, item: str) -> None:
 
 
 def _kind(annotation: str):
-    return {"str": str, "str | None": (str, None), "int": int, "float": float, "bool": bool, "dict": dict, "list": list}[annotation]
+    return {"str": str, "str | None": (str, None), "float | None": (float, None), "int": int, "float": float, "bool": bool, "dict": dict, "list": list}[annotation]
 
 
 _KINDS = {f.name: _kind(f.type) for f in fields(TrainConfig)}
@@ -210,6 +214,8 @@ def _coerce(name: str, value, kind):
     def bad(expected):
         raise ValueError(f"TrainConfig.{name} must be {expected}, got {value!r}")
 
+    if kind == (float, None):
+        return None if value is None else _coerce(name, value, float)
     if kind == (str, None):
         return None if value is None else (str(value) if isinstance(value, (str, Path)) else bad("a string or null"))
     if kind is bool:

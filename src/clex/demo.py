@@ -47,6 +47,7 @@ class DemoScale:
     finetune_steps: int
     finetune_rows: int  # rows of L0 tokens per step (rows of k L0 tokens: finetune_rows // k)
     finetune_lr: float
+    clex_lr: float = 2e-5  # lr of the CLEX ODE weights (the paper's lr; larger makes θ(t) jagged in short runs)
     lengths: tuple = (1, 2, 4, 8, 16)  # evaluation lengths, x L0
     eval_samples: int = 4  # sequences per held-out play and length
     variants: tuple = tuple(VARIANTS)
@@ -126,6 +127,8 @@ def run(out_dir: str = "results/demo", quick: bool = False, scale: str = "defaul
         method, k, factor, extra, _ = VARIANTS[name]
         cfg = dict(common, model=str(base), method=method, factor=factor, seq_len=k * L0, steps=s.finetune_steps,
                    batch_size=max(1, s.finetune_rows // k), lr=s.finetune_lr, **extra)  # fmt: skip
+        if method == "clex":
+            cfg["clex_lr"] = s.clex_lr
         finals[name], times[name] = _train(cfg, models / name, f"{name} ({method}, rows of {k} x L0)")
 
     lengths = [L0 * k for k in s.lengths]

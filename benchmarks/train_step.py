@@ -74,7 +74,7 @@ def run(name: str, shape: dict, seq: int, *, batch: int, rounds: int, warmup: in
 
 def main(argv=None):
     p = parser("train_step", __doc__)
-    p.add_argument("--seq", type=int, nargs="+", default=[128, 512], help="sequence lengths of the tiny model")
+    p.add_argument("--seq", type=int, nargs="*", default=[128, 512], help="sequence lengths of the tiny model (none: skip it)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=32, help="timed rounds (each variant once per round)")
     p.add_argument("--warmup", type=int, default=2)

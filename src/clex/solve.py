@@ -290,7 +290,8 @@ def solve_log_freqs(
 
     inv_freq0: [d/2] (its dtype is the result's; torchdiffeq methods also solve in it: float32 normally,
     float64 for references); w_up: [d/2, λd]; w_down: [λd, d/2]  ->  [len(times), d/2].
-    Gradients flow to w_up and w_down (backpropagation through every step, or its exact equivalent).
+    Gradients flow to w_up and w_down (backpropagation through every step, or its exact equivalent); the
+    fused method gives none to inv_freq0 (a buffer of the rotary module, never trained).
     """
     times = [float(t) for t in times]
     if any(b < a for a, b in zip(times, times[1:])) or (times and times[0] < 1.0):

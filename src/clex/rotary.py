@@ -91,7 +91,7 @@ class CLEXRotaryEmbedding(nn.Module):
             x = solve_log_freqs(
                 self.inv_freq.float(), self.dynamics.ode_up_proj.float(), self.dynamics.ode_down_proj.float(),
                 times, act=c.act, prior_base=self.prior_base, method=c.method, time_dt=c.time_dt,
-                formulation=c.formulation, rtol=c.rtol, atol=c.atol,
+                formulation=c.formulation, rtol=c.rtol, atol=c.atol, log_dt=c.log_dt,
             )  # fmt: skip
         ones = sum(1 for t in times if t == 1.0)  # θ(1) is θ⁰ exactly, not exp(log θ⁰)
         return torch.cat([self.inv_freq.expand(ones, -1), torch.exp(x[ones:])])

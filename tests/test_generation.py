@@ -33,9 +33,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def clex_model(family="llama", **kw):
+def clex_model(family="llama", exact_cache=False, **kw):
     model = tiny_model(family, **kw)
-    clex.apply_clex(model, max_factor=12, t_resolution=2, time_dt=0.05)  # a coarse solve: the cache is tested
+    # a coarse solve: the cache is tested; the exact cache off unless a test turns it on
+    clex.apply_clex(model, max_factor=12, t_resolution=2, time_dt=0.05, exact_cache=exact_cache)
     with torch.no_grad():  # a trained-looking ODE: not just the NTK prior
         clex.get_clex_rotary(model).dynamics.ode_down_proj.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
     model.generation_config.eos_token_id = None
@@ -149,6 +150,12 @@ def test_the_stale_cache_differs_from_the_reference(monkeypatch):
     model = clex_model("llama")
     rows, logits = generate(model, PROMPTS, new=40)  # no enable_exact_cache: transformers as it is
     assert (logits - reference_logits(model, "llama", rows, PROMPTS, monkeypatch)).abs().max() > 1e-3
+
+
+def test_apply_clex_turns_the_exact_cache_on_by_default(monkeypatch):
+    model = clex_model("llama", exact_cache=True)
+    rows, logits = generate(model, PROMPTS, new=40)
+    assert (logits - reference_logits(model, "llama", rows, PROMPTS, monkeypatch)).abs().max() <= 1e-4
 
 
 def test_deeper_layers_cannot_match_a_full_forward():

@@ -28,6 +28,9 @@ _LAZY = {
     "run_demo": ("demo", "run"),
     "load_smollm2": "smollm2",
     "enable_exact_cache": "generation",
+    "disable_exact_cache": "generation",
+    "generate_fixed_t": "generation",
+    "fixed_t_for": "generation",
     "ModelSpec": "evalkit",
 }
 

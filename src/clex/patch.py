@@ -52,10 +52,14 @@ def get_clex_rotary(model: nn.Module) -> CLEXRotaryEmbedding:
     return rotary
 
 
-def apply_clex(model: nn.Module, config: CLEXConfig | dict | None = None, **overrides) -> nn.Module:
+def apply_clex(
+    model: nn.Module, config: CLEXConfig | dict | None = None, *, exact_cache: bool = True, **overrides
+) -> nn.Module:
     """Replace the model's RoPE with CLEX, in place, and return the model.
 
     config: a :class:`CLEXConfig`, a dict of its fields, or None for the defaults; keyword overrides win.
+    exact_cache: keep cached keys consistent when t changes during generation (:mod:`clex.generation`:
+    cached keys are re-rotated once, in place, when a row's t changes).
     ``original_length`` (L) defaults to the model's ``max_position_embeddings``. The model must use plain
     RoPE (``rope_type`` "default"): CLEX starts from the model's own frequencies θ⁰.
     """
@@ -95,6 +99,10 @@ def apply_clex(model: nn.Module, config: CLEXConfig | dict | None = None, **over
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     model.save_pretrained = types.MethodType(_save_pretrained, model)
+    if exact_cache:
+        from .generation import enable_exact_cache  # generation builds on this module
+
+        enable_exact_cache(model)
     return model
 
 

@@ -19,6 +19,7 @@ from clex import CLEXConfig
         ("formulation", "fast", "formulation must be one of 'residual', 'reference'"),
         ("train_t", "normal", "train_t must be one of 'integer', 'uniform', 'log-uniform'"),
         ("position_sampler", "skip", "position_sampler must be one of 'random', 'pose'"),
+        ("position_span", "all", "position_span must be one of 'sequence', 'original'"),
         ("inference_t", "ceil", "inference_t must be one of 'continuous', 'integer', 'fixed'"),
         ("t_resolution", -1, "t_resolution must be an integer >= 0"),
         ("prior_base", 1, "prior_base must be a number > 1"),

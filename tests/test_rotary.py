@@ -137,3 +137,13 @@ def test_t_equal_one_keeps_the_weights_in_the_graph():
     cos, _ = r(torch.zeros(1), torch.arange(16)[None])
     cos.sum().backward()
     assert r.dynamics.ode_up_proj.grad is not None and torch.count_nonzero(r.dynamics.ode_up_proj.grad) == 0
+
+
+def test_short_rows_can_span_the_original_length():
+    r = rotary(max_factor=4, seed=2, position_span="original").train()
+    for _ in range(6):
+        t, pos = r.draw(8)  # n = L/2
+        assert len(pos) == 8 and pos[-1] == math.ceil(16 * t) - 1
+    paper = rotary(max_factor=4, seed=2).train()
+    t, pos = paper.draw(8)
+    assert pos[-1] == math.ceil(8 * t) - 1

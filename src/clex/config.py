@@ -20,6 +20,8 @@ SOLVER_METHODS = ("rk4", "rk4-fused", "euler", "midpoint", "explicit_adams", "do
 #: How to integrate: ``residual`` integrates the NTK prior exactly and the network numerically (ours),
 #: ``reference`` integrates the whole right-hand side numerically, as the authors' code does.
 FORMULATIONS = ("residual", "reference")
+#: What training positions span: n·t (the paper) or max(n, L)·t.
+POSITION_SPANS = ("sequence", "original")
 #: Inference t policies: the registry in :mod:`clex.sampling` plus ``fixed`` (t set once, e.g. for generation).
 INFERENCE_POLICIES = (*INFERENCE_T, "fixed")
 
@@ -45,6 +47,8 @@ class CLEXConfig:
     # --- training: what one step draws ---
     train_t: str = "integer"  # t sampler: integer (paper), uniform, log-uniform
     position_sampler: str = "random"  # extrapolated positions: random (paper) or pose
+    position_span: str = "sequence"  # positions span n·t (sequence: the paper) or max(n, L)·t (original: rows
+                                     # shorter than L still see positions up to L·t)
     seed: int = 0  # t and positions of step k depend on (seed, k) only
 
     # --- inference ---
@@ -90,6 +94,7 @@ class CLEXConfig:
             )
         choice("train_t", tuple(T_SAMPLERS))
         choice("position_sampler", tuple(POSITION_SAMPLERS))
+        choice("position_span", POSITION_SPANS)
         choice("inference_t", INFERENCE_POLICIES)
         if self.prior_base is not None:
             number("prior_base", lambda v: v > 1, "a number > 1, or None for the model's rope_theta")

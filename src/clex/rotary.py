@@ -202,13 +202,15 @@ class CLEXRotaryEmbedding(nn.Module):
         """One training draw: t and n positions, from (seed, draws). Advances ``draws``.  -> (t, [n] float32)
 
         Positions span n·t tokens (first 0, last ceil(n·t)-1); for n > L they are divided by n // L, so that
-        the span is always about L·t and t keeps its meaning, the factor over the original length.
+        the span is always about L·t and t keeps its meaning, the factor over the original length. With
+        ``position_span="original"`` rows shorter than L span L·t as well (train short, test long).
         """
         c = self.config
         gen = step_generator(c.seed, self.draws)
         self.draws += 1
         t = T_SAMPLERS[c.train_t](gen, c.max_factor)
-        span = max(n, math.ceil(n * t - 1e-9))
+        rows = max(n, self.original_length) if c.position_span == "original" else n
+        span = max(n, math.ceil(rows * t - 1e-9))
         positions = POSITION_SAMPLERS[c.position_sampler](n, span, gen)
         return t, positions / max(1, n // self.original_length)
 

@@ -144,6 +144,9 @@ def test_short_rows_can_span_the_original_length():
     for _ in range(6):
         t, pos = r.draw(8)  # n = L/2
         assert len(pos) == 8 and pos[-1] == math.ceil(16 * t) - 1
+    for _ in range(6):
+        t, pos = r.draw(32)  # n = 2L: t >= 2, integer positions over L·t
+        assert t >= 2 and pos[-1] == math.ceil(16 * t) - 1 and torch.all(pos[1:] - pos[:-1] >= 1)
     paper = rotary(max_factor=4, seed=2).train()
     t, pos = paper.draw(8)
     assert pos[-1] == math.ceil(8 * t) - 1

@@ -201,18 +201,23 @@ class CLEXRotaryEmbedding(nn.Module):
     def draw(self, n: int) -> tuple[float, Tensor]:
         """One training draw: t and n positions, from (seed, draws). Advances ``draws``.  -> (t, [n] float32)
 
-        Positions span n·t tokens (first 0, last ceil(n·t)-1); for n > L they are divided by n // L, so that
-        the span is always about L·t and t keeps its meaning, the factor over the original length. With
-        ``position_span="original"`` rows shorter than L span L·t as well (train short, test long).
+        ``position_span="sequence"`` (the paper): positions span n·t (first 0, last ceil(n·t)-1); for n > L
+        they are divided by n // L, so that the span is about L·t and t keeps its meaning, the factor over
+        the original length — but then t < n/L packs several tokens per unit of position, which inference
+        never does. ``"original"``: positions are integers spanning L·t (rows shorter than L still see
+        L·t), with t raised to n/L where it is smaller (a row of n tokens is at least a factor n/L).
         """
         c = self.config
         gen = step_generator(c.seed, self.draws)
         self.draws += 1
         t = T_SAMPLERS[c.train_t](gen, c.max_factor)
-        rows = max(n, self.original_length) if c.position_span == "original" else n
-        span = max(n, math.ceil(rows * t - 1e-9))
-        positions = POSITION_SAMPLERS[c.position_sampler](n, span, gen)
-        return t, positions / max(1, n // self.original_length)
+        length = self.original_length
+        if c.position_span == "original":
+            t = max(t, n / length)
+            span = max(n, math.ceil(length * t - 1e-9))
+            return t, POSITION_SAMPLERS[c.position_sampler](n, span, gen)
+        span = max(n, math.ceil(n * t - 1e-9))
+        return t, POSITION_SAMPLERS[c.position_sampler](n, span, gen) / max(1, n // length)
 
     # --- forward --------------------------------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 1. Pre-train a byte-level LLaMA from scratch with plain RoPE at a short original length L0 on the embedded
    Shakespeare plays (four whole plays held out).
 2. Fine-tune copies of it, all with the same token budget (steps x rows x length) in the same training loop:
-   CLEX at L0 (the paper's "CLEX-4K"), CLEX at 4 L0 ("CLEX-16K"), and the baselines at 4 L0 — PI s=4,
+   CLEX at L0 (the paper's "CLEX-4K"), CLEX at 4 L0 ("CLEX-16K", with our integer positions and with the
+   paper's divided ones), and the baselines at 4 L0 — PI s=4,
    YaRN s=4 and s=8, NTK s=4, naive fine-tuning, PoSE (PI s=4, L0 rows spanning 4 L0) — plus CLEX at L0 with
    PoSE positions. The base model stays as it is.
 3. Perplexity at L0 x {1, 2, 4, 8, 16} on the held-out plays (chunked protocol = one full forward).
@@ -26,7 +27,9 @@ from pathlib import Path
 VARIANTS: dict[str, tuple] = {
     "clex-1x": ("clex", 1, 16, {}, "CLEX-4K: trained at the original length"),
     "clex-pose-1x": ("clex", 1, 16, {"pose": True}, "CLEX-4K with PoSE positions instead of the paper's"),
-    "clex-4x": ("clex", 4, 16, {}, "CLEX-16K: trained at 4x the original length"),
+    "clex-4x": ("clex", 4, 16, {"clex": {"position_span": "original"}},
+                "CLEX-16K: trained at 4x the original length (integer positions over L0·t)"),
+    "clex-4x-paper": ("clex", 4, 16, {}, "CLEX-16K with the paper's positions (divided by n // L0)"),
     "pi-4x": ("pi", 4, 4, {}, "PI s=4 at 4x (paper: PI 16k)"),
     "yarn4-4x": ("yarn", 4, 4, {}, "YaRN s=4 at 4x (paper: YaRN s=16)"),
     "yarn8-4x": ("yarn", 4, 8, {}, "YaRN s=8 at 4x (paper: YaRN s=32)"),
@@ -59,9 +62,9 @@ SCALES = {
     "quick": DemoScale("micro-llama", 40, 8, 3e-3, 8, 8, 1e-3, lengths=(1, 2, 4), eval_samples=1,
                        variants=("clex-1x", "pi-4x", "yarn4-4x")),
     # The default: about 15 minutes on 2 cores.
-    "default": DemoScale("tiny-llama", 1200, 16, 2e-3, 150, 16, 5e-4),
+    "default": DemoScale("tiny-llama", 1200, 16, 2e-3, 400, 16, 5e-4),
     # A larger CPU (or a longer wait): a bigger model, longer training.
-    "large": DemoScale("small-llama", 4000, 32, 1e-3, 500, 32, 3e-4, eval_samples=8),
+    "large": DemoScale("small-llama", 4000, 32, 1e-3, 1000, 32, 3e-4, eval_samples=8),
 }  # fmt: skip
 
 

@@ -12,7 +12,7 @@ import importlib
 import pytest
 import torch
 from conftest import tiny_model
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache
 from transformers.cache_utils import Cache, Fp8QuantizedLayer
 
 import clex

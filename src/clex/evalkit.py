@@ -249,15 +249,11 @@ def fixed_clex_t(model: nn.Module, length: int) -> Iterator[float | None]:
     if not isinstance(rot, CLEXRotaryEmbedding):
         yield None
         return
-    saved = rot.config
+    from .generation import fixed_t
+
     t = float(rot.t_for_length(torch.tensor([int(length)]))[0])
-    rot.config = saved.replace(inference_t="fixed", fixed_t=t)
-    rot._apply_log_scale = lambda kv_len: CLEXRotaryEmbedding._apply_log_scale(rot, float(length))
-    try:
+    with fixed_t(model, t, log_scale_length=int(length)):
         yield t
-    finally:
-        rot.config = saved
-        del rot._apply_log_scale  # back to the class's method
 
 
 # --- documents ---------------------------------------------------------------------------------------------

@@ -121,15 +121,20 @@ def fixed_t_for(model: nn.Module, prompt_len: int, max_new_tokens: int) -> float
 
 
 @contextlib.contextmanager
-def fixed_t(model: nn.Module, t: float) -> Iterator[None]:
-    """Within the block every forward of ``model`` uses θ(t) for every row (``inference_t="fixed"``)."""
+def fixed_t(model: nn.Module, t: float, *, log_scale_length: int | None = None) -> Iterator[None]:
+    """Within the block every forward of ``model`` uses θ(t) for every row (``inference_t="fixed"``).
+
+    log_scale_length: with ``log_scale``, also pin the query scale to this many keys (a chunked forward
+    that must equal one full forward over that length); None scales by each forward's own key length.
+    """
     rotary = get_clex_rotary(model)
-    saved = rotary.config
+    saved, saved_length = rotary.config, rotary.log_scale_length
     rotary.config = saved.replace(inference_t="fixed", fixed_t=float(t))  # validates t
+    rotary.log_scale_length = float(log_scale_length) if log_scale_length else saved_length
     try:
         yield
     finally:
-        rotary.config = saved
+        rotary.config, rotary.log_scale_length = saved, saved_length
 
 
 def generate_fixed_t(

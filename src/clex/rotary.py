@@ -81,6 +81,7 @@ class CLEXRotaryEmbedding(nn.Module):
         self._decode_memo: dict = {}  # see _inference_frequencies
         self.inference_listener = None  # f(x, position_ids, θ [B, d/2]) once θ is chosen (inference; generation)
         self._warned_past_max = False
+        self.log_scale_length: float | None = None  # pins log_scale's key length (see clex.generation.fixed_t)
 
     # --- θ(t) ----------------------------------------------------------------------------------------
 
@@ -254,6 +255,7 @@ class CLEXRotaryEmbedding(nn.Module):
         attention back-end of transformers (eager, sdpa, flash, flex) multiplies into q·k."""
         if not self.config.log_scale:
             return
+        kv_len = self.log_scale_length or kv_len
         factor = max(1.0, math.log(kv_len) / math.log(self.original_length))
         for attn in self.attention_modules:
             attn.scaling = attn._clex_base_scaling * factor

@@ -189,12 +189,13 @@ def test_recipes_share_one_budget():
     from clex.train_config import TrainConfig
 
     configs = {m: TrainConfig.from_file(RECIPES / f"smollm2-{m}.yaml").to_dict() for m in ("clex", "pi", "yarn")}
-    own = {"method", "clex", "out_dir"}  # the only fields a method may set differently
+    own = {"method", "clex", "clex_lr", "out_dir"}  # the only fields a method may set differently
     budget = {k: v for k, v in configs["clex"].items() if k not in own}
     for method, config in configs.items():
         assert config["method"] == method and config["out_dir"] == f"results/smollm2/{method}"
         assert {k: v for k, v in config.items() if k not in own} == budget, method
     assert budget["factor"] * 8192 == 65536 and budget["pose"] is True
+    assert configs["clex"]["clex_lr"] == 2e-5  # the ODE weights at the paper's rate, not LoRA's
 
 
 def test_pipeline_script_parses():

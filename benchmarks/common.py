@@ -25,12 +25,31 @@ SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hi
                num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True)  # fmt: skip
 
 
+#: where models and inputs live; set from --device by use_device()
+DEVICE = torch.device("cpu")
+
+
+def use_device(name: str) -> torch.device:
+    """Set the benchmark device (cpu, cuda, cuda:N); a clear error when CUDA is asked for and absent."""
+    global DEVICE
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: torch sees no CUDA device here; use --device cpu")
+    DEVICE = device
+    return device
+
+
 def llama(config: dict, seed: int = 0):
-    """A random LlamaForCausalLM of the given shape (float32, sdpa attention), from a fixed seed."""
+    """A random LlamaForCausalLM of the given shape (float32, sdpa attention), from a fixed seed, on DEVICE."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**config, attn_implementation="sdpa"))
+    return LlamaForCausalLM(LlamaConfig(**config, attn_implementation="sdpa")).to(DEVICE)
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def interleaved(fns: dict[str, Callable[[], object]], *, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -41,8 +60,10 @@ def interleaved(fns: dict[str, Callable[[], object]], *, rounds: int, warmup: in
     for r in range(warmup + rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
+            _sync()
             start = time.perf_counter()
             fns[n]()
+            _sync()  # on a GPU, time the work, not its launch
             if r >= warmup:
                 times[n].append(time.perf_counter() - start)
     return times
@@ -89,4 +110,5 @@ def parser(name: str, doc: str) -> argparse.ArgumentParser:
     """An argument parser with the common ``--out`` (default results/bench/<name>.json)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=f"results/bench/{name}.json", help="JSON output (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     return p

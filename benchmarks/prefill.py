@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import TINY, interleaved, llama, markdown_table, median, parser, summary, write_json  # noqa: E402
+import common  # noqa: E402
+from common import TINY, interleaved, llama, markdown_table, median, parser, summary, use_device, write_json  # noqa: E402
 
 import clex  # noqa: E402
 
@@ -44,10 +45,10 @@ def prefill(model, ids):
 def child(variant: str, length: int) -> None:
     """Peak resident memory (MiB) of one prefill in this fresh process, over the peak before it."""
     model = build(variant)
-    ids = torch.randint(0, TINY["vocab_size"], (1, 16))
+    ids = torch.randint(0, TINY["vocab_size"], (1, 16)).to(common.DEVICE)
     prefill(model, ids)  # the θ table is built here
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    prefill(model, torch.randint(0, TINY["vocab_size"], (1, length)))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # host memory (GPU memory is not counted)
+    prefill(model, torch.randint(0, TINY["vocab_size"], (1, length)).to(common.DEVICE))
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"peak_mib": after / 1024, "extra_peak_mib": (after - before) / 1024}))
 
@@ -60,6 +61,7 @@ def main(argv=None):
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--child", nargs=2, metavar=("VARIANT", "LENGTH"), help="internal: one peak-memory measurement")
     args = p.parse_args(argv)
+    use_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
@@ -76,12 +78,13 @@ def main(argv=None):
     results, rows = [], []
     for f in args.factors:
         ids = torch.randint(0, TINY["vocab_size"], (1, f * L), generator=torch.Generator().manual_seed(f))
+        ids = ids.to(common.DEVICE)
         times = interleaved({v: (lambda m=m: prefill(m, ids)) for v, m in models.items()}, rounds=args.rounds, warmup=2)
         base = median(times["plain"])
         for v in models:
             entry = {"factor": f, "tokens": f * L, "variant": v, **summary(times[v]), "ratio": median(times[v]) / base}
             if not args.no_memory:
-                out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--child", v, str(f * L)],
+                out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--device", args.device, "--child", v, str(f * L)],
                                      capture_output=True, text=True, check=True)  # fmt: skip
                 entry.update(json.loads(out.stdout.strip().splitlines()[-1]))
             results.append(entry)

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SMOLLM2, TINY, interleaved, llama, markdown_table, median, parser, summary, write_json  # noqa: E402
+import common  # noqa: E402
+from common import SMOLLM2, TINY, interleaved, llama, markdown_table, median, parser, summary, use_device, write_json  # noqa: E402
 
 import clex  # noqa: E402
 
@@ -41,6 +42,7 @@ def make_step(shape: dict, variant: str, seq: int, *, batch: int, max_factor: fl
         clex.apply_clex(model, clex.CLEXConfig(max_factor=max_factor, seed=seed, **VARIANTS[variant]))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, shape["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(common.DEVICE)
 
     def step():
         loss = model(input_ids=ids, labels=ids).loss
@@ -85,6 +87,7 @@ def main(argv=None):
     p.add_argument("--smollm2-rounds", type=int, default=8)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = p.parse_args(argv)
+    use_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = ["plain"] + [v for v in args.variants if v != "plain"]

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .methods import original_length
 from .patch import find_rotary
 from .rotary import CLEXRotaryEmbedding
 
@@ -123,14 +124,12 @@ def model_device(model) -> torch.device:
 
 
 def train_length_of(model: nn.Module) -> int | None:
-    """L: the CLEX rotary's original length, else the RoPE config's original length, else max positions."""
-    rot = rotary_of(model)
-    if isinstance(rot, CLEXRotaryEmbedding):
-        return rot.original_length
+    """L: :func:`clex.methods.original_length` for a RoPE model; else the config's max positions, or None."""
+    if rotary_of(model) is not None:
+        return original_length(model)
     config = getattr(model, "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    rope = getattr(config, "rope_parameters", None) or {}
-    length = rope.get("original_max_position_embeddings") or getattr(config, "max_position_embeddings", None)
+    length = getattr(config, "max_position_embeddings", None)
     return int(length) if length else None
 
 

@@ -123,6 +123,10 @@ class CLEXRotaryEmbedding(nn.Module):
         _, top_t, theta = self._table
         return torch.arange(theta.shape[0], device=theta.device) * step + 1, theta
 
+    def _wants_grad(self) -> bool:
+        """Gradients to the ODE weights are wanted: θ must be solved with a graph, not read from a cache."""
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.dynamics.parameters())
+
     def _warn_past_max(self, t: float) -> None:
         if t > self.config.max_factor and not self._warned_past_max:
             warnings.warn(
@@ -135,7 +139,7 @@ class CLEXRotaryEmbedding(nn.Module):
     def frequencies(self, t_rows: Tensor) -> Tensor:
         """θ for each row's t.  t_rows: [B] float64 -> [B, d/2] float32."""
         self._warn_past_max(float(t_rows.max()))
-        wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.dynamics.parameters())
+        wants_grad = self._wants_grad()
         uniq = sorted(set(t_rows.tolist()))
         step = self._grid_step()
         on_grid = all(abs((t - 1) / step - round((t - 1) / step)) < 1e-6 for t in uniq)
@@ -176,7 +180,7 @@ class CLEXRotaryEmbedding(nn.Module):
         skipped when gradients to the ODE weights are wanted (θ then carries a graph).
         """
         lengths = [n + 1 for n in position_ids.amax(dim=-1).tolist()]  # [B] python ints
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.dynamics.parameters()):
+        if self._wants_grad():
             t_rows = self.t_for_length(torch.tensor(lengths))
             return t_rows, self.frequencies(t_rows), float(max(lengths))
         c = self.config

@@ -47,6 +47,15 @@ def llama(config: dict, seed: int = 0):
     return LlamaForCausalLM(LlamaConfig(**config, attn_implementation="sdpa")).to(DEVICE)
 
 
+def autocast(dtype: str):
+    """The forward's precision: ``float32`` (no autocast) or ``bfloat16`` (autocast on DEVICE, as clex train)."""
+    import contextlib
+
+    if dtype not in ("float32", "bfloat16"):
+        raise SystemExit(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    return contextlib.nullcontext() if dtype == "float32" else torch.autocast(DEVICE.type, dtype=torch.bfloat16)
+
+
 def _sync() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize(DEVICE)
@@ -111,4 +120,5 @@ def parser(name: str, doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=f"results/bench/{name}.json", help="JSON output (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="forward precision (bfloat16: autocast)")
     return p

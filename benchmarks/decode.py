@@ -13,6 +13,7 @@ re-rotations that fall in the window (one per L / t_resolution tokens) are paid 
 per token of a round is its total / W; the table reports the median over rounds and its ratio to ``plain``.
 
     python benchmarks/decode.py --out results/bench/decode.json          # a few minutes on a laptop CPU
+    python benchmarks/decode.py --model smollm2 --factors 2 4 8 --device cuda --dtype bfloat16 --clock wall
 """
 
 from __future__ import annotations
@@ -38,21 +39,34 @@ VARIANTS = ("plain", "clex", "every_step", "stale")
 CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
 
 
+#: SmolLM2-135M's shape (as benchmarks/common.py), vocabulary cut to 512 (the head is not what is measured)
+SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0)  # fmt: skip
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def build_models(args) -> dict:
-    """One random tiny LLaMA (from a config, no download) and its CLEX copies, all in eval mode."""
-    config = transformers.LlamaConfig(
-        vocab_size=512, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=args.L,
-        attn_implementation="sdpa",
-    )  # fmt: skip
+    """One random LLaMA (from a config, no download) and its CLEX copies, all in eval mode, on args.device."""
+    if args.model == "smollm2":
+        shape = SMOLLM2
+    else:
+        shape = dict(hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3, num_hidden_layers=args.layers,
+                     num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=args.L)  # fmt: skip
+    config = transformers.LlamaConfig(vocab_size=512, attn_implementation="sdpa", **shape)
     torch.manual_seed(0)
-    plain = transformers.LlamaForCausalLM(config).eval()
+    dtype = getattr(torch, args.dtype)
+    plain = transformers.LlamaForCausalLM(config).eval().to(device=args.device, dtype=dtype)
     models = {"plain": plain}
     for name in VARIANTS[1:]:
         model = clex.apply_clex(copy.deepcopy(plain), max_factor=16, t_resolution=args.t_resolution)
         with torch.no_grad():  # a trained-looking ODE network
             weights = clex.get_clex_rotary(model).dynamics.ode_down_proj
-            weights.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+            noise = torch.randn(weights.shape, generator=torch.Generator().manual_seed(1)) * 0.05
+            weights.copy_(noise.to(weights.device, weights.dtype))
         if name != "stale":
             generation.enable_exact_cache(model, rerotate="every_step" if name == "every_step" else "on_change")
         models[name] = model
@@ -60,7 +74,8 @@ def build_models(args) -> dict:
 
 
 @torch.no_grad()
-def decode_round(models: dict, ids: torch.Tensor, prompt: int, window: int, order: list, clock=time.thread_time):
+def decode_round(models: dict, ids: torch.Tensor, prompt: int, window: int, order: list, clock=time.thread_time,
+                 device: torch.device = torch.device("cpu")):
     """Prefill ids[:, :prompt] in every model, then ``window`` greedy steps in lockstep: step k of every
     variant runs back to back (in ``order``), so all variants see the same machine load. -> seconds per token"""
     caches, tokens, spent = {}, {}, dict.fromkeys(models, 0.0)
@@ -70,11 +85,13 @@ def decode_round(models: dict, ids: torch.Tensor, prompt: int, window: int, orde
     for name in VARIANTS[2:]:
         caches[name], tokens[name] = copy.deepcopy(caches["clex"]), tokens["clex"]
     for k in range(window):
-        position = torch.full((ids.shape[0], 1), prompt + k)
+        position = torch.full((ids.shape[0], 1), prompt + k, device=device)
         for name in order:
+            _sync(device)
             start = clock()
             logits = models[name](tokens[name], position_ids=position, past_key_values=caches[name]).logits
             tokens[name] = logits[:, -1:].argmax(-1)
+            _sync(device)
             spent[name] += clock() - start
     return {name: s / window for name, s in spent.items()}
 
@@ -83,14 +100,15 @@ def measure(models: dict, args) -> list[dict]:
     rows = []
     for factor in args.factors:
         n = int(factor * args.L)
-        ids = torch.randint(3, 512, (args.batch, n), generator=torch.Generator().manual_seed(n))
+        ids = torch.randint(3, 512, (args.batch, n), generator=torch.Generator().manual_seed(n)).to(args.device)
         prompt = n - args.window
         times = {name: [] for name in models}
-        decode_round(models, ids, prompt, 4, list(models))  # warm-up: tables, allocator
+        decode_round(models, ids, prompt, 4, list(models), device=args.device)  # warm-up: tables, allocator
         before = {name: _rerotations(m) for name, m in models.items()}
         for r in range(args.rounds):
             order = list(models)[r % len(models) :] + list(models)[: r % len(models)]  # rotate who goes first
-            for name, seconds in decode_round(models, ids, prompt, args.window, order, CLOCKS[args.clock]).items():
+            spent = decode_round(models, ids, prompt, args.window, order, CLOCKS[args.clock], device=args.device)
+            for name, seconds in spent.items():
                 times[name].append(seconds)
         base = statistics.median(times["plain"])
         for name, ts in times.items():
@@ -116,11 +134,17 @@ def _rerotations(model) -> int:
     return hooks.rerotations if hooks is not None else 0
 
 
+def _shape_words(args) -> str:
+    if args.model == "smollm2":
+        return "SmolLM2-135M shape (30 layers, hidden 576, 9/3 heads)"
+    return f"tiny LLaMA hidden {args.hidden}, {args.layers} layers"
+
+
 def markdown(rows: list[dict], args) -> str:
     lines = [
         f"Decode, ms per token (median of {args.rounds} rounds of {args.window} steps; ratio to plain RoPE: median "
         "over rounds of the per-round ratio, variants run in lockstep); "
-        f"tiny LLaMA hidden {args.hidden}, {args.layers} layers, L = {args.L}, batch {args.batch}, "
+        f"{_shape_words(args)}, L = {args.L}, batch {args.batch}, {args.device}, {args.dtype}, "
         f"t_resolution {args.t_resolution} (t changes every {args.L / args.t_resolution:g} tokens), "
         f"{torch.get_num_threads()} thread(s), {args.clock} clock",
         "",
@@ -140,7 +164,10 @@ def markdown(rows: list[dict], args) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("results/bench/decode.json"))
-    p.add_argument("--L", type=int, default=512, help="original context length of the model")
+    p.add_argument("--model", default="tiny", choices=["tiny", "smollm2"], help="smollm2: SmolLM2-135M's shape, L = 8192")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cuda needs --clock wall)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and cache dtype")
+    p.add_argument("--L", type=int, default=512, help="original context length of the tiny model (smollm2: 8192)")
     p.add_argument("--factors", type=float, nargs="+", default=[1, 4, 8], help="context lengths, in multiples of L")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=6)
@@ -152,6 +179,13 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="torch threads (cpu clock: 1, so all work is timed)")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="cpu: thread CPU time; wall: elapsed")
     args = p.parse_args(argv)
+    if args.model == "smollm2":
+        args.L = SMOLLM2["max_position_embeddings"]
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no CUDA device here; use --device cpu")
+    if args.device.type == "cuda" and args.clock != "wall":
+        p.error("--device cuda: the GPU works asynchronously, a thread clock does not see it; use --clock wall")
     if args.clock == "cpu" and args.threads != 1:
         p.error("--clock cpu times this thread only: use --threads 1, or --clock wall")
     if args.window >= args.L * min(args.factors):
@@ -162,7 +196,8 @@ def main(argv=None) -> dict:
     table = markdown(rows, args)
     print(table)
     result = dict(
-        benchmark="decode", args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, rows=rows,
+        benchmark="decode", args={k: str(v) if isinstance(v, (Path, torch.device)) else v for k, v in vars(args).items()},
+        rows=rows,
         markdown=table, torch=torch.__version__, transformers=transformers.__version__,
         python=platform.python_version(),
         machine=platform.machine(), processor=platform.processor(), command=" ".join(sys.argv),

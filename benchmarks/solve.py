@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved, markdown_table, median, parser, summary, write_json  # noqa: E402
+from common import interleaved, markdown_table, median, parser, summary, use_device, write_json  # noqa: E402
 
 from clex.equations import residual_rhs  # noqa: E402
 from clex.solve import fine_grid, solve_log_freqs  # noqa: E402
@@ -62,7 +62,7 @@ def adjoint_solve(inv0, up, down, t, *, act, dt=0.25):
 
     log0 = torch.log(inv0)
     func = partial(residual_rhs, log_inv_freq0=log0, w_up=up, w_down=down, act=act, prior_base=1e4)
-    span = torch.tensor([1.0, t], dtype=inv0.dtype)
+    span = torch.tensor([1.0, t], dtype=inv0.dtype, device=inv0.device)
     z = odeint_adjoint(lambda s, y: func(s, y), torch.zeros_like(log0), span, method="rk4",
                        options=dict(step_size=dt), adjoint_params=(up, down))[-1]  # fmt: skip
     return log0 + ntk_log_shift(t, 2 * inv0.numel(), dtype=inv0.dtype) + z
@@ -92,11 +92,12 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per t (each variant once a round)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = p.parse_args(argv)
+    dev = use_device(args.device)
 
     d = args.dim
-    inv0 = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    up, down = trained_like(d)
-    w = torch.randn(d // 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    inv0 = (1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))).to(dev)
+    up, down = (x.to(dev) for x in trained_like(d))
+    w = torch.randn(d // 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dev)
     results, rows = [], []
     for t in args.times:
         # references (float64): θ by a fine solve, gradients by the reference's own computation
@@ -138,7 +139,7 @@ def main(argv=None):
         print(f"t={t:g} done", file=sys.stderr, flush=True)
 
     table = markdown_table(["t", "variant", "steps", "θ rel err", "grad rel err", "fwd ms", "fwd+bwd ms", "vs reference"], rows)
-    print(f"ODE solve alone, d={d}, act={args.act}, medians of {args.rounds} interleaved rounds\n\n{table}")
+    print(f"ODE solve alone, d={d}, act={args.act}, {dev}, medians of {args.rounds} interleaved rounds\n\n{table}")
     write_json(args.out, {"benchmark": "solve", "args": vars(args), "results": results, "table": table})
 
 

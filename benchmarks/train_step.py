@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import SMOLLM2, TINY, interleaved, llama, markdown_table, median, parser, summary, use_device, write_json  # noqa: E402
+from common import SMOLLM2, TINY, autocast, interleaved, llama, markdown_table, median, parser, summary, use_device, write_json  # noqa: E402
 
 import clex  # noqa: E402
 
@@ -35,7 +35,7 @@ VARIANTS = {
 }
 
 
-def make_step(shape: dict, variant: str, seq: int, *, batch: int, max_factor: float, seed: int = 0):
+def make_step(shape: dict, variant: str, seq: int, *, batch: int, max_factor: float, dtype: str = "float32", seed: int = 0):
     """A closure doing one training step of a fresh model (same init for every variant)."""
     model = llama(shape, seed=seed).train()
     if VARIANTS[variant] is not None:
@@ -45,7 +45,8 @@ def make_step(shape: dict, variant: str, seq: int, *, batch: int, max_factor: fl
     ids = ids.to(common.DEVICE)
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
+        with autocast(dtype):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -54,14 +55,15 @@ def make_step(shape: dict, variant: str, seq: int, *, batch: int, max_factor: fl
     return step, rotary
 
 
-def run(name: str, shape: dict, seq: int, *, batch: int, rounds: int, warmup: int, max_factor: float, variants):
+def run(name: str, shape: dict, seq: int, *, batch: int, rounds: int, warmup: int, max_factor: float, variants,
+        dtype: str = "float32"):
     steps, rotaries = {}, {}
     for v in variants:
-        steps[v], rotaries[v] = make_step(shape, v, seq, batch=batch, max_factor=max_factor)
+        steps[v], rotaries[v] = make_step(shape, v, seq, batch=batch, max_factor=max_factor, dtype=dtype)
     times = interleaved(steps, rounds=rounds, warmup=warmup)
     ts = [r.last_t[0].item() for r in rotaries.values() if r is not None][:1]
     base = times["plain"]
-    out = {"model": name, "seq": seq, "batch": batch, "rounds": rounds, "variants": {}}
+    out = {"model": name, "seq": seq, "batch": batch, "rounds": rounds, "dtype": dtype, "variants": {}}
     for v in variants:
         paired = [a / b for a, b in zip(times[v], base)]  # per round: this variant / plain
         out["variants"][v] = {
@@ -98,7 +100,7 @@ def main(argv=None):
     results, rows = [], []
     for name, shape, seq, rounds in jobs:
         r = run(name, shape, seq, batch=args.batch, rounds=rounds, warmup=args.warmup,
-                max_factor=args.max_factor, variants=variants)  # fmt: skip
+                max_factor=args.max_factor, variants=variants, dtype=args.dtype)  # fmt: skip
         results.append(r)
         for v, s in r["variants"].items():
             rows.append([name, seq, v, s["median_s"] * 1e3, s["mean_s"] * 1e3, f"{s['ratio_of_medians']:.3f}x",
@@ -106,7 +108,7 @@ def main(argv=None):
         print(f"{name} seq {seq} done", file=sys.stderr, flush=True)
     table = markdown_table(["model", "seq", "variant", "median ms", "mean ms", "median / plain", "mean / plain",
                             "median of paired ratios"], rows)  # fmt: skip
-    print(f"Training step (forward + backward + AdamW), batch {args.batch}, threads {torch.get_num_threads()}, "
+    print(f"Training step (forward + backward + AdamW), {args.device}, {args.dtype}, batch {args.batch}, threads {torch.get_num_threads()}, "
           f"t ~ Uniform{{1..{args.max_factor:g}}}, interleaved rounds\n\n{table}")  # fmt: skip
     write_json(args.out, {"benchmark": "train_step", "args": vars(args), "results": results, "table": table})
 

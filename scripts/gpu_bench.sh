@@ -8,17 +8,17 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/bench-gpu}
 mkdir -p "$OUT"
-run() {  # run NAME CMD...: one benchmark, its own time limit; a failure is logged and the next one runs
-  local name=$1; shift
+run() {  # run NAME SECONDS CMD...: one benchmark under its own time limit; a failure is logged, the next one runs
+  local name=$1 limit=$2; shift 2
   echo "== $name: $*"
-  timeout "${LIMIT:-200}" "$@" > "$OUT/$name.md" 2> "$OUT/$name.err" || echo "== $name failed: $(tail -3 "$OUT/$name.err")"
+  timeout "$limit" "$@" > "$OUT/$name.md" 2>&1 || echo "== $name failed or timed out (limit $limit s)"
   cat "$OUT/$name.md"
 }
-run solve python benchmarks/solve.py --device cuda --times 2 8 16 --rounds 3 \
+run solve 80 python benchmarks/solve.py --device cuda --times 2 8 16 --rounds 3 \
   --variants reference "rk4 graded" "fused graded" --out "$OUT/solve.json"
-run train_step python benchmarks/train_step.py --device cuda --dtype bfloat16 --threads 0 --seq --smollm2 \
+run train_step 200 python benchmarks/train_step.py --device cuda --dtype bfloat16 --threads 0 --seq --smollm2 \
   --smollm2-seq 2048 4096 8192 16384 --smollm2-rounds 10 --out "$OUT/train_step.json"
-run prefill python benchmarks/prefill.py --device cuda --dtype bfloat16 --threads 0 --model smollm2 \
+run prefill 110 python benchmarks/prefill.py --device cuda --dtype bfloat16 --threads 0 --model smollm2 \
   --tokens 2048 4096 8192 16384 --rounds 10 --no-memory --out "$OUT/prefill.json"
-run decode python benchmarks/decode.py --device cuda --dtype bfloat16 --clock wall --threads 4 --model smollm2 \
+run decode 150 python benchmarks/decode.py --device cuda --dtype bfloat16 --clock wall --threads 4 --model smollm2 \
   --factors 2 4 8 --rounds 6 --out "$OUT/decode.json"

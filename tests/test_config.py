@@ -20,6 +20,7 @@ from clex import CLEXConfig
         ("train_t", "normal", "train_t must be one of 'integer', 'uniform', 'log-uniform'"),
         ("position_sampler", "skip", "position_sampler must be one of 'random', 'pose'"),
         ("position_span", "all", "position_span must be one of 'sequence', 'original'"),
+        ("solve_device", "gpu", "solve_device must be one of 'cpu', 'model', got 'gpu'"),
         ("inference_t", "ceil", "inference_t must be one of 'continuous', 'integer', 'fixed'"),
         ("t_resolution", -1, "t_resolution must be an integer >= 0"),
         ("prior_base", 1, "prior_base must be a number > 1"),

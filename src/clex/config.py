@@ -22,6 +22,8 @@ SOLVER_METHODS = ("rk4", "rk4-fused", "euler", "midpoint", "explicit_adams", "do
 FORMULATIONS = ("residual", "reference")
 #: What training positions span: n·t (the paper) or max(n, L)·t.
 POSITION_SPANS = ("sequence", "original")
+#: Where the ODE is solved when the model is on an accelerator (see CLEXConfig.solve_device).
+SOLVE_DEVICES = ("cpu", "model")
 #: Inference t policies: the registry in :mod:`clex.sampling` plus ``fixed`` (t set once, e.g. for generation).
 INFERENCE_POLICIES = (*INFERENCE_T, "fixed")
 
@@ -43,6 +45,8 @@ class CLEXConfig:
     formulation: str = "residual"  # see FORMULATIONS
     rtol: float = 1e-7  # adaptive solvers only
     atol: float = 1e-9  # adaptive solvers only
+    solve_device: str = "cpu"  # where a training step's ODE solve runs: cpu (the d/2-wide solve is a few hundred
+                               # tiny kernels on a GPU, launch-bound) or model (the ODE weights' own device)
 
     # --- training: what one step draws ---
     train_t: str = "integer"  # t sampler: integer (paper), uniform, log-uniform
@@ -95,6 +99,7 @@ class CLEXConfig:
         choice("train_t", tuple(T_SAMPLERS))
         choice("position_sampler", tuple(POSITION_SAMPLERS))
         choice("position_span", POSITION_SPANS)
+        choice("solve_device", SOLVE_DEVICES)
         choice("inference_t", INFERENCE_POLICIES)
         if self.prior_base is not None:
             number("prior_base", lambda v: v > 1, "a number > 1, or None for the model's rope_theta")

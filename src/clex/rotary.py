@@ -88,12 +88,15 @@ class CLEXRotaryEmbedding(nn.Module):
     def solve(self, times: list[float]) -> Tensor:
         """θ(t) for sorted ``times`` (>= 1), [len(times), d/2] float32, differentiable in the ODE weights."""
         c = self.config
-        with torch.autocast(self.inv_freq.device.type, enabled=False):  # float32, whatever autocast says
+        device = self.inv_freq.device
+        here = torch.device("cpu") if c.solve_device == "cpu" else device  # copies below are differentiable
+        with torch.autocast(device.type, enabled=False):  # float32, whatever autocast says
             x = solve_log_freqs(
-                self.inv_freq.float(), self.dynamics.ode_up_proj.float(), self.dynamics.ode_down_proj.float(),
-                times, act=c.act, prior_base=self.prior_base, method=c.method, time_dt=c.time_dt,
-                formulation=c.formulation, rtol=c.rtol, atol=c.atol, log_dt=c.log_dt,
-            )  # fmt: skip
+                self.inv_freq.float().to(here), self.dynamics.ode_up_proj.float().to(here),
+                self.dynamics.ode_down_proj.float().to(here), times, act=c.act, prior_base=self.prior_base,
+                method=c.method, time_dt=c.time_dt, formulation=c.formulation, rtol=c.rtol, atol=c.atol,
+                log_dt=c.log_dt,
+            ).to(device)  # fmt: skip
         ones = sum(1 for t in times if t == 1.0)  # θ(1) is θ⁰ exactly, not exp(log θ⁰)
         return torch.cat([self.inv_freq.expand(ones, -1), torch.exp(x[ones:])])
 
@@ -238,7 +241,7 @@ class CLEXRotaryEmbedding(nn.Module):
                 theta = self.solve([1.0, t])[1]
             theta = theta.unsqueeze(0).expand(batch, -1)  # [B, d/2]
             self.last_t = torch.full((batch,), t, dtype=torch.float64)
-            kv_len = float(positions.max()) + 1
+            kv_len = float(pos.max()) + 1  # from the host copy: no device sync
         else:
             positions = position_ids.float()
             t_rows, theta, kv_len = self._inference_frequencies(position_ids)

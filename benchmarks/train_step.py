@@ -6,7 +6,9 @@ CLEX with our defaults, measured side by side (interleaved rounds), as ratios to
 - plain      the model with its own RoPE
 - reference  CLEX, rk4 at uniform steps of 0.01 on the full right-hand side (torchdiffeq, float32),
              backpropagation through every step: the authors' computation
-- ours       CLEX with CLEXConfig's defaults (rk4-fused on the graded grid, see clex.solve)
+- ours       CLEX with CLEXConfig's defaults (rk4-fused on the graded grid, see clex.solve; the solve on the
+             host, solve_device="cpu")
+- ours-solve-on-model-device   the same with solve_device="model" (on a GPU: the solve's kernels on the GPU)
 
 Both CLEX variants draw the same t in {1, ..., max_factor} (and positions) each round, from the same seed.
 Models: the tiny demo-sized LLaMA (benchmarks/common.py: TINY, L = 128) and, with --smollm2, SmolLM2-135M's
@@ -32,6 +34,7 @@ VARIANTS = {
     "plain": None,
     "reference": dict(method="rk4", time_dt=0.01, log_dt=None, formulation="reference"),
     "ours": {},
+    "ours-solve-on-model-device": dict(solve_device="model"),
 }
 
 
@@ -87,7 +90,7 @@ def main(argv=None):
     p.add_argument("--smollm2", action="store_true", help="also the SmolLM2-135M-sized model (slow on a CPU)")
     p.add_argument("--smollm2-seq", type=int, nargs="+", default=[1024])
     p.add_argument("--smollm2-rounds", type=int, default=8)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=["plain", "reference", "ours"], choices=list(VARIANTS))
     args = p.parse_args(argv)
     use_device(args.device)
     if args.threads:

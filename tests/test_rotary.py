@@ -9,6 +9,7 @@ import torch
 import clex
 from clex.equations import ntk_inv_freq
 from clex.sampling import POSITION_SAMPLERS, T_SAMPLERS, step_generator
+from conftest import tiny_model
 
 
 def rotary(**kw):
@@ -150,3 +151,21 @@ def test_short_rows_can_span_the_original_length():
     paper = rotary(max_factor=4, seed=2).train()
     t, pos = paper.draw(8)
     assert pos[-1] == math.ceil(8 * t) - 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_solve_device_cpu_equals_model_device_on_cuda():
+    """On a GPU, solve_device="cpu" (the default) gives the θ and the ODE-weight gradients of a solve on the GPU."""
+    results = {}
+    for where in ("cpu", "model"):
+        model = clex.apply_clex(tiny_model("llama"), max_factor=16, solve_device=where).cuda()
+        rotary = clex.get_clex_rotary(model)
+        with torch.no_grad():
+            rotary.dynamics.ode_down_proj.copy_(torch.randn(rotary.dynamics.ode_down_proj.shape,
+                                                            generator=torch.Generator().manual_seed(0)) * 0.05)
+        theta = rotary.solve([1.0, 3.0, 11.5])
+        assert theta.device.type == "cuda"
+        theta.pow(2).sum().backward()
+        results[where] = (theta.detach().cpu(), rotary.dynamics.ode_up_proj.grad.cpu())
+    torch.testing.assert_close(results["cpu"][0], results["model"][0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(results["cpu"][1], results["model"][1], rtol=1e-5, atol=1e-9)

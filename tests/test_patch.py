@@ -81,3 +81,14 @@ def test_applying_twice_is_refused():
 def test_the_clex_rotary_is_required_where_expected():
     with pytest.raises(ValueError, match="call clex.apply_clex"):
         clex.get_clex_rotary(tiny_model("llama"))
+
+
+def test_transformers_validates_clex_rope_parameters_with_our_errors():
+    """transformers looks up a validation function by rope_type; ours is registered: a good entry passes
+    silently (no "Missing validation function" log), a bad field fails with its name and allowed values."""
+    import transformers
+
+    good = transformers.LlamaConfig(rope_parameters={"rope_type": "clex", "rope_theta": 1e4, "max_factor": 8})
+    assert good.rope_parameters["max_factor"] == 8
+    with pytest.raises(Exception, match="CLEXConfig.max_factor must be a number >= 1, got 0"):
+        transformers.LlamaConfig(rope_parameters={"rope_type": "clex", "rope_theta": 1e4, "max_factor": 0})

@@ -143,8 +143,28 @@ class CLEXForCausalLM:
 '''
 
 
+def _validate_clex_rope_parameters(hf_config, rope_parameters: dict, ignore_keys=None) -> None:
+    """transformers' check of a ``rope_parameters`` entry of type "clex" (it looks the method up by name on its
+    config mixin): CLEXConfig's own, so a bad field fails with its name and the allowed values."""
+    split_rope_parameters(rope_parameters)
+
+
+def register_rope_validation() -> None:
+    """Teach transformers' configs to validate rope_type "clex" (otherwise it logs "Missing validation
+    function ... 'clex'" on every load and save). Idempotent; a no-op where transformers has no such mixin."""
+    try:
+        from transformers.modeling_rope_utils import RotaryEmbeddingConfigMixin
+    except ImportError:  # an older transformers: it validates nothing by name
+        return
+    if not hasattr(RotaryEmbeddingConfigMixin, "_validate_clex_rope_parameters"):
+        RotaryEmbeddingConfigMixin._validate_clex_rope_parameters = _validate_clex_rope_parameters
+
+
 def split_rope_parameters(rope_parameters: dict) -> tuple[CLEXConfig, dict]:
     """A saved ``rope_parameters`` of type "clex" -> (CLEXConfig, the plain-RoPE parameters underneath)."""
     clex = {k: v for k, v in rope_parameters.items() if k in CLEX_KEYS and k != "rope_type"}
     plain = {k: v for k, v in rope_parameters.items() if k not in CLEX_KEYS}
     return CLEXConfig.from_dict(clex), {**plain, "rope_type": "default"}
+
+
+register_rope_validation()

@@ -10,6 +10,7 @@
 # Knobs (environment; defaults by PROFILE, which is "gpu" when torch sees CUDA, else "cpu"):
 #   OUT, METHODS ("clex pi yarn"), SEQ_LEN, BATCH, STEPS, DTYPE (training: float32 | bfloat16),
 #   DEVICE (evaluation: cpu | cuda), EVAL_DTYPE, PPL_LENGTHS, PPL_DOCS (held-out plays per length),
+#   PPL_LONG_LENGTHS + PPL_LONG_DOCS (lengths measured on fewer documents: a 32k CPU forward takes ~6 min),
 #   PASSKEY_LENGTHS, PASSKEY_DEPTHS, PASSKEY_TRIALS, EXTRA (more key=value overrides for every training run).
 #
 # Expected wall time on the dev machine's 2 CPU cores (float32; measured with other jobs sharing the cores,
@@ -18,7 +19,7 @@
 #   train     ~20-60 s a step (2 x 1024 tokens, LoRA, gradient checkpointing): 150 steps ~50 min per method
 #             when the cores are free, ~2.5 h for the three methods
 #   ppl       one model, 2 documents: 4k ~1 min, 8k ~3 min, 16k ~4 min (a 16k forward takes ~105 s),
-#             32k ~12 min (~6 min a forward): ~20 min a model, ~80 min for base + 3 methods
+#             32k ~6 min a forward (PPL_LONG_DOCS=1 document): ~12 min a model, ~50 min for base + 3 methods
 #   passkey   one model, 3 depths x 1 trial: 8k ~3 min, 16k ~5 min, 32k ~18 min: ~25 min a model, ~100 min
 # On a GPU (PROFILE=gpu) the same script trains on rows of L = 8192 tokens (so CLEX's extrapolated positions
 # span L·t exactly), batch 4, 400 steps, bfloat16, and evaluates on cuda with 10 passkey trials a cell and
@@ -30,12 +31,14 @@ PROFILE=${PROFILE:-$(python -c 'import torch; print("gpu" if torch.cuda.is_avail
 if [ "$PROFILE" = gpu ]; then
   : "${SEQ_LEN:=8192}" "${BATCH:=4}" "${STEPS:=400}" "${DTYPE:=bfloat16}" "${DEVICE:=cuda}"
   : "${PPL_DOCS:=4}" "${PASSKEY_TRIALS:=10}" "${PASSKEY_DEPTHS:=0,0.25,0.5,0.75,1}"
+  : "${PPL_LENGTHS:=4096,8192,16384,32768}" "${PPL_LONG_LENGTHS:=}" "${PPL_LONG_DOCS:=4}"
 else
   : "${SEQ_LEN:=1024}" "${BATCH:=2}" "${STEPS:=150}" "${DTYPE:=float32}" "${DEVICE:=cpu}"
   : "${PPL_DOCS:=2}" "${PASSKEY_TRIALS:=1}" "${PASSKEY_DEPTHS:=0.1,0.5,0.9}"
+  : "${PPL_LENGTHS:=4096,8192,16384}" "${PPL_LONG_LENGTHS:=32768}" "${PPL_LONG_DOCS:=1}"
 fi
 : "${OUT:=results/smollm2}" "${METHODS:=clex pi yarn}" "${EVAL_DTYPE:=float32}" "${EXTRA:=}"
-: "${PPL_LENGTHS:=4096,8192,16384,32768}" "${PASSKEY_LENGTHS:=8192,16384,32768}"
+: "${PASSKEY_LENGTHS:=8192,16384,32768}"
 mkdir -p "$OUT/eval"
 TIMES="$OUT/timings.tsv"
 [ -f "$TIMES" ] || printf 'step\tseconds\tstatus\tfinished_utc\n' > "$TIMES"
@@ -76,6 +79,9 @@ for spec in "${MODELS[@]}"; do
   [ -f "$OUT/eval/ppl_$name.json" ] || timed "ppl $name" python -m clex.cli eval ppl --models "$spec" \
     --lengths "$PPL_LENGTHS" --max-documents "$PPL_DOCS" --protocol chunked --device "$DEVICE" \
     --dtype "$EVAL_DTYPE" --out-dir "$OUT/eval" --name "ppl_$name" --no-plot
+  [ -z "$PPL_LONG_LENGTHS" ] || [ -f "$OUT/eval/ppl-long_$name.json" ] || timed "ppl-long $name" python -m clex.cli \
+    eval ppl --models "$spec" --lengths "$PPL_LONG_LENGTHS" --max-documents "$PPL_LONG_DOCS" --protocol chunked \
+    --device "$DEVICE" --dtype "$EVAL_DTYPE" --out-dir "$OUT/eval" --name "ppl-long_$name" --no-plot
   [ -f "$OUT/eval/passkey_$name.json" ] || timed "passkey $name" python -m clex.cli eval passkey \
     --models "$spec" --lengths "$PASSKEY_LENGTHS" --depths "$PASSKEY_DEPTHS" --trials "$PASSKEY_TRIALS" \
     --device "$DEVICE" --dtype "$EVAL_DTYPE" --out-dir "$OUT/eval" --name "passkey_$name" --no-plot
@@ -93,6 +99,10 @@ out, names = Path(sys.argv[1]), sys.argv[2:]
 for task, plot in (("ppl", plot_ppl), ("passkey", plot_retrieval)):
     parts = [json.loads((out / "eval" / f"{task}_{n}.json").read_text()) for n in names]
     payload = {**parts[0], "models": {k: v for p in parts for k, v in p["models"].items()}}
+    for n in names if task == "ppl" else ():  # the long lengths, measured on fewer documents
+        long = out / "eval" / f"ppl-long_{n}.json"
+        for k, v in (json.loads(long.read_text())["models"] if long.is_file() else {}).items():
+            payload["models"][k]["results"].update(v["results"])
     if task == "ppl":
         rows = [{"model": m, "L": v["train_length"], **{str(n): f"{r['ppl']:.2f}" for n, r in v["results"].items()}}
                 for m, v in payload["models"].items()]

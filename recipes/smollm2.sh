@@ -13,14 +13,13 @@
 #   PPL_LONG_LENGTHS + PPL_LONG_DOCS (lengths measured on fewer documents: a 32k CPU forward takes ~6 min),
 #   PASSKEY_LENGTHS, PASSKEY_DEPTHS, PASSKEY_TRIALS, EXTRA (more key=value overrides for every training run).
 #
-# Expected wall time on the dev machine's 2 CPU cores (float32; measured with other jobs sharing the cores,
-# so take these as lower bounds of a busy machine and upper bounds of an idle one):
+# Wall time measured on the dev machine's 2 CPU cores (float32, 2026-11-23; reports/smollm2-cpu/timings.tsv):
 #   convert   ~30 s the first time (dequantise the Q4_1 GGUF, save 538 MB float32), then 0 s (cached)
-#   train     ~20-60 s a step (2 x 1024 tokens, LoRA, gradient checkpointing): 150 steps ~50 min per method
-#             when the cores are free, ~2.5 h for the three methods
-#   ppl       one model, 2 documents: 4k ~1 min, 8k ~3 min, 16k ~4 min (a 16k forward takes ~105 s),
-#             32k ~6 min a forward (PPL_LONG_DOCS=1 document): ~12 min a model, ~50 min for base + 3 methods
-#   passkey   one model, 3 depths x 1 trial: 8k ~3 min, 16k ~5 min, 32k ~18 min: ~25 min a model, ~100 min
+#   train     ~10-11 s a step (2 x 1024 tokens, LoRA, gradient checkpointing): 80 steps 15-16 min a method,
+#             the default 150 steps ~27 min a method
+#   ppl       one model, 2 documents at 4k/8k/16k: ~4 min; 32k on PPL_LONG_DOCS=1 document: ~5 min
+#   passkey   one model, 3 depths x 1 trial at 8k and 16k: ~4.3 min; each 32k trial ~3.8 min more
+# The README's run (STEPS=80, PASSKEY_LENGTHS=8192,16384, then one 32k passkey each): ~2 h in all.
 # On a GPU (PROFILE=gpu) the same script trains on rows of L = 8192 tokens (so CLEX's extrapolated positions
 # span L·t exactly), batch 4, 400 steps, bfloat16, and evaluates on cuda with 10 passkey trials a cell and
 # every held-out play: minutes, not hours, on one H100.

@@ -38,11 +38,16 @@ VARIANTS = {
 }
 
 
-def make_step(shape: dict, variant: str, seq: int, *, batch: int, max_factor: float, dtype: str = "float32", seed: int = 0):
-    """A closure doing one training step of a fresh model (same init for every variant)."""
+def make_step(shape: dict, variant: str, seq: int, *, batch: int, max_factor: float, dtype: str = "float32",
+              seed: int = 0, compile_layers: bool = False):
+    """A closure doing one training step of a fresh model (same init for every variant). compile_layers:
+    torch.compile each decoder layer (the rotary module, with its per-step t draw, stays eager)."""
     model = llama(shape, seed=seed).train()
     if VARIANTS[variant] is not None:
         clex.apply_clex(model, clex.CLEXConfig(max_factor=max_factor, seed=seed, **VARIANTS[variant]))
+    if compile_layers:
+        for layer in model.model.layers:
+            layer.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, shape["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seed))
     ids = ids.to(common.DEVICE)
@@ -59,14 +64,16 @@ def make_step(shape: dict, variant: str, seq: int, *, batch: int, max_factor: fl
 
 
 def run(name: str, shape: dict, seq: int, *, batch: int, rounds: int, warmup: int, max_factor: float, variants,
-        dtype: str = "float32"):
+        dtype: str = "float32", compile_layers: bool = False):
     steps, rotaries = {}, {}
     for v in variants:
-        steps[v], rotaries[v] = make_step(shape, v, seq, batch=batch, max_factor=max_factor, dtype=dtype)
+        steps[v], rotaries[v] = make_step(shape, v, seq, batch=batch, max_factor=max_factor, dtype=dtype,
+                                          compile_layers=compile_layers)
     times = interleaved(steps, rounds=rounds, warmup=warmup)
     ts = [r.last_t[0].item() for r in rotaries.values() if r is not None][:1]
     base = times["plain"]
-    out = {"model": name, "seq": seq, "batch": batch, "rounds": rounds, "dtype": dtype, "variants": {}}
+    out = {"model": name, "seq": seq, "batch": batch, "rounds": rounds, "dtype": dtype, "compiled": compile_layers,
+           "variants": {}}
     for v in variants:
         paired = [a / b for a, b in zip(times[v], base)]  # per round: this variant / plain
         out["variants"][v] = {
@@ -91,6 +98,7 @@ def main(argv=None):
     p.add_argument("--smollm2-seq", type=int, nargs="+", default=[1024])
     p.add_argument("--smollm2-rounds", type=int, default=8)
     p.add_argument("--variants", nargs="+", default=["plain", "reference", "ours"], choices=list(VARIANTS))
+    p.add_argument("--compile", action="store_true", help="torch.compile every decoder layer (all variants)")
     args = p.parse_args(argv)
     use_device(args.device)
     if args.threads:
@@ -103,7 +111,7 @@ def main(argv=None):
     results, rows = [], []
     for name, shape, seq, rounds in jobs:
         r = run(name, shape, seq, batch=args.batch, rounds=rounds, warmup=args.warmup,
-                max_factor=args.max_factor, variants=variants, dtype=args.dtype)  # fmt: skip
+                max_factor=args.max_factor, variants=variants, dtype=args.dtype, compile_layers=args.compile)  # fmt: skip
         results.append(r)
         for v, s in r["variants"].items():
             rows.append([name, seq, v, s["median_s"] * 1e3, s["mean_s"] * 1e3, f"{s['ratio_of_medians']:.3f}x",
@@ -111,7 +119,7 @@ def main(argv=None):
         print(f"{name} seq {seq} done", file=sys.stderr, flush=True)
     table = markdown_table(["model", "seq", "variant", "median ms", "mean ms", "median / plain", "mean / plain",
                             "median of paired ratios"], rows)  # fmt: skip
-    print(f"Training step (forward + backward + AdamW), {args.device}, {args.dtype}, batch {args.batch}, threads {torch.get_num_threads()}, "
+    print(f"Training step (forward + backward + AdamW), {args.device}, {args.dtype}, {'compiled layers, ' * args.compile}batch {args.batch}, threads {torch.get_num_threads()}, "
           f"t ~ Uniform{{1..{args.max_factor:g}}}, interleaved rounds\n\n{table}")  # fmt: skip
     write_json(args.out, {"benchmark": "train_step", "args": vars(args), "results": results, "table": table})
 

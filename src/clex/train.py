@@ -249,7 +249,10 @@ def run(config: TrainConfig) -> Path:
                 loss = model(**inputs).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    # FSDP: accelerate clips through the wrapped model only when handed its parameters (a
+                    # list captured before sharding fails its comparison); frozen ones have no gradient
+                    clipped = model.parameters() if accelerator.distributed_type == "FSDP" else params
+                    accelerator.clip_grad_norm_(clipped, config.max_grad_norm)
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()

@@ -205,6 +205,7 @@ def run(config: TrainConfig) -> Path:
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.weight_decay)  # fmt: skip
     _deepspeed_fill(accelerator, config)
+    sizes = count_parameters(model), sum(p.numel() for p in params)  # counted before FSDP/ZeRO-3 shard them
     model, optimizer = accelerator.prepare(model, optimizer)
     # made on the prepared optimizer (DeepSpeed may swap in its own); stepped by us once per optimizer step
     scheduler = lr_schedule(optimizer, config.schedule, warmup=math.ceil(config.warmup_ratio * config.steps), steps=config.steps)
@@ -224,8 +225,8 @@ def run(config: TrainConfig) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         config.write_yaml(out_dir / "config.yaml")
         _trim_log(log_file, state["step"]) if ckpt is not None else log_file.write_text("")
-        print(f"clex train: {config.model} ({count_parameters(model) / 1e6:.2f}M parameters, "
-              f"{sum(p.numel() for p in params) / 1e6:.3f}M trained), method {config.method}"
+        print(f"clex train: {config.model} ({sizes[0] / 1e6:.2f}M parameters, "
+              f"{sizes[1] / 1e6:.3f}M trained), method {config.method}"
               f"{' + pose' if config.pose else ''}, L0 {length0}, factor {config.factor:g}, {rows.shape[0]} rows of "
               f"{config.seq_len}, {world} process(es)" + (f"; resumed from {ckpt.name}" if ckpt else ""), flush=True)  # fmt: skip
     if config.tensorboard:

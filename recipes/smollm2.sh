@@ -5,7 +5,7 @@
 #
 #   bash recipes/smollm2.sh                                              # everything; finished steps are skipped
 #   nohup bash recipes/smollm2.sh > results/smollm2.log 2>&1 &           # the CPU run takes hours: background it
-#   STEPS=2 PPL_LENGTHS=1024 PASSKEY_LENGTHS=1024 OUT=/tmp/smoke bash recipes/smollm2.sh   # a smoke run
+#   STEPS=2 PPL_LENGTHS=1024 PPL_LONG_LENGTHS=2048 PASSKEY_LENGTHS=1024 OUT=/tmp/smoke bash recipes/smollm2.sh  # smoke run
 #
 # Knobs (environment; defaults by PROFILE, which is "gpu" when torch sees CUDA, else "cpu"):
 #   OUT, METHODS ("clex pi yarn"), SEQ_LEN, BATCH, STEPS, DTYPE (training: float32 | bfloat16),
@@ -34,7 +34,7 @@ if [ "$PROFILE" = gpu ]; then
 else
   : "${SEQ_LEN:=1024}" "${BATCH:=2}" "${STEPS:=150}" "${DTYPE:=float32}" "${DEVICE:=cpu}"
   : "${PPL_DOCS:=2}" "${PASSKEY_TRIALS:=1}" "${PASSKEY_DEPTHS:=0.1,0.5,0.9}"
-  : "${PPL_LENGTHS:=4096,8192,16384}" "${PPL_LONG_LENGTHS:=32768}" "${PPL_LONG_DOCS:=1}"
+  : "${PPL_LENGTHS:=4096,8192,16384}" "${PPL_LONG_LENGTHS=32768}" "${PPL_LONG_DOCS:=1}"  # PPL_LONG_LENGTHS= : none
 fi
 : "${OUT:=results/smollm2}" "${METHODS:=clex pi yarn}" "${EVAL_DTYPE:=float32}" "${EXTRA:=}"
 : "${PASSKEY_LENGTHS:=8192,16384,32768}"

@@ -197,7 +197,6 @@ def run(config: TrainConfig) -> Path:
         model.config.use_cache = False
     model.train()
     model, groups = _select_trainable(model, config)
-    params = [p for g in groups for p in g["params"]]
     rows, eval_rows = prepare_data(config.data, tokenizer, config.seq_len, held_out=config.held_out, seed=config.seed,
                                    text_field=config.text_field)  # fmt: skip
 
@@ -205,7 +204,7 @@ def run(config: TrainConfig) -> Path:
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.weight_decay)  # fmt: skip
     _deepspeed_fill(accelerator, config)
-    sizes = count_parameters(model), sum(p.numel() for p in params)  # counted before FSDP/ZeRO-3 shard them
+    sizes = count_parameters(model), sum(p.numel() for g in groups for p in g["params"])  # before FSDP/ZeRO-3 shard
     model, optimizer = accelerator.prepare(model, optimizer)
     # made on the prepared optimizer (DeepSpeed may swap in its own); stepped by us once per optimizer step
     scheduler = lr_schedule(optimizer, config.schedule, warmup=math.ceil(config.warmup_ratio * config.steps), steps=config.steps)
@@ -250,10 +249,9 @@ def run(config: TrainConfig) -> Path:
                 loss = model(**inputs).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    # FSDP: accelerate clips through the wrapped model only when handed its parameters (a
-                    # list captured before sharding fails its comparison); frozen ones have no gradient
-                    clipped = model.parameters() if accelerator.distributed_type == "FSDP" else params
-                    accelerator.clip_grad_norm_(clipped, config.max_grad_norm)
+                    # the wrapped model's parameters (frozen ones have no gradient, so the norm is the trained
+                    # ones'): under FSDP accelerate clips through the model only when handed exactly these
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()

@@ -56,7 +56,7 @@ def autocast(dtype: str):
     return contextlib.nullcontext() if dtype == "float32" else torch.autocast(DEVICE.type, dtype=torch.bfloat16)
 
 
-def _sync() -> None:
+def sync() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize(DEVICE)
 
@@ -69,10 +69,10 @@ def interleaved(fns: dict[str, Callable[[], object]], *, rounds: int, warmup: in
     for r in range(warmup + rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
-            _sync()
+            sync()
             start = time.perf_counter()
             fns[n]()
-            _sync()  # on a GPU, time the work, not its launch
+            sync()  # on a GPU, time the work, not its launch
             if r >= warmup:
                 times[n].append(time.perf_counter() - start)
     return times

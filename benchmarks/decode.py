@@ -30,8 +30,11 @@ from pathlib import Path
 import torch
 import transformers
 
-import clex
-from clex import generation
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import clex  # noqa: E402
+from clex import generation  # noqa: E402
 
 VARIANTS = ("plain", "clex", "every_step", "stale")
 #: thread CPU time (default) excludes the time the compute thread is descheduled, which dominates the noise
@@ -39,14 +42,9 @@ VARIANTS = ("plain", "clex", "every_step", "stale")
 CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
 
 
-#: SmolLM2-135M's shape (as benchmarks/common.py), vocabulary cut to 512 (the head is not what is measured)
-SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-               num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0)  # fmt: skip
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+#: SmolLM2-135M's shape (benchmarks/common.py) with this benchmark's own 512-token vocabulary and untied head
+#: (the head is not what is measured)
+SMOLLM2 = {k: v for k, v in common.SMOLLM2.items() if k not in ("vocab_size", "tie_word_embeddings")}
 
 
 def build_models(args) -> dict:
@@ -74,8 +72,7 @@ def build_models(args) -> dict:
 
 
 @torch.no_grad()
-def decode_round(models: dict, ids: torch.Tensor, prompt: int, window: int, order: list, clock=time.thread_time,
-                 device: torch.device = torch.device("cpu")):
+def decode_round(models: dict, ids: torch.Tensor, prompt: int, window: int, order: list, clock=time.thread_time):
     """Prefill ids[:, :prompt] in every model, then ``window`` greedy steps in lockstep: step k of every
     variant runs back to back (in ``order``), so all variants see the same machine load. -> seconds per token"""
     caches, tokens, spent = {}, {}, dict.fromkeys(models, 0.0)
@@ -85,13 +82,13 @@ def decode_round(models: dict, ids: torch.Tensor, prompt: int, window: int, orde
     for name in VARIANTS[2:]:
         caches[name], tokens[name] = copy.deepcopy(caches["clex"]), tokens["clex"]
     for k in range(window):
-        position = torch.full((ids.shape[0], 1), prompt + k, device=device)
+        position = torch.full((ids.shape[0], 1), prompt + k, device=ids.device)
         for name in order:
-            _sync(device)
+            common.sync()
             start = clock()
             logits = models[name](tokens[name], position_ids=position, past_key_values=caches[name]).logits
             tokens[name] = logits[:, -1:].argmax(-1)
-            _sync(device)
+            common.sync()
             spent[name] += clock() - start
     return {name: s / window for name, s in spent.items()}
 
@@ -103,11 +100,11 @@ def measure(models: dict, args) -> list[dict]:
         ids = torch.randint(3, 512, (args.batch, n), generator=torch.Generator().manual_seed(n)).to(args.device)
         prompt = n - args.window
         times = {name: [] for name in models}
-        decode_round(models, ids, prompt, 4, list(models), device=args.device)  # warm-up: tables, allocator
+        decode_round(models, ids, prompt, 4, list(models))  # warm-up: tables, allocator
         before = {name: _rerotations(m) for name, m in models.items()}
         for r in range(args.rounds):
             order = list(models)[r % len(models) :] + list(models)[: r % len(models)]  # rotate who goes first
-            spent = decode_round(models, ids, prompt, args.window, order, CLOCKS[args.clock], device=args.device)
+            spent = decode_round(models, ids, prompt, args.window, order, CLOCKS[args.clock])
             for name, seconds in spent.items():
                 times[name].append(seconds)
         base = statistics.median(times["plain"])
@@ -181,9 +178,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.model == "smollm2":
         args.L = SMOLLM2["max_position_embeddings"]
-    args.device = torch.device(args.device)
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: torch sees no CUDA device here; use --device cpu")
+    args.device = common.use_device(args.device)  # a clear error when CUDA is asked for and absent
     if args.device.type == "cuda" and args.clock != "wall":
         p.error("--device cuda: the GPU works asynchronously, a thread clock does not see it; use --clock wall")
     if args.clock == "cpu" and args.threads != 1:

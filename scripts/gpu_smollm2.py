@@ -91,9 +91,10 @@ def main() -> None:
             "eval_every=0", "log_every=10", *filter(None, extra.split(",")),
         ])  # fmt: skip
         finals[name] = timed(f"train {name}", train, cfg)
-        log = [json.loads(x) for x in (work / name / "log.jsonl").read_text().splitlines() if x.strip()]
+        text = (work / name / "log.jsonl").read_text()
+        (out / f"log_{name}.jsonl").write_text(text)
+        log = [json.loads(x) for x in text.splitlines() if x.strip()]
         print(f"   {name} loss by step:", [(r["step"], round(r["loss"], 3)) for r in log if "loss" in r])
-        (out / f"log_{name}.jsonl").write_text((work / name / "log.jsonl").read_text())
     if "eval" not in stages:
         print(json.dumps(times))
         return

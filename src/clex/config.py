@@ -45,8 +45,8 @@ class CLEXConfig:
     formulation: str = "residual"  # see FORMULATIONS
     rtol: float = 1e-7  # adaptive solvers only
     atol: float = 1e-9  # adaptive solvers only
-    solve_device: str = "cpu"  # where a training step's ODE solve runs: cpu (the d/2-wide solve is a few hundred
-                               # tiny kernels on a GPU, launch-bound) or model (the ODE weights' own device)
+    solve_device: str = "cpu"  # where every ODE solve runs (a training step's, the inference table's): cpu (the
+                               # d/2-wide solve is a few hundred tiny kernels on a GPU, launch-bound) or model
 
     # --- training: what one step draws ---
     train_t: str = "integer"  # t sampler: integer (paper), uniform, log-uniform

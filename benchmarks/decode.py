@@ -35,6 +35,7 @@ import common  # noqa: E402
 
 import clex  # noqa: E402
 from clex import generation  # noqa: E402
+from clex.compat import cache_kwargs  # noqa: E402
 
 VARIANTS = ("plain", "clex", "every_step", "stale")
 #: thread CPU time (default) excludes the time the compute thread is descheduled, which dominates the noise
@@ -78,7 +79,7 @@ def decode_round(models: dict, ids: torch.Tensor, prompt: int, window: int, orde
     caches, tokens, spent = {}, {}, dict.fromkeys(models, 0.0)
     for name in ("plain", "clex"):  # the CLEX variants share weights and t: one prefill, copied
         caches[name] = transformers.DynamicCache()
-        tokens[name] = models[name](ids[:, :prompt], past_key_values=caches[name]).logits[:, -1:].argmax(-1)
+        tokens[name] = models[name](ids[:, :prompt], **cache_kwargs(caches[name])).logits[:, -1:].argmax(-1)
     for name in VARIANTS[2:]:
         caches[name], tokens[name] = copy.deepcopy(caches["clex"]), tokens["clex"]
     for k in range(window):
@@ -86,7 +87,7 @@ def decode_round(models: dict, ids: torch.Tensor, prompt: int, window: int, orde
         for name in order:
             common.sync()
             start = clock()
-            logits = models[name](tokens[name], position_ids=position, past_key_values=caches[name]).logits
+            logits = models[name](tokens[name], position_ids=position, **cache_kwargs(caches[name])).logits
             tokens[name] = logits[:, -1:].argmax(-1)
             common.sync()
             spent[name] += clock() - start

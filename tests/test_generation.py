@@ -17,6 +17,7 @@ from transformers.cache_utils import Cache, Fp8QuantizedLayer
 
 import clex
 from clex import generation
+from clex.compat import cache_kwargs, output_cache
 from clex.equations import rope_angles
 
 L, NEW = 16, 150  # original length; 150 new tokens: t changes every 8 tokens (t_resolution = 2), ~19 times
@@ -114,7 +115,7 @@ def reference_logits(model, family, rows, prompts, monkeypatch):
             cache.positions = positions[:, :end]
             logits = model(
                 tokens[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end],
-                past_key_values=cache,
+                **cache_kwargs(cache),
             ).logits  # fmt: skip
             out.append(logits[:, -1])
     monkeypatch.undo()
@@ -165,9 +166,9 @@ def test_deeper_layers_cannot_match_a_full_forward():
     ids = torch.randint(3, 97, (1, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         incremental, full = DynamicCache(), DynamicCache()
-        model(ids[:, :16], past_key_values=incremental)  # t = 1
-        model(ids[:, 16:], past_key_values=incremental)  # t = 1.5: cached keys re-rotated
-        model(ids, past_key_values=full)  # everything at t = 1.5
+        model(ids[:, :16], **cache_kwargs(incremental))  # t = 1
+        model(ids[:, 16:], **cache_kwargs(incremental))  # t = 1.5: cached keys re-rotated
+        model(ids, **cache_kwargs(full))  # everything at t = 1.5
     k0, k1 = [(a.keys - b.keys).abs().max() for a, b in zip(incremental.layers, full.layers)]
     assert k0 <= 1e-6 and k1 > 1e-5
 
@@ -204,16 +205,16 @@ def test_unsupported_caches_are_refused_with_a_clear_message():
     generation.enable_exact_cache(model)
     ids = torch.tensor([PROMPTS[1]])
     with pytest.raises(ValueError, match="Fp8QuantizedLayer.*fixed-t policy"):
-        model.generate(ids, past_key_values=Cache(layers=[Fp8QuantizedLayer(), Fp8QuantizedLayer()]), max_new_tokens=2)
+        model.generate(ids, **cache_kwargs(Cache(layers=[Fp8QuantizedLayer(), Fp8QuantizedLayer()])), max_new_tokens=2)
     with pytest.raises(ValueError, match="offloads layers"):
-        model(ids, past_key_values=DynamicCache(offloading=True))
+        model(ids, **cache_kwargs(DynamicCache(offloading=True)))
     filled = DynamicCache()
     generation.disable_exact_cache(model)
     with torch.no_grad():
-        model(ids, past_key_values=filled)
+        model(ids, **cache_kwargs(filled))
     generation.enable_exact_cache(model)
     with pytest.raises(ValueError, match="without CLEX's exact key cache"):
-        model(ids, past_key_values=filled)
+        model(ids, **cache_kwargs(filled))
     with pytest.raises(ValueError, match="rerotate must be one of 'on_change', 'every_step'"):
         generation.enable_exact_cache(model, rerotate="always")
 
@@ -223,10 +224,10 @@ def test_a_cache_made_inside_the_forward_gets_its_state_and_crop_is_followed():
     hooks = generation.enable_exact_cache(model)
     ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        cache = model(ids[:, :30], use_cache=True).past_key_values  # DynamicCache made by the model
+        cache = output_cache(model(ids[:, :30], use_cache=True))  # DynamicCache made by the model
         assert cache._clex_keys.length == 30
         cache.crop(-10)  # back to 20 keys, cached at t = 2 (30 keys); the next forward has t = 1.5
-        logits = model(ids[:, 20:21], past_key_values=cache).logits[0, -1]
+        logits = model(ids[:, 20:21], **cache_kwargs(cache)).logits[0, -1]
         full = model(ids[:, :21], use_cache=False).logits[0, -1]
     assert cache._clex_keys.length == 21 and hooks.rerotations == 1
     assert (logits - full).abs().max() <= 1e-5
@@ -292,3 +293,27 @@ def test_rotate_keys_in_blocks_rows_and_half_precision_equals_a_fresh_rotation(m
     half = cached.bfloat16()
     generation.rotate_keys_(half, cos, sin)
     torch.testing.assert_close(half.float(), expected, rtol=0, atol=3e-2)
+
+
+def test_a_cache_the_hooks_cannot_see_fails_loudly_naming_the_transformers_version(monkeypatch):
+    """A release that passes the cache under a name the hooks do not know must not decode with stale keys."""
+    import transformers
+
+    from clex import keycache
+
+    model = clex_model("llama", exact_cache=True)
+    monkeypatch.setattr(keycache, "CACHE_ARGS", ("kv_cache_of_the_future",))
+    monkeypatch.setattr(clex.get_clex_rotary(model)._clex_exact_cache, "_cache_arg", "kv_cache_of_the_future")
+    ids = torch.tensor([PROMPTS[0]])
+    with pytest.raises(RuntimeError, match=f"did not see the key cache.*transformers {transformers.__version__}"):
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=3, pad_token_id=0)
+
+
+def test_the_cache_argument_is_found_by_signature_and_an_unknown_one_is_refused():
+    from clex.compat import cache_argument
+
+    model = clex_model("llama")
+    assert cache_argument(model.model.forward) in ("cache", "past_key_values")
+    with pytest.raises(RuntimeError, match="takes none of cache, past_key_values in transformers"):
+        cache_argument(lambda input_ids, kv=None: None)

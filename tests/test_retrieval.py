@@ -17,10 +17,11 @@ V = 257
 
 class Copier(torch.nn.Module):
     """A cheating "model": an induction head. It finds the longest suffix of the text that occurred
-    before and predicts the token that followed it; the history rides in past_key_values."""
+    before and predicts the token that followed it; the history rides in the cache argument."""
 
-    def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=0, **kwargs):
-        h = input_ids[0] if past_key_values is None else torch.cat([past_key_values, input_ids[0]])
+    def forward(self, input_ids, cache=None, past_key_values=None, use_cache=True, logits_to_keep=0, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        h = input_ids[0] if cache is None else torch.cat([cache, input_ids[0]])
         cand = (h[:-1] == h[-1]).nonzero().flatten()  # earlier positions i with h[i] == last token
         best, k = cand, 1
         while cand.numel():
@@ -30,7 +31,7 @@ class Copier(torch.nn.Module):
         logits = torch.zeros(1, 1, V)
         if best.numel():
             logits[0, 0, h[best[-1] + 1]] = 1.0
-        return SimpleNamespace(logits=logits, past_key_values=h)
+        return SimpleNamespace(logits=logits, cache=h)
 
 
 class Random(torch.nn.Module):

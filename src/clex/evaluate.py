@@ -42,6 +42,7 @@ from .evalkit import (
     tokenize_documents,
     unique_names,
 )  # fmt: skip
+from .compat import cache_kwargs, output_cache
 from .report import write_results
 
 PROTOCOLS = ("sliding", "chunked")
@@ -113,8 +114,8 @@ def nll_chunked(model: nn.Module, ids: Tensor, *, chunk: int, block: int = 1024)
     with fixed_clex_t(model, n):
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
-            out = decoder(input_ids=ids[s:e][None].to(dev), past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = decoder(input_ids=ids[s:e][None].to(dev), use_cache=True, **cache_kwargs(cache))
+            cache = output_cache(out)
             m = min(e, n - 1) - s  # positions s .. s+m-1 predict tokens s+1 .. s+m (the next chunk's first too)
             if m > 0:
                 nll[s : s + m] = token_nll(model, out.last_hidden_state[0, :m], ids[s + 1 : s + 1 + m], block=block)

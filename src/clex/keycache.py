@@ -23,6 +23,7 @@ from transformers.cache_utils import (
     StaticSlidingWindowLayer,
 )
 
+from .compat import CACHE_ARGS, TRANSFORMERS_VERSION, cache_argument, output_cache
 from .patch import find_rotary, get_clex_rotary
 from .rotary import CLEXRotaryEmbedding
 
@@ -134,7 +135,7 @@ def check_cache(cache) -> None:
     """ValueError unless ``cache`` is a Cache whose keys we can re-rotate in place."""
     if not isinstance(cache, Cache):
         raise ValueError(
-            f"past_key_values must be a transformers Cache (DynamicCache or StaticCache) for CLEX's exact key "
+            f"the key cache must be a transformers Cache (DynamicCache or StaticCache) for CLEX's exact key "
             f"cache, got {type(cache).__name__}"
         )
     classes = [x if isinstance(x, type) else type(x) for x in (cache.layers or [cache.layer_class_to_replicate])]
@@ -158,10 +159,12 @@ def check_cache(cache) -> None:
 class ExactKeyCache:
     """Keeps a CLEX model's key cache exact; made by :func:`enable_exact_cache`, undone by :meth:`remove`.
 
-    Two pieces: a forward pre-hook on the module that owns the rotary (``model.model``) notes the cache of
+    Three pieces: a forward pre-hook on the module that owns the rotary (``model.model``) notes the cache of
     the forward (making the model's default ``DynamicCache`` itself when the forward would, so that every
-    cache gets its state from its first keys), and the rotary's ``inference_listener``, called once θ is
-    chosen and before any layer runs, re-rotates the cached keys of the rows whose θ changed.
+    cache gets its state from its first keys); the rotary's ``inference_listener``, called once θ is
+    chosen and before any layer runs, re-rotates the cached keys of the rows whose θ changed; and a forward
+    hook that checks the cache the forward returned is one the hooks followed, so that a transformers
+    release that passes the cache some new way fails loudly instead of decoding with stale keys.
     ``rerotations`` counts the forwards in which keys were re-rotated.
     """
 
@@ -176,14 +179,18 @@ class ExactKeyCache:
             raise ValueError("the CLEX rotary already has an inference_listener: call disable_exact_cache(model) first")
         self.model, self.rotary, self.owner, self.rerotate = model, rotary, owner, rerotate
         self.rerotations = 0
-        self._cache = None  # the cache of the running forward
+        self._cache = None  # the cache of the running forward, until the rotary's listener takes it
+        self._followed = None  # the cache the listener brought to the current θ in this forward
         self._arg_names = tuple(inspect.signature(owner.forward).parameters)  # to read positional arguments
+        self._cache_arg = cache_argument(owner.forward)  # "cache" (transformers >= 5.24) or "past_key_values"
         self._handle = owner.register_forward_pre_hook(self._before, with_kwargs=True)
+        self._after_handle = owner.register_forward_hook(self._after)
         rotary.inference_listener = self._on_frequencies
 
     def remove(self) -> None:
         """Take the hook and the listener off (see :func:`disable_exact_cache`)."""
         self._handle.remove()
+        self._after_handle.remove()
         if self.rotary.inference_listener == self._on_frequencies:
             self.rotary.inference_listener = None
         if getattr(self.rotary, "_clex_exact_cache", None) is self:
@@ -194,20 +201,42 @@ class ExactKeyCache:
         if args:  # rare: positional arguments after input_ids
             kwargs = {**dict(zip(self._arg_names, args)), **kwargs}
             args = ()
-        cache = kwargs.get("past_key_values")
+        cache = next((kwargs[n] for n in (self._cache_arg, *CACHE_ARGS) if kwargs.get(n) is not None), None)
         if cache is None and not self.rotary.training:
             use_cache = kwargs.get("use_cache")
             if use_cache is None:
                 use_cache = getattr(module.config, "use_cache", False)
             if use_cache:  # what the model does itself when given no cache
-                cache = kwargs["past_key_values"] = DynamicCache(config=module.config)
+                for name in CACHE_ARGS:
+                    kwargs.pop(name, None)
+                cache = kwargs[self._cache_arg] = DynamicCache(config=module.config)
         self._cache = None if self.rotary.training else cache
         return args, kwargs
+
+    # 3. the forward is done: the cache it returns must be one whose keys the hooks followed
+    def _after(self, module, args, output):
+        followed, self._followed, self._cache = self._followed, None, None
+        if self.rotary.training:
+            return
+        cache = output_cache(output)
+        if isinstance(cache, Cache) and cache.__dict__.get(_STATE) is None and cache.get_seq_length() > 0:
+            raise RuntimeError(
+                f"CLEX's exact key cache did not see the key cache of this forward (transformers "
+                f"{TRANSFORMERS_VERSION} passes it to {type(module).__name__}.forward in a way clex does not know): "
+                "its keys would go stale when t changes. Please report it; meanwhile use clex.generate_fixed_t, "
+                "or apply_clex(..., exact_cache=False) to decode without the exact cache knowingly"
+            )
+        if followed is not None and cache is not None and cache is not followed:
+            raise RuntimeError(
+                f"CLEX's exact key cache followed one cache but {type(module).__name__}.forward returned another "
+                f"(transformers {TRANSFORMERS_VERSION}): its keys would go stale when t changes; please report it"
+            )
 
     # 2. the rotary has chosen θ for this forward: bring the cached keys to it before any layer reads them
     def _on_frequencies(self, x: Tensor, position_ids: Tensor, theta: Tensor) -> None:
         """x: [B, P, hidden]; position_ids: [B or 1, P]; theta: [B or 1, d/2], what the rotary rotates with."""
         cache, self._cache = self._cache, None
+        self._followed = cache
         if cache is None:  # a forward without a cache, or the rotary called on its own
             return
         batch = x.shape[0]
@@ -233,7 +262,7 @@ class ExactKeyCache:
         check_cache(cache)
         if seen:
             raise ValueError(
-                f"past_key_values already holds {seen} keys that were cached without CLEX's exact key cache "
+                f"the key cache already holds {seen} keys that were cached without CLEX's exact key cache "
                 "(enable_exact_cache was called after they were written?): start from an empty cache"
             )
         state = _KeyState(theta=theta, batch=batch)
@@ -245,7 +274,7 @@ class ExactKeyCache:
         if seen != state.length:
             if seen > state.length:
                 raise ValueError(
-                    f"past_key_values holds {seen} keys but CLEX's exact key cache recorded {state.length}: keys were "
+                    f"the key cache holds {seen} keys but CLEX's exact key cache recorded {state.length}: keys were "
                     "added without it (by a forward with the hooks removed?); start from an empty cache"
                 )
             state.crop(seen)  # Cache.crop (assisted decoding) or reset

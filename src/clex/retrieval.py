@@ -11,8 +11,9 @@ sees the same keys and haystacks.
   held-out plays of the embedded corpus, from a random line of a random play).
 
 A CLEX model decodes with t fixed to the t of the prompt plus the answer (:func:`clex.evalkit.fixed_clex_t`),
-so the key cache stays exact. A model for this harness needs only ``model(input_ids=, past_key_values=,
-use_cache=True, logits_to_keep=1) -> .logits [1, T, V], .past_key_values``, and its tokenizer.
+so the key cache stays exact. A model for this harness needs only ``model(input_ids=, cache=, use_cache=True,
+logits_to_keep=1) -> .logits [1, T, V], .cache`` (``past_key_values`` before transformers 5.24; see
+:mod:`clex.compat`), and its tokenizer.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .evalkit import as_loaded, check_models, fixed_clex_t, load_documents, model_device, unique_names
 from .evaluate import parse_ints
+from .compat import cache_kwargs, output_cache
 from .report import write_results
 
 TASKS = ("passkey", "needle")
@@ -64,7 +66,7 @@ def greedy_decode(model, ids: Tensor, max_new_tokens: int) -> list[int]:
         if len(new) == max_new_tokens:
             return new
         step = torch.tensor([[new[-1]]], device=dev)
-        out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=step, use_cache=True, logits_to_keep=1, **cache_kwargs(output_cache(out)))
 
 
 def _ids(tokenizer, text: str) -> list[int]:

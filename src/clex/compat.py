@@ -1,0 +1,56 @@
+"""What differs between the transformers releases clex accepts (``transformers>=5,<6``), in one place.
+
+transformers 5.24 renamed the cache argument of every model's ``forward`` from ``past_key_values`` to
+``cache`` (and the output field likewise; the old names stay as deprecated aliases until 5.40). Code that
+hooks or drives a model's cache asks here for the name instead of spelling it.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import transformers
+
+#: The names a model's forward has used for its key/value cache, newest first.
+CACHE_ARGS = ("cache", "past_key_values")
+TRANSFORMERS_VERSION = transformers.__version__
+
+
+def cache_argument(forward) -> str:
+    """The name of the cache parameter of a model's ``forward`` (``cache`` or ``past_key_values``).
+
+    Raises a RuntimeError naming the transformers version when the signature has neither: the exact key
+    cache would not see the cache, and decoding would silently use stale keys.
+    """
+    params = inspect.signature(forward).parameters
+    for name in CACHE_ARGS:
+        if name in params:
+            return name
+    raise RuntimeError(
+        f"{getattr(forward, '__qualname__', forward)} takes none of {', '.join(CACHE_ARGS)} in transformers "
+        f"{TRANSFORMERS_VERSION}: clex cannot find the model's key cache on this release; please report it, and "
+        "use clex.generate_fixed_t (which needs no hook) meanwhile"
+    )
+
+
+def output_cache(output):
+    """The cache a model's forward returned (``output.cache`` or ``output.past_key_values``), or None."""
+    for name in CACHE_ARGS:
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def cache_kwargs(cache) -> dict:
+    """``{name: cache}`` for calling a model with a cache on this release (no deprecation warning)."""
+    return {CACHE_ARGS[0] if _HAS_NEW_NAME else CACHE_ARGS[1]: cache}
+
+
+def _signature_has_cache() -> bool:
+    from transformers import LlamaModel
+
+    return "cache" in inspect.signature(LlamaModel.forward).parameters
+
+
+_HAS_NEW_NAME = _signature_has_cache()

@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import clex  # noqa: E402
-from clex import generation  # noqa: E402
-from clex.compat import cache_kwargs  # noqa: E402
+import clex.hf.lookup  # noqa: E402
+from clex.hf import generation  # noqa: E402
+from clex.hf.compat import cache_kwargs  # noqa: E402
 
 VARIANTS = ("plain", "clex", "every_step", "stale")
 #: thread CPU time (default) excludes the time the compute thread is descheduled, which dominates the noise
@@ -127,7 +128,7 @@ def measure(models: dict, args) -> list[dict]:
 
 
 def _rerotations(model) -> int:
-    rotary = clex.patch.find_rotary(model)[1]
+    rotary = clex.hf.lookup.find_rotary(model)[1]
     hooks = getattr(rotary, "_clex_exact_cache", None)
     return hooks.rerotations if hooks is not None else 0
 

@@ -28,10 +28,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved, markdown_table, median, parser, summary, use_device, write_json  # noqa: E402
+from common import (  # noqa: E402
+    interleaved,
+    markdown_table,
+    median,
+    parser,
+    summary,
+    use_device,
+    write_json,
+)
 
-from clex.equations import residual_rhs  # noqa: E402
-from clex.solve import fine_grid, solve_log_freqs  # noqa: E402
+from clex.core.equations import residual_rhs  # noqa: E402
+from clex.core.solve import fine_grid, solve_log_freqs  # noqa: E402
 
 VARIANTS = {
     "reference": dict(method="rk4", time_dt=0.01, log_dt=None, formulation="reference"),
@@ -58,7 +66,7 @@ def adjoint_solve(inv0, up, down, t, *, act, dt=0.25):
     """x(t) by torchdiffeq's odeint_adjoint (rk4, uniform dt, residual formulation)."""
     from torchdiffeq import odeint_adjoint
 
-    from clex.equations import ntk_log_shift
+    from clex.core.equations import ntk_log_shift
 
     log0 = torch.log(inv0)
     func = partial(residual_rhs, log_inv_freq0=log0, w_up=up, w_down=down, act=act, prior_base=1e4)

@@ -26,7 +26,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import SMOLLM2, TINY, autocast, interleaved, llama, markdown_table, median, parser, summary, use_device, write_json  # noqa: E402
+from common import (  # noqa: E402
+    SMOLLM2,
+    TINY,
+    autocast,
+    interleaved,
+    llama,
+    markdown_table,
+    median,
+    parser,
+    summary,
+    use_device,
+    write_json,
+)
 
 import clex  # noqa: E402
 

@@ -57,7 +57,7 @@ timed() {
 
 # 1. Convert the wheel's GGUF once (cached in $CLEX_CACHE or ~/.cache/clex).
 timed convert python -m clex.cli models smollm2
-BASE=$(python -c 'from clex.smollm2 import convert; print(convert())')
+BASE=$(python -c 'from clex.sources.smollm2 import convert; print(convert())')
 cp "$BASE/clex-source.json" "$OUT/convert.json"
 
 # 2. Fine-tune each method with the same budget (the recipes differ only in the method).
@@ -91,8 +91,8 @@ timed summary python - "$OUT" "${MODELS[@]%%=*}" <<'EOF'
 import json, sys
 from pathlib import Path
 
-from clex.plot import plot_freqs, plot_ppl, plot_retrieval
-from clex.report import write_results
+from clex.eval.plot import plot_freqs, plot_ppl, plot_retrieval
+from clex.eval.report import write_results
 
 out, names = Path(sys.argv[1]), sys.argv[2:]
 for task, plot in (("ppl", plot_ppl), ("passkey", plot_retrieval)):

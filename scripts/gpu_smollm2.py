@@ -45,15 +45,15 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", help="training autocast and evaluation dtype")
     a = p.parse_args()
 
-    from clex.corpus import split_plays
-    from clex.evaluate import run_ppl
-    from clex.plot import plot_freqs
-    from clex.retrieval import run_passkey
-    from clex.smollm2 import convert
-    from clex.train import run as train
-    from clex.train_config import TrainConfig
-
     import torch
+
+    from clex.eval.perplexity import run_ppl
+    from clex.eval.plot import plot_freqs
+    from clex.eval.retrieval import run_passkey
+    from clex.sources.corpus import split_plays
+    from clex.sources.smollm2 import convert
+    from clex.train.config import TrainConfig
+    from clex.train.loop import run as train
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     work, out = Path(a.work), Path(a.out)

@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_model
 
 import clex
+from clex.hf.lookup import find_rotary
 
 
 def ids(n, batch=2):
@@ -67,10 +68,10 @@ def write_official(model, path, *, act="silu", max_factor=4, param_factor=1, log
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_llama_clex.LlamaForCausalLM"}
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config))
-    inner = 2 * clex.patch.find_rotary(model)[1].inv_freq.numel()
+    inner = 2 * find_rotary(model)[1].inv_freq.numel()
     g = torch.Generator().manual_seed(seed)
     state = {k: v for k, v in model.state_dict().items() if "rotary" not in k}
-    state["model.clex_layer.inv_freq"] = clex.patch.find_rotary(model)[1].inv_freq
+    state["model.clex_layer.inv_freq"] = find_rotary(model)[1].inv_freq
     state["model.clex_layer.proj_func.ode_up_proj"] = torch.randn(inner // 2, param_factor * inner, generator=g) * 0.1
     state["model.clex_layer.proj_func.ode_down_proj"] = torch.randn(param_factor * inner, inner // 2, generator=g) * 0.05
     torch.save(state, path / "pytorch_model.bin")

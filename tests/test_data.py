@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from clex.corpus import HELD_OUT, split_plays
-from clex.data import load_texts, pack, prepare_data, rows_at, split_documents
-from clex.tokenizer import byte_tokenizer
+from clex.sources.corpus import HELD_OUT, split_plays
+from clex.sources.texts import load_texts, split_documents
+from clex.sources.tokenizer import byte_tokenizer
+from clex.train.data import pack, prepare_data, rows_at
 
 
 @pytest.fixture(scope="module")

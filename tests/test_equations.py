@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from clex.equations import ntk_inv_freq, ntk_log_freqs, ntk_log_freqs_rate
-from clex.solve import fine_grid, solve_log_freqs
+from clex.core.equations import ntk_inv_freq, ntk_log_freqs, ntk_log_freqs_rate
+from clex.core.solve import fine_grid, solve_log_freqs
 
 DIM = 16
 INV0 = 1.0 / (10000.0 ** (torch.arange(0, DIM, 2, dtype=torch.float32) / DIM))

@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 import clex
-from clex import evaluate
-from clex.evalkit import ModelSpec, apply_rope_override, fixed_clex_t, load_spec
-from clex.evaluate import nll_chunked, nll_sliding, run_ppl
-from clex.tokenizer import byte_tokenizer
+from clex.eval import perplexity as evaluate
+from clex.eval.perplexity import nll_chunked, nll_sliding, run_ppl
+from clex.eval.specs import ModelSpec, fixed_clex_t, load_spec
+from clex.hf.methods import apply_rope_override
+from clex.sources.tokenizer import byte_tokenizer
 
 L = 16  # the tiny models' max_position_embeddings
 

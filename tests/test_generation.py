@@ -16,9 +16,9 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, Fp8QuantizedLayer
 
 import clex
-from clex import generation
-from clex.compat import cache_kwargs, output_cache
-from clex.equations import rope_angles
+from clex.core.equations import rope_angles
+from clex.hf import generation
+from clex.hf.compat import cache_kwargs, output_cache
 
 L, NEW = 16, 150  # original length; 150 new tokens: t changes every 8 tokens (t_resolution = 2), ~19 times
 PROMPTS = ([5, 9, 13, 7, 8, 21, 30, 11, 12, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], [30, 31, 32, 33, 34, 35, 36])
@@ -234,7 +234,7 @@ def test_a_cache_made_inside_the_forward_gets_its_state_and_crop_is_followed():
 
 
 def test_the_rotary_decode_memo_follows_lengths_weights_and_policy():
-    """The rotary's per-token memo (clex.rotary._inference_frequencies) gives what a fresh lookup gives."""
+    """The rotary's per-token memo (clex.core.rotary._inference_frequencies) gives what a fresh lookup gives."""
     model = clex_model("llama")
     rotary = clex.get_clex_rotary(model)
     x = torch.zeros(2, 1, 8)
@@ -266,7 +266,7 @@ def test_fixed_t_for_checks_its_arguments():
 
 
 def test_rotate_keys_in_blocks_rows_and_half_precision_equals_a_fresh_rotation(monkeypatch):
-    from clex import keycache
+    from clex.hf import keycache
 
     monkeypatch.setattr(keycache, "_CPU_BLOCK_BYTES", 1024)  # many blocks of 4 positions
     g = torch.Generator().manual_seed(3)
@@ -299,7 +299,7 @@ def test_a_cache_the_hooks_cannot_see_fails_loudly_naming_the_transformers_versi
     """A release that passes the cache under a name the hooks do not know must not decode with stale keys."""
     import transformers
 
-    from clex import keycache
+    from clex.hf import keycache
 
     model = clex_model("llama", exact_cache=True)
     monkeypatch.setattr(keycache, "CACHE_ARGS", ("kv_cache_of_the_future",))
@@ -311,7 +311,7 @@ def test_a_cache_the_hooks_cannot_see_fails_loudly_naming_the_transformers_versi
 
 
 def test_the_cache_argument_is_found_by_signature_and_an_unknown_one_is_refused():
-    from clex.compat import cache_argument
+    from clex.hf.compat import cache_argument
 
     model = clex_model("llama")
     assert cache_argument(model.model.forward) in ("cache", "past_key_values")

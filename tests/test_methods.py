@@ -7,8 +7,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import clex
-from clex.methods import HF_ROPE_TYPES, METHODS, original_length, pose_position_ids, prepare_model
-from clex.presets import build_model
+from clex.hf.lookup import find_rotary
+from clex.hf.methods import (
+    HF_ROPE_TYPES,
+    METHODS,
+    original_length,
+    pose_position_ids,
+    prepare_model,
+)
+from clex.sources.presets import build_model
 
 L0 = 32  # micro-llama
 
@@ -18,7 +25,7 @@ def micro(seed=0):
 
 
 def rotary(model):
-    return clex.patch.find_rotary(model)[1]
+    return find_rotary(model)[1]
 
 
 def ids(n, seed=0):

@@ -5,6 +5,7 @@ import torch
 from conftest import FAMILIES, tiny_model
 
 import clex
+from clex.hf.lookup import find_rotary
 
 
 def ids(n, batch=2, seed=0):
@@ -17,7 +18,7 @@ def test_within_L_clex_is_the_unmodified_model_and_beyond_it_differs(family):
     x = ids(40)
     with torch.no_grad():
         plain_short, plain_long = model(x[:, :16]).logits, model(x).logits
-    rotary_dim = 2 * clex.patch.find_rotary(model)[1].inv_freq.numel()
+    rotary_dim = 2 * find_rotary(model)[1].inv_freq.numel()
     clex.apply_clex(model, max_factor=4)
     assert isinstance(clex.get_clex_rotary(model), clex.CLEXRotaryEmbedding)
     assert clex.get_clex_rotary(model).dynamics.ode_up_proj.shape == (rotary_dim // 2, rotary_dim)

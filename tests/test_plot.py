@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 
 import clex
-from clex.plot import plot_freqs, plot_ppl, plot_retrieval
+from clex.eval.plot import plot_freqs, plot_ppl, plot_retrieval
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -4,8 +4,8 @@ import re
 from pathlib import Path
 
 from clex.cli import COMMANDS
-from clex.config import CLEXConfig
-from clex.methods import METHODS
+from clex.core.config import CLEXConfig
+from clex.hf.methods import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

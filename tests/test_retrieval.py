@@ -8,9 +8,9 @@ import torch
 from conftest import tiny_model
 
 import clex
-from clex.evalkit import fixed_clex_t
-from clex.retrieval import assemble, greedy_decode, run_needle, run_passkey
-from clex.tokenizer import byte_tokenizer
+from clex.eval.retrieval import assemble, greedy_decode, run_needle, run_passkey
+from clex.eval.specs import fixed_clex_t
+from clex.sources.tokenizer import byte_tokenizer
 
 V = 257
 

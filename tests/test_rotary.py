@@ -5,11 +5,11 @@ import warnings
 
 import pytest
 import torch
+from conftest import tiny_model
 
 import clex
-from clex.equations import ntk_inv_freq
-from clex.sampling import POSITION_SAMPLERS, T_SAMPLERS, step_generator
-from conftest import tiny_model
+from clex.core.equations import ntk_inv_freq
+from clex.core.policies import POSITION_SAMPLERS, T_SAMPLERS, step_generator
 
 
 def rotary(**kw):

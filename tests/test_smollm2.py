@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import clex
-from clex import smollm2
+from clex.sources import smollm2
 
 H, HEADS, KV_HEADS, FFN, LAYERS, CONTEXT, THETA = 32, 4, 2, 64, 2, 64, 1e5
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -186,7 +186,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def test_recipes_share_one_budget():
-    from clex.train_config import TrainConfig
+    from clex.train.config import TrainConfig
 
     configs = {m: TrainConfig.from_file(RECIPES / f"smollm2-{m}.yaml").to_dict() for m in ("clex", "pi", "yarn")}
     own = {"method", "clex", "clex_lr", "out_dir"}  # the only fields a method may set differently

@@ -10,8 +10,8 @@ import torch
 from test_equations import trained_like
 
 import clex
-from clex.equations import ACTIVATIONS, ntk_log_freqs, ntk_log_freqs_rate
-from clex.solve import fine_grid, solve_log_freqs
+from clex.core.equations import ACTIVATIONS, ntk_log_freqs, ntk_log_freqs_rate
+from clex.core.solve import fine_grid, solve_log_freqs
 
 DIM = 16
 INV0 = 1.0 / (10000.0 ** (torch.arange(0, DIM, 2, dtype=torch.float32) / DIM))

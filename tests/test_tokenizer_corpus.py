@@ -2,8 +2,8 @@
 
 from transformers import AutoTokenizer
 
-from clex.corpus import HELD_OUT, clean_markdown, split_plays
-from clex.tokenizer import byte_tokenizer
+from clex.sources.corpus import HELD_OUT, clean_markdown, split_plays
+from clex.sources.tokenizer import byte_tokenizer
 
 
 def test_byte_tokenizer_ids_are_the_utf8_bytes_and_it_round_trips(tmp_path):

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import clex
-from clex.train import TrainConfig, main, run
+from clex.sources.presets import build_model
+from clex.train.loop import TrainConfig, main, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def text_dir(tmp_path_factory):
     """Three short plays (20k characters each): enough rows for a few dozen steps, fast to pack."""
-    from clex.corpus import split_plays
+    from clex.sources.corpus import split_plays
 
     folder = tmp_path_factory.mktemp("texts")
     for name, text in list(split_plays()[0].items())[:3]:
@@ -151,7 +152,7 @@ def test_resume_continues_the_same_loss_curve(tmp_path, text_dir):
 
 
 def test_train_clex_only_and_lora(tmp_path, text_dir):
-    base = clex.presets.build_model("micro-llama", seed=0)[0].state_dict()
+    base = build_model("micro-llama", seed=0)[0].state_dict()
     final = run(tiny(tmp_path / "a", text_dir, train="clex", steps=4, lr=1e-2))
     after = clex.load_model(final).state_dict()
     changed = {k for k in after if k in base and not torch.equal(after[k], base[k])}
@@ -200,8 +201,8 @@ def test_main_is_the_cli_entry(tmp_path, text_dir, capsys):
 
 
 def test_the_ode_weights_get_their_own_learning_rate():
-    from clex.presets import build_model
-    from clex.train import _select_trainable
+    from clex.sources.presets import build_model
+    from clex.train.loop import _select_trainable
 
     model, _ = build_model("micro-llama")
     clex.apply_clex(model, max_factor=4)

@@ -10,28 +10,30 @@ clex.plot_freqs, clex.run_demo, clex.load_smollm2.
 
 from importlib import import_module
 
-from .checkpoint import load_model
-from .config import CLEXConfig
-from .patch import apply_clex, get_clex_rotary
-from .rotary import CLEXDynamics, CLEXRotaryEmbedding
+from ._version import __version__
 
-__version__ = "0.1.0"
-
-#: pipeline entry points, imported lazily so that `import clex` stays light
+#: the public API, each name imported from its module on first use, so that `import clex` loads neither torch
+#: nor transformers and changes nothing in them
 _LAZY = {
-    "TrainConfig": "train_config",
-    "finetune": ("train", "run"),
-    "run_ppl": "evaluate",
-    "run_passkey": "retrieval",
-    "run_needle": "retrieval",
-    "plot_freqs": "plot",
+    "CLEXConfig": "core.config",
+    "CLEXDynamics": "core.rotary",
+    "CLEXRotaryEmbedding": "core.rotary",
+    "apply_clex": "hf.patch",
+    "get_clex_rotary": "hf.lookup",
+    "load_model": "hf.loading",
+    "enable_exact_cache": "hf.generation",
+    "disable_exact_cache": "hf.generation",
+    "generate_fixed_t": "hf.generation",
+    "fixed_t_for": "hf.generation",
+    "load_smollm2": "sources.smollm2",
+    "TrainConfig": "train.config",
+    "finetune": ("train.loop", "run"),
+    "ModelSpec": "eval.specs",
+    "run_ppl": "eval.perplexity",
+    "run_passkey": "eval.retrieval",
+    "run_needle": "eval.retrieval",
+    "plot_freqs": "eval.plot",
     "run_demo": ("demo", "run"),
-    "load_smollm2": "smollm2",
-    "enable_exact_cache": "generation",
-    "disable_exact_cache": "generation",
-    "generate_fixed_t": "generation",
-    "fixed_t_for": "generation",
-    "ModelSpec": "evalkit",
 }
 
 
@@ -42,5 +44,4 @@ def __getattr__(name):
     return getattr(import_module(f"clex.{module}"), attr)
 
 
-__all__ = ["CLEXConfig", "CLEXDynamics", "CLEXRotaryEmbedding", "apply_clex", "get_clex_rotary", "load_model",
-           "__version__", *_LAZY]  # fmt: skip
+__all__ = ["__version__", *_LAZY]

@@ -18,12 +18,12 @@ import typing
 #: command -> "module:function" (relative to the clex package)
 COMMANDS = {
     "demo": "demo:run",
-    "train": "train:main",
-    "eval ppl": "evaluate:run_ppl",
-    "eval passkey": "retrieval:run_passkey",
-    "eval needle": "retrieval:run_needle",
-    "plot freqs": "plot:plot_freqs",
-    "models smollm2": "smollm2:main",
+    "train": "train.loop:main",
+    "eval ppl": "eval.perplexity:run_ppl",
+    "eval passkey": "eval.retrieval:run_passkey",
+    "eval needle": "eval.retrieval:run_needle",
+    "plot freqs": "eval.plot:plot_freqs",
+    "models smollm2": "sources.smollm2:main",
 }
 
 

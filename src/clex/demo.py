@@ -70,9 +70,9 @@ SCALES = {
 
 def _train(cfg: dict, out: Path, label: str) -> tuple[Path, float]:
     """One TrainConfig run into ``out`` (skipped when out/final exists; resumed when checkpoints exist)."""
-    from .checkpointing import list_checkpoints
-    from .train import run as train_run
-    from .train_config import TrainConfig
+    from .train.checkpoints import list_checkpoints
+    from .train.config import TrainConfig
+    from .train.loop import run as train_run
 
     final = out / "final"
     if (final / "config.json").is_file():
@@ -100,8 +100,8 @@ def run(out_dir: str = "results/demo", quick: bool = False, scale: str = "defaul
         seed: seed of every stage (model init, data order, t draws, evaluation windows)
         fresh: delete out_dir first instead of reusing finished stages
     """
-    from .evaluate import run_ppl
-    from .presets import MODEL_PRESETS
+    from .eval.perplexity import run_ppl
+    from .sources.presets import MODEL_PRESETS
 
     scale = "quick" if quick else scale
     if scale not in SCALES:

@@ -11,7 +11,7 @@ in what each scored token sees:
 - ``chunked`` (the CLEX reference): the n tokens are fed in non-overlapping chunks of ``chunk`` tokens
   (default: the model's training length L) with the key cache carried forward, so every token sees all
   earlier ones. A CLEX model's t would otherwise grow chunk by chunk and leave cached keys rotated with
-  stale frequencies; here t is pinned to the t of the full length n (:func:`clex.evalkit.fixed_clex_t`),
+  stale frequencies; here t is pinned to the t of the full length n (:func:`clex.eval.specs.fixed_clex_t`),
   so the chunked loss equals one full forward's, and the cache is exact (``log_scale``'s query scale is
   pinned to n as well). transformers' ``dynamic`` scaling recomputes its frequencies as the cache grows
   and keeps the stale keys: that is its known behaviour, measured as is.
@@ -32,18 +32,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .evalkit import (
+from ..hf.compat import cache_kwargs, output_cache
+from .report import write_results
+from .specs import (
     LoadedModel,
     as_loaded,
     check_models,
     fixed_clex_t,
     load_documents,
     model_device,
+    parse_ints,
     tokenize_documents,
     unique_names,
 )  # fmt: skip
-from .compat import cache_kwargs, output_cache
-from .report import write_results
 
 PROTOCOLS = ("sliding", "chunked")
 
@@ -185,18 +186,6 @@ def perplexity(
     return results
 
 
-def parse_ints(value, field: str) -> list[int]:
-    """A list of positive ints from a list or a comma-separated string ("128,256")."""
-    items = value.split(",") if isinstance(value, str) else list(value)
-    try:
-        out = [int(str(v).strip()) for v in items if str(v).strip()]
-    except ValueError:
-        raise ValueError(f"{field} must be positive integers like '128,256', got {value!r}") from None
-    if not out or min(out) < 2:
-        raise ValueError(f"{field} must be integers >= 2, got {value!r}")
-    return out
-
-
 def run_ppl(
     models: Sequence = (),
     *,
@@ -219,7 +208,7 @@ def run_ppl(
 ) -> dict:
     """Perplexity against length for one or more models, side by side (JSON + Markdown + PNG).
 
-    models: model specs (``[NAME=]PATH[:METHOD[:K=V,...]]``, see :mod:`clex.evalkit`) or built
+    models: model specs (``[NAME=]PATH[:METHOD[:K=V,...]]``, see :mod:`clex.eval.specs`) or built
     (name, model, tokenizer) triples. lengths: token counts (default: 1, 2, 4, 8, 16 x the first model's
     training length L). protocol: ``chunked`` (key cache carried over chunks of ``chunk`` tokens, default L)
     or ``sliding`` (windows of ``window`` tokens, default the whole length, moved by ``stride``).

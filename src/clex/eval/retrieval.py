@@ -10,10 +10,10 @@ sees the same keys and haystacks.
 - ``needle`` (needle in a haystack): "The magic number of <place> is <7 digits>." in real text (default: the
   held-out plays of the embedded corpus, from a random line of a random play).
 
-A CLEX model decodes with t fixed to the t of the prompt plus the answer (:func:`clex.evalkit.fixed_clex_t`),
+A CLEX model decodes with t fixed to the t of the prompt plus the answer (:func:`clex.eval.specs.fixed_clex_t`),
 so the key cache stays exact. A model for this harness needs only ``model(input_ids=, cache=, use_cache=True,
 logits_to_keep=1) -> .logits [1, T, V], .cache`` (``past_key_values`` before transformers 5.24; see
-:mod:`clex.compat`), and its tokenizer.
+:mod:`clex.hf.compat`), and its tokenizer.
 """
 
 from __future__ import annotations
@@ -25,10 +25,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .evalkit import as_loaded, check_models, fixed_clex_t, load_documents, model_device, unique_names
-from .evaluate import parse_ints
-from .compat import cache_kwargs, output_cache
+from ..hf.compat import cache_kwargs, output_cache
 from .report import write_results
+from .specs import (
+    as_loaded,
+    check_models,
+    fixed_clex_t,
+    load_documents,
+    model_device,
+    parse_ints,
+    unique_names,
+)
 
 TASKS = ("passkey", "needle")
 FILLER = ("The grass is green. ", "The sky is blue. ", "The sun is yellow. ", "Here we go. ", "There and back again. ")

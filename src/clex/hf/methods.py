@@ -33,10 +33,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .config import CLEXConfig
-from .patch import apply_clex, find_rotary, text_config
-from .rotary import CLEXRotaryEmbedding
-from .sampling import POSITION_SAMPLERS
+from ..core.config import CLEXConfig
+from ..core.policies import POSITION_SAMPLERS
+from ..core.rotary import CLEXRotaryEmbedding
+from .lookup import find_rotary, text_config
+from .patch import apply_clex
 
 #: method name -> the transformers rope type it writes (None: not a transformers rope type)
 HF_ROPE_TYPES = {"pi": "linear", "dynamic-ntk": "dynamic", "yarn": "yarn", "longrope": "longrope", "llama3": "llama3"}
@@ -181,6 +182,45 @@ def prepare_model(
 
 def pose_position_ids(batch: int, seq_len: int, span: int, generator: torch.Generator) -> Tensor:
     """PoSE position ids for a batch: each row two contiguous chunks with a random skip, spanning up to
-    ``span`` positions (:data:`clex.sampling.POSITION_SAMPLERS` "pose").  -> [batch, seq_len] int64"""
+    ``span`` positions (:data:`clex.core.policies.POSITION_SAMPLERS` "pose").  -> [batch, seq_len] int64"""
     sampler = POSITION_SAMPLERS["pose"]
     return torch.stack([sampler(seq_len, max(span, seq_len), generator) for _ in range(batch)]).long()
+
+
+ALIASES = {"pi": "linear", "ntk": "dynamic"}
+
+
+def apply_rope_override(model: nn.Module, rope_type: str, params: dict) -> nn.Module:
+    """Give a plain-RoPE model transformers' own scaling ``rope_type`` with ``params``, in place.
+
+    Sets ``config.rope_parameters`` and rebuilds the rotary module with its own class, so the scaling is
+    exactly transformers' (``ROPE_INIT_FUNCTIONS``), attention factor included.
+    """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        allowed = ", ".join([*ROPE_INIT_FUNCTIONS, *ALIASES, "clex"])
+        raise ValueError(f"unknown RoPE method {rope_type!r}; allowed: {allowed}")
+    factor = params.get("factor", 1.0)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
+        raise ValueError(f"RoPE method {rope_type!r}: factor must be a number >= 1, got {factor!r}")
+    name, old = find_rotary(model)
+    if isinstance(old, CLEXRotaryEmbedding):
+        raise ValueError(f"RoPE method {rope_type!r} needs a plain-RoPE model, but this one already has CLEX")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    plain = dict(config.rope_parameters or {})
+    if plain.get("rope_type", "default") != "default":
+        raise ValueError(f"RoPE method {rope_type!r} needs a plain-RoPE model, got rope_type {plain['rope_type']!r}")
+    new_params = {**plain, "rope_type": rope_type, **params}
+    if rope_type in ("yarn", "longrope"):
+        new_params.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+    config.rope_parameters = new_params
+    try:
+        config.validate_rope()
+        new = type(old)(config=config)
+    except (KeyError, TypeError, ValueError) as e:
+        config.rope_parameters = plain
+        raise ValueError(f"RoPE method {rope_type!r} with parameters {params}: {e}") from None
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new.to(old.inv_freq.device))
+    return model

@@ -1,7 +1,7 @@
 """Model presets: miniature RoPE models built from a config (no hub, no download), and local folders.
 
 Each preset is a plain dict of ``transformers.LlamaConfig`` fields. They pair with the byte tokenizer
-(:func:`clex.tokenizer.byte_tokenizer`: 256 bytes + <eos> = 257 ids) and have L0 = max_position_embeddings
+(:func:`clex.sources.tokenizer.byte_tokenizer`: 256 bytes + <eos> = 257 ids) and have L0 = max_position_embeddings
 small enough that "train short, test long" (1x .. 16x L0) runs on a laptop CPU.
 """
 
@@ -54,7 +54,7 @@ def build_model(preset_or_path: str | Path = "tiny-llama", *, seed: int = 0, dty
     """
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from .checkpoint import load_model
+    from ..hf.loading import load_model
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")

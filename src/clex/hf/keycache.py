@@ -1,6 +1,6 @@
 """The exact key cache's machinery: re-rotation math, the state a cache carries, and the hooks.
 
-See :mod:`clex.generation` for what it does and why; this module holds the parts:
+See :mod:`clex.hf.generation` for what it does and why; this module holds the parts:
 
 - :func:`rotation_delta`, :func:`rotate_keys_`: R(δ) with δ = p·θ_new − p·θ_old, applied in place;
 - ``_KeyState``: θ per row and the position ids of every cached key, on the cache as ``cache._clex_keys``;
@@ -23,9 +23,9 @@ from transformers.cache_utils import (
     StaticSlidingWindowLayer,
 )
 
+from ..core.rotary import CLEXRotaryEmbedding
 from .compat import CACHE_ARGS, TRANSFORMERS_VERSION, cache_argument, output_cache
-from .patch import find_rotary, get_clex_rotary
-from .rotary import CLEXRotaryEmbedding
+from .lookup import find_rotary, get_clex_rotary
 
 #: When to re-rotate: ``on_change`` (ours: only rows whose θ changed) or ``every_step`` (the whole cache at
 #: every step, in float32: the reference's cost, kept for benchmarks).
@@ -149,7 +149,7 @@ def check_cache(cache) -> None:
         raise ValueError(
             f"CLEX's exact key cache cannot re-rotate the keys of a {type(cache).__name__}: {why}. Supported: "
             "DynamicCache and StaticCache (sliding-window layers too), without offloading. Use one of those, or "
-            "the fixed-t policy (clex.generation.generate_fixed_t), which never re-rotates keys"
+            "the fixed-t policy (clex.hf.generation.generate_fixed_t), which never re-rotates keys"
         )
 
 

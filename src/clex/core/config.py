@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 from .equations import ACTIVATIONS
-from .sampling import INFERENCE_T, POSITION_SAMPLERS, T_SAMPLERS
+from .policies import INFERENCE_T, POSITION_SAMPLERS, T_SAMPLERS
 
 #: Solvers we accept: ``rk4-fused`` (ours: torchdiffeq's rk4 written as one plain-torch loop in float64 with an
 #: exact hand-written backward; residual formulation only) and torchdiffeq methods. Fixed-grid ones step by at
@@ -24,7 +24,7 @@ FORMULATIONS = ("residual", "reference")
 POSITION_SPANS = ("sequence", "original")
 #: Where the ODE is solved when the model is on an accelerator (see CLEXConfig.solve_device).
 SOLVE_DEVICES = ("cpu", "model")
-#: Inference t policies: the registry in :mod:`clex.sampling` plus ``fixed`` (t set once, e.g. for generation).
+#: Inference t policies: the registry in :mod:`clex.core.policies` plus ``fixed`` (t set once, e.g. for generation).
 INFERENCE_POLICIES = (*INFERENCE_T, "fixed")
 
 

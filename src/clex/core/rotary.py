@@ -20,12 +20,12 @@ from torch import Tensor, nn
 
 from .config import CLEXConfig
 from .equations import rope_angles
-from .sampling import INFERENCE_T, POSITION_SAMPLERS, T_SAMPLERS, step_generator
+from .policies import INFERENCE_T, POSITION_SAMPLERS, T_SAMPLERS, step_generator
 from .solve import solve_log_freqs
 
 
 class CLEXDynamics(nn.Module):
-    """The only learned part of CLEX: act(h · W_up) · W_down (see :func:`clex.equations.clex_rhs`).
+    """The only learned part of CLEX: act(h · W_up) · W_down (see :func:`clex.core.equations.clex_rhs`).
 
     ode_up_proj: [d/2, λd], kaiming-uniform (a=√5); ode_down_proj: [λd, d/2], zeros, so that an untrained
     model follows the NTK prior exactly.
@@ -81,7 +81,7 @@ class CLEXRotaryEmbedding(nn.Module):
         self._decode_memo: dict = {}  # see _inference_frequencies
         self.inference_listener = None  # f(x, position_ids, θ [B, d/2]) once θ is chosen (inference; generation)
         self._warned_past_max = False
-        self.log_scale_length: float | None = None  # pins log_scale's key length (see clex.generation.fixed_t)
+        self.log_scale_length: float | None = None  # pins log_scale's key length (see clex.hf.generation.fixed_t)
 
     # --- θ(t) ----------------------------------------------------------------------------------------
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import CLEXConfig
-from .patch import apply_clex, get_clex_rotary, split_rope_parameters
+from ..core.config import CLEXConfig
+from .lookup import get_clex_rotary
+from .patch import apply_clex, split_rope_parameters
 
 #: Reference config keys -> ours (anything else in their rope_scaling is ignored, e.g. "factor": 1).
 OFFICIAL_KEYS = ("max_factor", "param_factor", "act", "time_dt")

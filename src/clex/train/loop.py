@@ -27,14 +27,19 @@ from pathlib import Path
 
 import torch
 
-from .checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from ..core.policies import step_generator
+from ..core.rotary import CLEXRotaryEmbedding
+from ..hf.lookup import find_rotary
+from ..hf.methods import METHODS, original_length, pose_position_ids, prepare_model
+from ..sources.presets import build_model, count_parameters
+from .checkpoints import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .config import TrainConfig
 from .data import prepare_data, rows_at
-from .methods import METHODS, original_length, pose_position_ids, prepare_model
-from .patch import find_rotary
-from .presets import build_model, count_parameters
-from .rotary import CLEXRotaryEmbedding
-from .sampling import step_generator
-from .train_config import TrainConfig
 
 __all__ = ["TrainConfig", "run", "main"]
 
@@ -160,7 +165,7 @@ def _check_resume_config(out_dir: Path, config: TrainConfig) -> None:
     file = out_dir / "config.yaml"
     if not file.is_file():
         return
-    from .train_config import read_config_file
+    from .config import read_config_file
 
     old = read_config_file(file)
     new = config.to_dict()
@@ -338,7 +343,8 @@ main.__doc__ = main.__doc__.format(
 )  # generated from the registries, so the help cannot drift
 
 
-if __name__ == "__main__":  # python -m clex.train CONFIG [key=value ...]  (e.g. under accelerate launch)
-    args = sys.argv[1:]
+def cli(argv: list[str] | None = None) -> int:
+    """``python -m clex.train CONFIG [key=value ...]`` (e.g. under accelerate launch or torchrun)."""
+    args = list(sys.argv[1:] if argv is None else argv)
     path = args.pop(0) if args and "=" not in args[0] else None
-    sys.exit(main(path, override=args))
+    return main(path, override=args)

@@ -13,43 +13,13 @@ import json
 import types
 from pathlib import Path
 
-from torch import Tensor, nn
+from torch import nn
 
-from .config import CLEXConfig
-from .rotary import CLEXRotaryEmbedding
+from ..core.config import CLEXConfig
+from ..core.rotary import CLEXRotaryEmbedding
+from .lookup import find_rotary, get_clex_rotary, text_config
 
 CLEX_KEYS = {"rope_type", *CLEXConfig.__dataclass_fields__} - {"extra"}
-
-
-def find_rotary(model: nn.Module) -> tuple[str, nn.Module]:
-    """(dotted name, module) of the model's single RoPE module; a clear ValueError if none or several."""
-    hits = [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(getattr(m, "inv_freq", None), Tensor) and "rotary" in type(m).__name__.lower()
-    ]
-    if not hits:
-        raise ValueError(
-            f"{type(model).__name__} has no RoPE rotary module (a `rotary_emb` with an `inv_freq` buffer): "
-            "CLEX applies to RoPE models only (LLaMA, Mistral, Mixtral, Qwen2/3, Phi, Phi-3, GPT-NeoX, ...)"
-        )
-    if len(hits) > 1:
-        names = ", ".join(n for n, _ in hits)
-        raise ValueError(f"{type(model).__name__} has several rotary modules ({names}); CLEX supports one")
-    return hits[0]
-
-
-def text_config(model: nn.Module):
-    cfg = model.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
-def get_clex_rotary(model: nn.Module) -> CLEXRotaryEmbedding:
-    """The model's CLEX rotary module; ValueError if CLEX was not applied."""
-    _, rotary = find_rotary(model)
-    if not isinstance(rotary, CLEXRotaryEmbedding):
-        raise ValueError(f"{type(model).__name__} has no CLEX rotary module: call clex.apply_clex(model) first")
-    return rotary
 
 
 def apply_clex(
@@ -58,7 +28,7 @@ def apply_clex(
     """Replace the model's RoPE with CLEX, in place, and return the model.
 
     config: a :class:`CLEXConfig`, a dict of its fields, or None for the defaults; keyword overrides win.
-    exact_cache: keep cached keys consistent when t changes during generation (:mod:`clex.generation`:
+    exact_cache: keep cached keys consistent when t changes during generation (:mod:`clex.hf.generation`:
     cached keys are re-rotated once, in place, when a row's t changes).
     ``original_length`` (L) defaults to the model's ``max_position_embeddings``. The model must use plain
     RoPE (``rope_type`` "default"): CLEX starts from the model's own frequencies θ⁰.
@@ -71,6 +41,7 @@ def apply_clex(
     name, old = find_rotary(model)
     if isinstance(old, CLEXRotaryEmbedding):
         raise ValueError(f"{type(model).__name__} already has CLEX at `{name}`")
+    register_rope_validation()  # from the first CLEX model on, transformers validates rope_type 'clex'
     rope_type = getattr(old, "rope_type", "default")
     if rope_type != "default":
         raise ValueError(
@@ -166,5 +137,3 @@ def split_rope_parameters(rope_parameters: dict) -> tuple[CLEXConfig, dict]:
     plain = {k: v for k, v in rope_parameters.items() if k not in CLEX_KEYS}
     return CLEXConfig.from_dict(clex), {**plain, "rope_type": "default"}
 
-
-register_rope_validation()

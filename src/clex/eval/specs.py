@@ -6,7 +6,7 @@ A **model spec** names one model (or one RoPE method on a model) to evaluate, as
 
 - ``PATH``: a local model folder: ours (saved with CLEX), the authors' released layout, or a plain
   transformers folder; read by :func:`clex.load_model`, tokenizer by ``AutoTokenizer`` from the same folder.
-  ``smollm2`` (when no such folder exists) is the embedded SmolLM2-135M GGUF (:func:`clex.smollm2.load_smollm2`;
+  ``smollm2`` (when no such folder exists) is the embedded SmolLM2-135M GGUF (:func:`clex.sources.smollm2.load_smollm2`;
   ``smollm2:clex:...`` applies CLEX fresh, ``smollm2:yarn:factor=4`` a transformers scaling).
 - ``METHOD``: a RoPE scaling applied through transformers' own ``rope_parameters`` (the rotary module is
   rebuilt with its own class, nothing re-implemented): ``linear`` (alias ``pi``), ``dynamic`` (alias ``ntk``),
@@ -39,11 +39,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .methods import original_length
-from .patch import find_rotary
-from .rotary import CLEXRotaryEmbedding
-
-ALIASES = {"pi": "linear", "ntk": "dynamic"}
+from ..core.rotary import CLEXRotaryEmbedding
+from ..hf.lookup import find_rotary
+from ..hf.methods import ALIASES, apply_rope_override, original_length
 
 
 def _value(text: str) -> Any:
@@ -124,49 +122,13 @@ def model_device(model) -> torch.device:
 
 
 def train_length_of(model: nn.Module) -> int | None:
-    """L: :func:`clex.methods.original_length` for a RoPE model; else the config's max positions, or None."""
+    """L: :func:`clex.hf.methods.original_length` for a RoPE model; else the config's max positions, or None."""
     if rotary_of(model) is not None:
         return original_length(model)
     config = getattr(model, "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     length = getattr(config, "max_position_embeddings", None)
     return int(length) if length else None
-
-
-def apply_rope_override(model: nn.Module, rope_type: str, params: dict) -> nn.Module:
-    """Give a plain-RoPE model transformers' own scaling ``rope_type`` with ``params``, in place.
-
-    Sets ``config.rope_parameters`` and rebuilds the rotary module with its own class, so the scaling is
-    exactly transformers' (``ROPE_INIT_FUNCTIONS``), attention factor included.
-    """
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    if rope_type not in ROPE_INIT_FUNCTIONS:
-        allowed = ", ".join([*ROPE_INIT_FUNCTIONS, *ALIASES, "clex"])
-        raise ValueError(f"unknown RoPE method {rope_type!r}; allowed: {allowed}")
-    factor = params.get("factor", 1.0)
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
-        raise ValueError(f"RoPE method {rope_type!r}: factor must be a number >= 1, got {factor!r}")
-    name, old = find_rotary(model)
-    if isinstance(old, CLEXRotaryEmbedding):
-        raise ValueError(f"RoPE method {rope_type!r} needs a plain-RoPE model, but this one already has CLEX")
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    plain = dict(config.rope_parameters or {})
-    if plain.get("rope_type", "default") != "default":
-        raise ValueError(f"RoPE method {rope_type!r} needs a plain-RoPE model, got rope_type {plain['rope_type']!r}")
-    new_params = {**plain, "rope_type": rope_type, **params}
-    if rope_type in ("yarn", "longrope"):
-        new_params.setdefault("original_max_position_embeddings", config.max_position_embeddings)
-    config.rope_parameters = new_params
-    try:
-        config.validate_rope()
-        new = type(old)(config=config)
-    except (KeyError, TypeError, ValueError) as e:
-        config.rope_parameters = plain
-        raise ValueError(f"RoPE method {rope_type!r} with parameters {params}: {e}") from None
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new.to(old.inv_freq.device))
-    return model
 
 
 def _load_tokenizer(path: Path):
@@ -182,13 +144,15 @@ def _load_tokenizer(path: Path):
 
 def load_spec(spec: str | ModelSpec, *, device: str = "cpu", dtype: str | None = None) -> LoadedModel:
     """Build the model of one spec (a string or :class:`ModelSpec`) on ``device`` in eval mode."""
-    from .checkpoint import clex_config_of, load_model, read_config
-    from .config import CLEXConfig
+    from ..core.config import CLEXConfig
+    from ..hf.loading import clex_config_of, load_model, read_config
 
     spec = ModelSpec.parse(spec) if isinstance(spec, str) else spec
     path = Path(spec.path)
     if spec.path == "smollm2" and not path.exists():
-        from .smollm2 import load_smollm2  # the embedded GGUF model, converted once to a cached folder
+        from .smollm2 import (
+            load_smollm2,  # the embedded GGUF model, converted once to a cached folder
+        )
 
         fresh = CLEXConfig.from_dict(spec.params) if spec.method == "clex" else None
         model, tokenizer = load_smollm2(dtype=dtype or "float32", device=device, clex=fresh)
@@ -248,7 +212,7 @@ def fixed_clex_t(model: nn.Module, length: int) -> Iterator[float | None]:
     if not isinstance(rot, CLEXRotaryEmbedding):
         yield None
         return
-    from .generation import fixed_t
+    from ..hf.generation import fixed_t
 
     t = float(rot.t_for_length(torch.tensor([int(length)]))[0])
     with fixed_t(model, t, log_scale_length=int(length)):
@@ -262,7 +226,7 @@ def load_documents(documents: str | Path | dict | None = None) -> dict[str, str]
     """{name: text}. None: the held-out plays of the embedded corpus; a dict is taken as is; a file: one
     document (.txt, .md) or one per line's "text" (.jsonl); a folder: each .txt / .md file in it."""
     if documents is None:
-        from .corpus import split_plays
+        from ..sources.corpus import split_plays
 
         docs = split_plays()[1]
         source = "the held-out plays of the embedded corpus"
@@ -295,3 +259,15 @@ def load_documents(documents: str | Path | dict | None = None) -> dict[str, str]
 def tokenize_documents(tokenizer, docs: dict[str, str]) -> dict[str, list[int]]:
     """{name: token ids} without special tokens (a document is scored as plain continuing text)."""
     return {k: list(tokenizer(v, add_special_tokens=False)["input_ids"]) for k, v in docs.items()}
+
+
+def parse_ints(value, field: str) -> list[int]:
+    """A list of positive ints from a list or a comma-separated string ("128,256")."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        out = [int(str(v).strip()) for v in items if str(v).strip()]
+    except ValueError:
+        raise ValueError(f"{field} must be positive integers like '128,256', got {value!r}") from None
+    if not out or min(out) < 2:
+        raise ValueError(f"{field} must be integers >= 2, got {value!r}")
+    return out

@@ -152,8 +152,8 @@ def plot_freqs(
     model: a CLEX model folder, a CLEX model, or its CLEXRotaryEmbedding. ts: length factors (>= 1).
     Writes the PNG at ``out`` and the numbers beside it (same name, .json). Returns the numbers.
     """
-    from .checkpoint import load_model
-    from .rotary import CLEXRotaryEmbedding
+    from ..core.rotary import CLEXRotaryEmbedding
+    from ..hf.loading import load_model
 
     ts = [float(t) for t in (ts.split(",") if isinstance(ts, str) else ts)]
     if not ts or min(ts) < 1:
@@ -163,7 +163,7 @@ def plot_freqs(
         rotary = model
     else:
         owner = model if isinstance(model, nn.Module) else load_model(str(model))
-        from .evalkit import rotary_of
+        from .specs import rotary_of
 
         rotary = rotary_of(owner)
         if not isinstance(rotary, CLEXRotaryEmbedding):

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import tomllib
 import yaml
 
-from .config import CLEXConfig
-from .methods import METHODS
+from ..core.config import CLEXConfig
+from ..hf.methods import METHODS
 
 TRAINABLE = ("all", "clex", "lora")
 DTYPES = ("float32", "bfloat16")
@@ -26,8 +26,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 @dataclass
 class TrainConfig:
     # --- model and method ---
-    model: str = "tiny-llama"  # a preset of clex.presets.MODEL_PRESETS, or a local model folder
-    method: str = "clex"  # a name of clex.methods.METHODS
+    model: str = "tiny-llama"  # a preset of clex.sources.presets.MODEL_PRESETS, or a local model folder
+    method: str = "clex"  # a name of clex.hf.methods.METHODS
     factor: float = 16.0  # target length / L0: the baselines' scale, the PoSE span, CLEX's max_factor (default)
     clex: dict = field(default_factory=dict)  # CLEXConfig fields for method clex; seed defaults to `seed`
     rope: dict = field(default_factory=dict)  # extra transformers rope_parameters (e.g. beta_fast for yarn)

@@ -23,7 +23,7 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    from . import __version__
+    from .._version import __version__
 
     return {
         "clex": __version__,

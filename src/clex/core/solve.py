@@ -29,7 +29,14 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from .equations import ACTIVATION_GRADS, ACTIVATIONS, clex_rhs, ntk_log_shift, residual_input, residual_rhs
+from .equations import (
+    ACTIVATION_GRADS,
+    ACTIVATIONS,
+    clex_rhs,
+    ntk_log_shift,
+    residual_input,
+    residual_rhs,
+)
 
 #: torchdiffeq's fixed-grid methods (they take the grid of :func:`fine_grid`).
 FIXED_GRID_METHODS = ("rk4", "euler", "midpoint", "explicit_adams")

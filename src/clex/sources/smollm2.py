@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .checkpoint import load_model
-from .config import CLEXConfig
+from ..core.config import CLEXConfig
+from ..hf.loading import load_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

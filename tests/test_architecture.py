@@ -1,0 +1,93 @@
+"""The package's floors, drawn from the code: imports go one way, train and eval are siblings, the core knows
+nothing of transformers, and `import clex` loads nothing heavy."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "clex"
+#: floor of each subpackage (top-level modules: cli, demo on top); a module may import only lower floors or
+#: its own subpackage; train and eval share a floor and never import each other.
+FLOORS = {"_version": 0, "core": 1, "hf": 2, "sources": 3, "train": 4, "eval": 4, "demo": 5, "cli": 6}
+
+
+def _part(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else "__init__"
+
+
+def _imports(file: Path) -> set[str]:
+    """Every clex module that ``file`` imports, at any depth of the code (lazy imports too)."""
+    here = "clex." + ".".join(file.relative_to(SRC).with_suffix("").parts)
+    package = here if file.name == "__init__.py" else here.rpartition(".")[0]
+    package = package.removesuffix(".__init__")
+    out = set()
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if mod == "clex" or mod.startswith("clex."):
+                out.add(mod)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("clex")}
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    result = {}
+    for file in SRC.rglob("*.py"):
+        name = "clex." + ".".join(file.relative_to(SRC).with_suffix("").parts)
+        result[name.removesuffix(".__init__")] = _imports(file)
+    return result
+
+
+def test_imports_go_down_the_floors_only_and_never_into_the_package_init():
+    wrong = []
+    for module, targets in graph().items():
+        if module in ("clex", "clex.train.__main__"):
+            continue
+        for target in targets:
+            if target == "clex":
+                wrong.append(f"{module} imports the package's __init__")
+                continue
+            a, b = _part(module), _part(target)
+            if a != b and FLOORS[b] >= FLOORS[a]:
+                wrong.append(f"{module} -> {target}")
+    assert not wrong, "imports against the floors:\n" + "\n".join(sorted(wrong))
+
+
+def test_no_import_circle():
+    g = graph()
+    done, stack = set(), []
+
+    def visit(m):
+        if m in stack:
+            raise AssertionError("import circle: " + " -> ".join(stack[stack.index(m) :] + [m]))
+        if m in done or m not in g:
+            return
+        stack.append(m)
+        for t in g[m]:
+            visit(t)
+        stack.pop()
+        done.add(m)
+
+    for m in g:
+        visit(m)
+
+
+def test_the_core_imports_torch_only():
+    for file in (SRC / "core").rglob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] == "transformers" for n in names), f"{file.name} imports transformers"
+
+
+def test_import_clex_is_light_and_changes_nothing_in_transformers():
+    code = (
+        "import sys, clex; heavy = [m for m in ('torch', 'transformers', 'torchdiffeq') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -15,7 +15,7 @@ from clex import CLEXConfig
         ("time_dt", -0.01, "time_dt must be a number > 0"),
         ("param_factor", 1.5, "param_factor must be an integer >= 1"),
         ("act", "relu", "act must be one of 'tanh', 'silu', got 'relu'"),
-        ("method", "rk5", "method must be one of 'rk4'"),
+        ("method", "rk5", "method must be one of 'rk4-fused', "),
         ("formulation", "fast", "formulation must be one of 'residual', 'reference'"),
         ("train_t", "normal", "train_t must be one of 'integer', 'uniform', 'log-uniform'"),
         ("position_sampler", "skip", "position_sampler must be one of 'random', 'pose'"),
@@ -39,10 +39,52 @@ def test_fixed_policy_needs_fixed_t():
         CLEXConfig(inference_t="fixed")
 
 
-def test_dict_round_trip_keeps_unknown_keys():
-    c = CLEXConfig(max_factor=8, act="silu", extra={"factor": 1})
-    d = c.to_dict()
-    assert d["factor"] == 1 and CLEXConfig.from_dict(d) == c
+def test_dict_round_trip():
+    c = CLEXConfig(max_factor=8, act="silu")
+    assert CLEXConfig.from_dict(c.to_dict()) == c and "extra" not in c.to_dict()
+
+
+def test_unknown_keys_are_refused_with_the_valid_names():
+    message = r"CLEXConfig has no field 'maxfactor' \(did you mean 'max_factor'\?\); valid fields: act, atol, "
+    with pytest.raises(ValueError, match=message):
+        CLEXConfig.from_dict({"maxfactor": 4})
+    with pytest.raises(ValueError, match=message):
+        CLEXConfig().replace(maxfactor=4)
+    with pytest.raises(ValueError, match="has no field 'zzz'; valid fields"):  # nothing close: no guess
+        CLEXConfig.from_dict({"zzz": 1})
+    with pytest.raises(ValueError, match="from_dict needs a dict, got list"):
+        CLEXConfig.from_dict([("max_factor", 4)])
+
+
+def test_the_config_is_immutable_and_replace_validates():
+    import dataclasses
+
+    c = CLEXConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.max_factor = 0
+    with pytest.raises(ValueError, match="max_factor must be a number >= 1, got 0"):
+        c.replace(max_factor=0)
+    assert c.replace(max_factor=8).max_factor == 8 and c.max_factor == 16
+    assert CLEXConfig(param_factor=2.0).param_factor == 2 and type(CLEXConfig(param_factor=2.0).param_factor) is int
+
+
+def test_fixed_t_needs_the_fixed_policy():
+    with pytest.raises(ValueError, match=r"fixed_t applies to inference_t='fixed' only, got fixed_t=2.0 with inference_t='continuous'"):
+        CLEXConfig(fixed_t=2.0)
+    fixed = CLEXConfig(inference_t="fixed", fixed_t=2.0)
+    with pytest.raises(ValueError, match="fixed_t applies to inference_t='fixed' only"):
+        fixed.replace(inference_t="integer")
+    assert fixed.replace(inference_t="integer", fixed_t=None).inference_t == "integer"
+
+
+def test_solver_methods_are_torchdiffeqs_registry_and_ours():
+    from torchdiffeq._impl.odeint import SOLVERS
+
+    from clex.core.config import SOLVER_METHODS
+
+    assert set(SOLVER_METHODS) == {"rk4-fused", *SOLVERS} - {"scipy_solver"}
+    for method in ("bosh3", "heun3", "fehlberg2"):
+        CLEXConfig(method=method)
 
 
 def test_odd_rotary_dimension_is_refused():
@@ -57,3 +99,5 @@ def test_apply_clex_takes_dicts_and_refuses_other_things():
     assert clex.get_clex_rotary(model).config.max_factor == 8
     with pytest.raises(ValueError, match="config must be a CLEXConfig, a dict or None, got int"):
         clex.apply_clex(tiny_model("llama"), 3)
+    with pytest.raises(ValueError, match="config must be a CLEXConfig, a dict or None, got str"):
+        clex.apply_clex(tiny_model("llama"), "clex", max_factor=4)

@@ -7,16 +7,23 @@ their configs map 1:1. Dicts are converted at the boundary only (:meth:`CLEXConf
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+
+from torchdiffeq._impl.odeint import SOLVERS as TORCHDIFFEQ_SOLVERS
 
 from .equations import ACTIVATIONS
 from .policies import INFERENCE_T, POSITION_SAMPLERS, T_SAMPLERS
 
-#: Solvers we accept: ``rk4-fused`` (ours: torchdiffeq's rk4 written as one plain-torch loop in float64 with an
-#: exact hand-written backward; residual formulation only) and torchdiffeq methods. Fixed-grid ones step by at
-#: most min(time_dt, log_dt·(t - 1/2)); adaptive ones (dopri5, dopri8, bosh3) use rtol/atol.
-SOLVER_METHODS = ("rk4", "rk4-fused", "euler", "midpoint", "explicit_adams", "dopri5", "dopri8", "bosh3")
+#: Our own solvers (fixed grid, residual formulation): ``rk4-fused`` is torchdiffeq's rk4 written as one
+#: plain-torch loop in float64 with an exact hand-written backward.
+FUSED_METHODS = ("rk4-fused",)
+#: Solvers we accept: ours, then torchdiffeq's own registry (so the two cannot drift; ``scipy_solver`` left out:
+#: it needs scipy and a solver option). Fixed-grid ones step by at most min(time_dt, log_dt·(t - 1/2));
+#: adaptive ones (dopri5, dopri8, bosh3, ...) use rtol/atol.
+SOLVER_METHODS = (*FUSED_METHODS, *(m for m in TORCHDIFFEQ_SOLVERS if m != "scipy_solver"))
 #: How to integrate: ``residual`` integrates the NTK prior exactly and the network numerically (ours),
 #: ``reference`` integrates the whole right-hand side numerically, as the authors' code does.
 FORMULATIONS = ("residual", "reference")
@@ -28,7 +35,18 @@ SOLVE_DEVICES = ("cpu", "model")
 INFERENCE_POLICIES = (*INFERENCE_T, "fixed")
 
 
-@dataclass
+def check_keys(keys: Iterable[str], allowed: Iterable[str], where: str = "CLEXConfig") -> None:
+    """Refuse keys that are not in ``allowed``: a ValueError naming the first unknown one, the closest valid
+    name ("did you mean") and every valid name."""
+    allowed = sorted(allowed)
+    for key in keys:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{where} has no field {key!r}{hint}; valid fields: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
 class CLEXConfig:
     # --- the dynamics (saved with the model; the names of the reference checkpoints) ---
     max_factor: float = 16.0  # largest t drawn in training; the frequency table covers [1, max_factor]
@@ -61,8 +79,6 @@ class CLEXConfig:
     fixed_t: float | None = None  # the t of the "fixed" policy
     original_length: int | None = None  # L; None = the model's max_position_embeddings
     log_scale: bool = False  # scale queries by log(len)/log(L) past L (CLEX-7B-16K was trained with it)
-
-    extra: dict = field(default_factory=dict, repr=False)  # unknown keys kept from a loaded config
 
     def __post_init__(self):
         def bad(name, expected):
@@ -107,28 +123,39 @@ class CLEXConfig:
             number("original_length", lambda v: v >= 1, "an integer >= 1, or None", integer=True)
         if self.fixed_t is not None:
             number("fixed_t", lambda v: v >= 1, "a number >= 1, or None")
+            if self.inference_t != "fixed":
+                raise ValueError(
+                    f"CLEXConfig.fixed_t applies to inference_t='fixed' only, got fixed_t={self.fixed_t!r} with "
+                    f"inference_t={self.inference_t!r}: set inference_t='fixed', or fixed_t=None"
+                )
         elif self.inference_t == "fixed":
             raise ValueError("CLEXConfig.inference_t='fixed' needs fixed_t (a number >= 1), got fixed_t=None")
         if not isinstance(self.log_scale, bool):
             bad("log_scale", "True or False")
-        self.param_factor = int(self.param_factor)
-        self.t_resolution = int(self.t_resolution)
-        self.seed = int(self.seed)
+        # normalisations (frozen: through object.__setattr__, here only)
+        object.__setattr__(self, "param_factor", int(self.param_factor))
+        object.__setattr__(self, "t_resolution", int(self.t_resolution))
+        object.__setattr__(self, "seed", int(self.seed))
         if self.original_length is not None:
-            self.original_length = int(self.original_length)
+            object.__setattr__(self, "original_length", int(self.original_length))
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.update(d.pop("extra"))
-        return d
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLEXConfig":
-        """Known keys become fields; unknown ones are kept in ``extra`` (and written back on save)."""
-        names = {f.name for f in fields(cls)} - {"extra"}
-        known = {k: v for k, v in d.items() if k in names}
-        extra = {k: v for k, v in d.items() if k not in names}
-        return cls(**known, extra=extra)
+        """Every key must be a field: an unknown one is refused with the valid names (foreign keys of saved
+        configs, such as rope_theta or the authors' ``type``, are mapped by :mod:`clex.hf.loading`)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"CLEXConfig.from_dict needs a dict, got {type(d).__name__}")
+        check_keys(d, cls.field_names())
+        return cls(**d)
 
     def replace(self, **changes) -> "CLEXConfig":
+        """A copy with ``changes``, validated again (the config itself is immutable)."""
+        check_keys(changes, self.field_names())
         return dataclasses.replace(self, **changes)

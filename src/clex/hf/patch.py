@@ -15,11 +15,21 @@ from pathlib import Path
 
 from torch import nn
 
-from ..core.config import CLEXConfig
+from ..core.config import CLEXConfig, check_keys
 from ..core.rotary import CLEXRotaryEmbedding
 from .lookup import find_rotary, get_clex_rotary, text_config
 
-CLEX_KEYS = {"rope_type", *CLEXConfig.__dataclass_fields__} - {"extra"}
+CLEX_KEYS = {"rope_type", *CLEXConfig.field_names()}
+
+
+def plain_rope_keys() -> frozenset[str]:
+    """The keys transformers knows in a ``rope_parameters`` dict (its ``RopeParameters``), e.g. rope_theta."""
+    try:
+        from transformers.modeling_rope_utils import RopeParameters
+
+        return frozenset(RopeParameters.__annotations__)
+    except (ImportError, AttributeError):  # an older transformers
+        return frozenset({"rope_theta", "rope_type", "partial_rotary_factor", "factor", "original_max_position_embeddings"})
 
 
 def apply_clex(
@@ -35,9 +45,14 @@ def apply_clex(
     """
     if isinstance(config, dict):
         config = CLEXConfig.from_dict(config)
-    config = (config or CLEXConfig()).replace(**overrides) if overrides or config is None else config
+    if config is None:
+        config = CLEXConfig()
     if not isinstance(config, CLEXConfig):
         raise ValueError(f"config must be a CLEXConfig, a dict or None, got {type(config).__name__}")
+    if not isinstance(exact_cache, bool):
+        raise ValueError(f"apply_clex's exact_cache must be True or False, got {exact_cache!r}")
+    if overrides:
+        config = config.replace(**overrides)
     name, old = find_rotary(model)
     if isinstance(old, CLEXRotaryEmbedding):
         raise ValueError(f"{type(model).__name__} already has CLEX at `{name}`")
@@ -132,7 +147,11 @@ def register_rope_validation() -> None:
 
 
 def split_rope_parameters(rope_parameters: dict) -> tuple[CLEXConfig, dict]:
-    """A saved ``rope_parameters`` of type "clex" -> (CLEXConfig, the plain-RoPE parameters underneath)."""
+    """A saved ``rope_parameters`` of type "clex" -> (CLEXConfig, the plain-RoPE parameters underneath).
+
+    Its keys are CLEX fields or transformers' plain-RoPE keys (rope_theta, ...); any other is refused."""
+    plain_keys = plain_rope_keys()
+    check_keys(rope_parameters, CLEX_KEYS | plain_keys, where="rope_parameters of type 'clex'")
     clex = {k: v for k, v in rope_parameters.items() if k in CLEX_KEYS and k != "rope_type"}
     plain = {k: v for k, v in rope_parameters.items() if k not in CLEX_KEYS}
     return CLEXConfig.from_dict(clex), {**plain, "rope_type": "default"}

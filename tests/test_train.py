@@ -192,7 +192,7 @@ def test_main_is_the_cli_entry(tmp_path, text_dir, capsys):
     args = ["steps=2", f"out_dir={tmp_path / 'out'}", "save_every=1", "batch_size=2"]
     assert main(str(tmp_path / "r.yaml"), override=args) == 0
     assert "final model" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="already holds checkpoints"):
+    with pytest.raises(ValueError, match="already holds a run"):
         main(str(tmp_path / "r.yaml"), override=args)
     assert main(str(tmp_path / "r.yaml"), override=args, resume=True) == 0  # nothing left to do
     resolved = TrainConfig.from_file(tmp_path / "out" / "config.yaml")

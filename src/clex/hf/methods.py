@@ -126,13 +126,22 @@ def _ntk(model: nn.Module, *, factor: float, clex: dict | None = None, rope: dic
     return _rebuild_rotary(model, params, original_length(model))  # L0 stays: the base carries the scaling
 
 
-def _clex(model: nn.Module, *, factor: float, clex: dict | None = None, rope: dict | None = None, pose: bool = False):
-    """clex: apply CLEX (max_factor = factor unless given); a model that has CLEX already keeps its ODE
-    weights and takes the given training fields."""
+def _clex(model: nn.Module, *, factor: float, clex: CLEXConfig | dict | None = None, rope: dict | None = None,
+          pose: bool = False):
+    """clex: apply CLEX; a model that has CLEX already keeps its ODE weights and takes the given training
+    fields. ``clex``: the CLEXConfig to apply as it is (the trainer's, built by ``TrainConfig.clex_config()``),
+    or a dict of fields (max_factor = factor unless given; ``pose`` sets position_sampler "pose")."""
     factor = _check_factor(factor)
-    fields = {"max_factor": factor, **(clex or {})}
-    if pose:
-        fields["position_sampler"] = "pose"
+    if isinstance(clex, CLEXConfig):
+        if pose and clex.position_sampler != "pose":
+            raise ValueError(f"pose=True needs the CLEXConfig's position_sampler 'pose', got {clex.position_sampler!r}")
+        given = clex
+        fields = {name: getattr(clex, name) for name in clex.__dataclass_fields__ if name != "extra"}
+    else:
+        given = None
+        fields = {"max_factor": factor, **(clex or {})}
+        if pose:
+            fields["position_sampler"] = "pose"
     if rope:
         raise ValueError(f"rope parameters {sorted(rope)} do not apply to method 'clex'; set clex fields instead")
     _, rot = find_rotary(model)
@@ -144,7 +153,7 @@ def _clex(model: nn.Module, *, factor: float, clex: dict | None = None, rope: di
             )
         rot.config = rot.config.replace(**{k: v for k, v in fields.items() if k != "original_length"})
         return model
-    return apply_clex(model, CLEXConfig.from_dict(fields))
+    return apply_clex(model, given if given is not None else CLEXConfig.from_dict(fields))
 
 
 def _none(model: nn.Module, *, factor: float, clex: dict | None = None, rope: dict | None = None, pose: bool = False):
@@ -169,14 +178,14 @@ METHODS: dict[str, Callable] = {
 
 
 def prepare_model(
-    model: nn.Module, method: str, *, factor: float, clex: dict | None = None, rope: dict | None = None,
+    model: nn.Module, method: str, *, factor: float, clex: CLEXConfig | dict | None = None, rope: dict | None = None,
     pose: bool = False,
 ) -> nn.Module:
     """Prepare ``model`` in place for fine-tuning with ``method`` (see :data:`METHODS`)."""  # fmt: skip
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
-    if clex and method != "clex":
-        raise ValueError(f"clex fields {sorted(clex)} apply to method 'clex' only, got method {method!r}")
+    if (isinstance(clex, CLEXConfig) or clex) and method != "clex":
+        raise ValueError(f"clex fields {sorted(clex.to_dict() if isinstance(clex, CLEXConfig) else clex)} apply to method 'clex' only, got method {method!r}")
     return METHODS[method](model, factor=factor, clex=clex, rope=rope, pose=pose)
 
 

@@ -75,7 +75,8 @@ class TrainConfig:
     eval_every: int = 200  # held-out loss every N steps (0: only at the end)
     eval_batches: int = 8  # held-out batches per evaluation
     tensorboard: bool = False  # also log to TensorBoard (out_dir/tensorboard; needs `pip install tensorboard`)
-    resume: bool = False  # continue from the newest checkpoint in out_dir
+    resume: bool = False  # continue from the newest complete checkpoint in out_dir (an error if it has none)
+    overwrite: bool = False  # a fresh run may replace the run already in out_dir (else refused)
 
     def __post_init__(self):
         for f in fields(self):
@@ -112,6 +113,9 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 bad(name, "a number in [0, 1)")
+        if self.resume and self.overwrite:
+            raise ValueError("TrainConfig.resume=true and overwrite=true contradict: resume continues the run in out_dir, "
+                             "overwrite replaces it; set one of them")
         if self.train == "clex" and self.method != "clex":
             raise ValueError(f"TrainConfig.train='clex' trains only the CLEX parameters: it needs method 'clex', got {self.method!r}")
         if self.clex and self.method != "clex":

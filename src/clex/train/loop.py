@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -32,12 +33,7 @@ from ..core.rotary import CLEXRotaryEmbedding
 from ..hf.lookup import find_rotary
 from ..hf.methods import METHODS, original_length, pose_position_ids, prepare_model
 from ..sources.presets import build_model, count_parameters
-from .checkpoints import (
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-)
+from .checkpoints import list_checkpoints, resume_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import prepare_data, rows_at
 
@@ -155,10 +151,63 @@ def _evaluate(model, accelerator, eval_rows, config: TrainConfig) -> float:
 
 
 def _trim_log(log_file: Path, step: int) -> None:
-    """Drop records past ``step`` (written by a run killed after its last checkpoint)."""
-    if log_file.is_file():
-        keep = [line for line in log_file.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        log_file.write_text("".join(line + "\n" for line in keep))
+    """Drop records past ``step`` (written by a run killed after its last checkpoint). A half-written last
+    line (a kill mid-write: it follows the checkpoint) is dropped too; any other bad line is an error."""
+    if not log_file.is_file():
+        return
+    text = log_file.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    keep = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record_step = record["step"]
+            if isinstance(record_step, bool) or not isinstance(record_step, int):
+                raise ValueError(f"step must be an integer, got {record_step!r}")
+        except (ValueError, KeyError, TypeError) as e:
+            if number == len(lines) and not text.endswith("\n"):
+                warnings.warn(f"{log_file} line {number} is half-written (the run was killed mid-write): dropped", stacklevel=3)
+                continue
+            raise ValueError(f"{log_file} line {number} is not a log record ({type(e).__name__}: {e}); "
+                             "each line must be a JSON object with an integer step") from None  # fmt: skip
+        if record_step <= step:
+            keep.append(line)
+    log_file.write_text("".join(line + "\n" for line in keep))
+
+
+#: What a run leaves in out_dir: a fresh run into a folder that holds any of them is refused (or, with
+#: overwrite=true, they are removed first: nothing of the old run is mixed into the new one).
+_RUN_FILES = ("final", "log.jsonl", "config.yaml")
+
+
+def _previous_run(out_dir: Path) -> list[Path]:
+    if not out_dir.is_dir():
+        return []
+    found = [out_dir / name for name in _RUN_FILES if (out_dir / name).exists()]
+    found += sorted(p for p in out_dir.iterdir() if p.name.startswith(("checkpoint-", ".tmp-checkpoint-", ".tmp-old-checkpoint-")))
+    return found
+
+
+def _check_out_dir(config: TrainConfig, out_dir: Path) -> None:
+    """Nothing lost, nothing silently replaced: a fresh run needs an empty out_dir (or overwrite=true); a
+    resume needs a checkpoint."""
+    if config.resume:
+        if not list_checkpoints(out_dir):
+            raise ValueError(f"resume=true but out_dir {out_dir} holds no complete checkpoint (checkpoint-*/trainer_state.json): "
+                             "drop --resume to start a fresh run, or point out_dir at the run to continue")  # fmt: skip
+        return
+    previous = _previous_run(out_dir)
+    if previous and not config.overwrite:
+        names = ", ".join(p.name for p in previous[:6]) + (", ..." if len(previous) > 6 else "")
+        raise ValueError(f"out_dir {out_dir} already holds a run ({names}): set resume=true (--resume) to continue it, "
+                         "overwrite=true (--overwrite) to replace it, or pick a new out_dir")  # fmt: skip
+
+
+def _remove_previous_run(out_dir: Path) -> None:
+    for p in _previous_run(out_dir):
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def _check_resume_config(out_dir: Path, config: TrainConfig) -> None:
@@ -167,7 +216,11 @@ def _check_resume_config(out_dir: Path, config: TrainConfig) -> None:
         return
     from .config import read_config_file
 
-    old = read_config_file(file)
+    try:
+        old = read_config_file(file)
+    except ValueError as e:  # it names the file; the resume itself needs only the checkpoint
+        warnings.warn(f"cannot compare the resumed run with its first config: {e}", stacklevel=3)
+        return
     new = config.to_dict()
     changed = [k for k in _CURVE_FIELDS if k in old and old[k] != new[k]]
     if changed:
@@ -182,10 +235,14 @@ def run(config: TrainConfig) -> Path:
     if not isinstance(config, TrainConfig):
         raise ValueError(f"run() takes a TrainConfig, got {type(config).__name__}")
     out_dir = Path(config.out_dir)
-    if not config.resume and list_checkpoints(out_dir):
-        raise ValueError(f"out_dir {out_dir} already holds checkpoints: set resume=true to continue it, or pick a new out_dir")
+    _check_out_dir(config, out_dir)
     accelerator = _accelerator(config)
     main_proc, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    if config.overwrite and not config.resume:
+        if main_proc and _previous_run(out_dir):
+            print(f"clex train: overwrite=true: removing the previous run in {out_dir}", flush=True)
+            _remove_previous_run(out_dir)
+        accelerator.wait_for_everyone()
     set_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -193,8 +250,8 @@ def run(config: TrainConfig) -> Path:
     # --- model, method, data ---
     model, tokenizer = build_model(config.model, seed=config.seed)
     length0 = original_length(model)
-    clex_fields = config.clex_config().to_dict() if config.method == "clex" else None
-    prepare_model(model, config.method, factor=config.factor, clex=clex_fields, rope=config.rope or None, pose=config.pose)
+    clex_config = config.clex_config() if config.method == "clex" else None  # the one place it is built
+    prepare_model(model, config.method, factor=config.factor, clex=clex_config, rope=config.rope or None, pose=config.pose)
     _, rotary = find_rotary(model)
     rotary = rotary if isinstance(rotary, CLEXRotaryEmbedding) else None
     if config.gradient_checkpointing:
@@ -211,23 +268,23 @@ def run(config: TrainConfig) -> Path:
     _deepspeed_fill(accelerator, config)
     sizes = count_parameters(model), sum(p.numel() for g in groups for p in g["params"])  # before FSDP/ZeRO-3 shard
     model, optimizer = accelerator.prepare(model, optimizer)
-    # made on the prepared optimizer (DeepSpeed may swap in its own); stepped by us once per optimizer step
+    # made on the prepared optimizer (DeepSpeed may swap in its own); stepped by us once per optimizer step.
+    # Not registered with accelerate (that would pickle it): checkpoints save its numbers as JSON.
     scheduler = lr_schedule(optimizer, config.schedule, warmup=math.ceil(config.warmup_ratio * config.steps), steps=config.steps)
-    accelerator.register_for_checkpointing(scheduler)
     _zero3_external_params(accelerator, rotary)
 
     # --- fresh start or resume ---
     state = {"step": 0, "data_position": 0, "draws": 0, "tokens": 0}
-    ckpt = latest_checkpoint(out_dir) if config.resume else None
-    if ckpt is not None:
+    ckpt = None
+    if config.resume:
         _check_resume_config(out_dir, config)
-        state = load_checkpoint(accelerator, ckpt)
+        ckpt, state = resume_checkpoint(accelerator, out_dir, scheduler)
         if rotary is not None:
             rotary.draws = state["draws"]
     log_file = out_dir / "log.jsonl"
     if main_proc:
         out_dir.mkdir(parents=True, exist_ok=True)
-        config.write_yaml(out_dir / "config.yaml")
+        dataclasses.replace(config, overwrite=False).write_yaml(out_dir / "config.yaml")  # the run, not the how
         _trim_log(log_file, state["step"]) if ckpt is not None else log_file.write_text("")
         print(f"clex train: {config.model} ({sizes[0] / 1e6:.2f}M parameters, "
               f"{sizes[1] / 1e6:.3f}M trained), method {config.method}"
@@ -296,7 +353,7 @@ def run(config: TrainConfig) -> Path:
         bar.set_postfix(postfix, refresh=False)
         bar.update(1)
         if config.save_every and (step % config.save_every == 0 or step == config.steps):
-            save_checkpoint(accelerator, out_dir, step, dict(state), keep=config.keep_checkpoints)
+            save_checkpoint(accelerator, out_dir, step, dict(state), keep=config.keep_checkpoints, scheduler=scheduler)
     bar.close()
 
     # --- the final model: plain transformers folder (CLEX: rope_parameters type "clex") + tokenizer ---
@@ -311,14 +368,14 @@ def run(config: TrainConfig) -> Path:
     unwrapped.save_pretrained(final, is_main_process=main_proc, save_function=accelerator.save, state_dict=state_dict)
     if main_proc:
         tokenizer.save_pretrained(final)
-        config.write_yaml(final / "clex_train.yaml")
+        dataclasses.replace(config, overwrite=False).write_yaml(final / "clex_train.yaml")
     if config.tensorboard:
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return final
 
 
-def main(config: str | None = None, override: list[str] | None = None, resume: bool = False) -> int:
+def main(config: str | None = None, override: list[str] | None = None, resume: bool = False, overwrite: bool = False) -> int:
     """Fine-tune a RoPE model with CLEX or a baseline (PI, NTK, YaRN, ...), from a YAML/TOML config.
 
     Methods: {methods}; `pose=true` adds PoSE positions to any of them. Every TrainConfig field can be
@@ -329,9 +386,11 @@ def main(config: str | None = None, override: list[str] | None = None, resume: b
     Args:
         config: a YAML or TOML file of TrainConfig fields (e.g. recipes/tiny-clex.yaml); none = the defaults
         override: key=value pairs that override the file, e.g. steps=100 method=yarn clex.max_factor=8
-        resume: continue from the newest checkpoint in out_dir
+        resume: continue from the newest complete checkpoint in out_dir (an error if it has none)
+        overwrite: replace the run already in out_dir (else a fresh run into a non-empty out_dir is refused)
     """
-    cfg = TrainConfig.from_file(config, list(override or ()) + (["resume=true"] if resume else []))
+    flags = (["resume=true"] if resume else []) + (["overwrite=true"] if overwrite else [])
+    cfg = TrainConfig.from_file(config, list(override or ()) + flags)
     final = run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"final model: {final}", flush=True)

@@ -242,3 +242,16 @@ def test_bad_config_files_name_the_file(tmp_path, name, text):
     path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
     with pytest.raises(ValueError, match=rf"cannot parse config file .*{name}"):
         TrainConfig.from_file(path)
+
+
+def test_an_older_checkpoint_without_the_json_state_still_resumes(finished, tmp_path, text_dir):
+    """Written before scheduler.json and random_states_*.json: the schedule is rebuilt from the step (warned)."""
+    out = copy_run(finished, tmp_path)
+    shutil.rmtree(out / "checkpoint-000004")
+    shutil.rmtree(out / "final")
+    (out / "checkpoint-000002" / "scheduler.json").unlink()
+    (out / "checkpoint-000002" / "random_states_0.json").unlink()
+    with pytest.warns(UserWarning, match=r"no scheduler\.json: the LR schedule is rebuilt at step 2"):
+        run(tiny(out, text_dir, resume=True))
+    for a, b in zip(records(finished), records(out)):
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-12) and a["loss"] == pytest.approx(b["loss"], abs=1e-6)

@@ -12,6 +12,11 @@ same on every rank. Each micro-batch is a forward, so with ``grad_accum`` > 1 on
 the gradients of ``grad_accum`` different t (more t per step, and the same t sequence whatever the number of
 processes); the counter is checkpointed. At t = 1 the rotary keeps the ODE weights in the graph with a zero
 gradient, so DDP's unused-parameter check never fires.
+
+out_dir: a fresh run into one that holds a run (final/, log.jsonl, config.yaml, checkpoint-*) is refused
+unless ``overwrite=true`` (which removes those first); ``resume=true`` needs a complete checkpoint there and
+takes the newest usable one (a damaged one is skipped with a warning); checkpoints are never unpickled
+(:mod:`clex.train.checkpoints`).
 """
 
 from __future__ import annotations

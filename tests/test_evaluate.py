@@ -11,7 +11,7 @@ import clex
 from clex.eval import perplexity as evaluate
 from clex.eval.perplexity import nll_chunked, nll_sliding, run_ppl
 from clex.eval.specs import ModelSpec, fixed_clex_t, load_spec
-from clex.hf.methods import apply_rope_override
+from clex.hf.methods import prepare_model
 from clex.sources.tokenizer import byte_tokenizer
 
 L = 16  # the tiny models' max_position_embeddings
@@ -96,29 +96,64 @@ def test_the_loss_never_holds_full_sequence_logits():
     assert rows and all(s[-1] == 257 and s.numel() <= 8 * 257 for s in rows)
 
 
-def test_yarn_override_is_transformers_own_yarn():
+def test_yarn_spec_is_transformers_own_yarn(tmp_path):
     rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": L, "rope_theta": 10000.0}
-    ours = apply_rope_override(byte_model(), "yarn", {"factor": 4.0})
     theirs = tiny_model("llama", seed=0, vocab_size=257, rope_parameters=rope)
+    byte_model().save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    ours = load_spec(f"{tmp_path}:yarn:factor=4.0").model
     x = ids(60)
     with torch.no_grad():
         torch.testing.assert_close(ours(x[None]).logits, theirs(x[None]).logits)
     assert ours.model.rotary_emb.attention_scaling > 1  # YaRN's attention factor came with it
-    with pytest.raises(ValueError, match="unknown RoPE method 'bogus'; allowed: linear"):
-        apply_rope_override(byte_model(), "bogus", {})
-    with pytest.raises(ValueError, match="needs a plain-RoPE model, but this one already has CLEX"):
-        apply_rope_override(byte_model(True), "yarn", {"factor": 4.0})
-    with pytest.raises(ValueError, match="missing.*factor|factor.*missing|'factor'"):
-        apply_rope_override(byte_model(), "linear", {})
-    with pytest.raises(ValueError, match="factor must be a number >= 1, got 0.5"):
-        apply_rope_override(byte_model(), "yarn", {"factor": 0.5})
+    with pytest.raises(ValueError, match="unknown method 'bogus'; methods: clex, pi, ntk, dynamic-ntk"):
+        load_spec(f"{tmp_path}:bogus:factor=4")
+    with pytest.raises(ValueError, match="plain-RoPE model, but this one has CLEX"):
+        prepare_model(byte_model(True), "yarn", factor=4.0)
+    with pytest.raises(ValueError, match="give factor="):
+        load_spec(f"{tmp_path}:linear")
+    with pytest.raises(ValueError, match=r"factor must be a number >= 1 \(target length / original length\), got 0.5"):
+        load_spec(f"{tmp_path}:yarn:factor=0.5")
+
+
+def test_every_baseline_spec_is_the_training_method(tmp_path):
+    """One registry: PATH:METHOD:factor=4 builds exactly what prepare_model(METHOD, factor=4) builds for
+    training; ntk is static NTK everywhere; linear and dynamic are aliases of pi and dynamic-ntk."""
+    byte_model().save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    x = ids(60)
+    for spec, method in [("pi", "pi"), ("linear", "pi"), ("ntk", "ntk"), ("dynamic", "dynamic-ntk"),
+                         ("dynamic-ntk", "dynamic-ntk"), ("yarn", "yarn"), ("longrope", "longrope"),
+                         ("llama3", "llama3")]:  # fmt: skip
+        loaded = load_spec(f"{tmp_path}:{spec}:factor=4")
+        assert loaded.spec["method"] == method
+        trained = prepare_model(byte_model(), method, factor=4)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.model(x[None]).logits, trained(x[None]).logits, msg=spec)
+    ntk = load_spec(f"{tmp_path}:ntk:factor=4").model.model.rotary_emb
+    assert ntk.rope_type == "default" and ntk.inv_freq[-1] < byte_model().model.rotary_emb.inv_freq[-1]
+
+
+def test_unknown_rope_keys_are_refused_with_the_valid_ones(tmp_path):
+    byte_model().save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"unknown rope parameter\(s\) \['beta_fats'\]; valid: .*beta_fast"):
+        load_spec(f"{tmp_path}:yarn:factor=4,beta_fats=16")
+    with pytest.raises(ValueError, match=r"\['maxfactor'\]; valid: factor, partial_rotary_factor, rope_theta"):
+        load_spec(f"{tmp_path}:pi:factor=4,maxfactor=4")
+    with pytest.raises(ValueError, match="maxfactor"):
+        load_spec(f"{tmp_path}:clex:maxfactor=4")
+    assert load_spec(f"{tmp_path}:yarn:factor=4,beta_fast=16").model.config.rope_parameters["beta_fast"] == 16
 
 
 def test_model_spec_syntax():
     s = ModelSpec.parse("yarn4=runs/base:yarn:factor=4,beta_fast=32.0")
     assert (s.name, s.path, s.method, s.params) == ("yarn4", "runs/base", "yarn", {"factor": 4, "beta_fast": 32.0})
     s = ModelSpec.parse("runs/base:pi:factor=2")
-    assert s.method == "linear" and s.label == "base:linear(factor=2)"
+    assert s.method == "pi" and s.label == "base:pi(factor=2)"
+    assert ModelSpec.parse("runs/base:Dynamic:factor=2").method == "dynamic-ntk"
+    with pytest.raises(ValueError, match="unknown method 'rerope'; methods: .*aliases: linear"):
+        ModelSpec.parse("runs/base:rerope:factor=2")
     assert ModelSpec.parse("runs/clex").label == "clex" and ModelSpec.parse("runs/clex").method is None
     with pytest.raises(ValueError, match="KEY=VALUE"):
         ModelSpec.parse("runs/base:yarn:factor")
@@ -189,7 +224,7 @@ def test_bad_input_is_refused_clearly(folder, tmp_path):
         run_ppl([str(tmp_path / "nowhere")], lengths=[20], documents=docs, out_dir=str(tmp_path))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="the corpus is empty"):
+    with pytest.raises(ValueError, match="empty holds no .txt, .md or .jsonl files"):
         run_ppl([f"{folder}"], lengths=[20], documents=str(empty), out_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="documents not found"):
         run_ppl([f"{folder}"], lengths=[20], documents=str(tmp_path / "missing.txt"), out_dir=str(tmp_path))

@@ -92,7 +92,7 @@ def test_bad_input_is_refused_clearly(tmp_path):
     tok = byte_tokenizer()
     with pytest.raises(ValueError, match="too short"):
         run_passkey([("c", Copier(), tok)], lengths=[50], trials=1, out_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="depths must be fractions in"):
+    with pytest.raises(ValueError, match=r"depths must be finite fractions in \[0, 1\]"):
         run_passkey([("c", Copier(), tok)], lengths=[300], depths=[1.5], out_dir=str(tmp_path))
     with pytest.raises(ValueError, match="template must be one of compact, standard, got 'short'"):
         run_passkey([("c", Copier(), tok)], lengths=[300], template="short", out_dir=str(tmp_path))
@@ -100,7 +100,7 @@ def test_bad_input_is_refused_clearly(tmp_path):
         run_passkey([("c", Copier(), tok)], out_dir=str(tmp_path))
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
-    with pytest.raises(ValueError, match="the corpus is empty"):
+    with pytest.raises(ValueError, match="empty.txt holds no text"):
         run_needle([("c", Copier(), tok)], lengths=[300], documents=str(empty), out_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="model folder not found"):
         run_passkey([str(tmp_path / "nowhere")], lengths=[300], out_dir=str(tmp_path))

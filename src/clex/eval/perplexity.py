@@ -33,17 +33,20 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..hf.compat import cache_kwargs, output_cache
-from .report import write_results
+from .report import finish_run
 from .specs import (
     LoadedModel,
-    as_loaded,
+    check_count,
+    check_device,
+    check_dtype,
     check_models,
+    default_lengths,
+    each_model,
     fixed_clex_t,
     load_documents,
     model_device,
     parse_ints,
     tokenize_documents,
-    unique_names,
 )  # fmt: skip
 
 PROTOCOLS = ("sliding", "chunked")
@@ -167,7 +170,7 @@ def perplexity(
             if protocol == "sliding":
                 nll = nll_sliding(loaded.model, ids, window=window, stride=stride, block=loss_block)
             else:
-                nll = nll_chunked(loaded.model, ids, chunk=chunk or loaded.train_length or n, block=loss_block)
+                nll = nll_chunked(loaded.model, ids, chunk=chunk if chunk is not None else loaded.train_length or n, block=loss_block)
             nlls.append(nll)
             per_doc[f"{doc}@{off}"] = math.exp(float(nll.mean()))
         allnll = torch.stack(nlls)  # [docs, n-1]
@@ -187,7 +190,7 @@ def perplexity(
 
 
 def run_ppl(
-    models: Sequence = (),
+    models: Sequence[str | tuple] = (),
     *,
     lengths: Sequence[int] | str | None = None,
     protocol: str = "chunked",
@@ -208,24 +211,42 @@ def run_ppl(
 ) -> dict:
     """Perplexity against length for one or more models, side by side (JSON + Markdown + PNG).
 
-    models: model specs (``[NAME=]PATH[:METHOD[:K=V,...]]``, see :mod:`clex.eval.specs`) or built
-    (name, model, tokenizer) triples. lengths: token counts (default: 1, 2, 4, 8, 16 x the first model's
-    training length L). protocol: ``chunked`` (key cache carried over chunks of ``chunk`` tokens, default L)
-    or ``sliding`` (windows of ``window`` tokens, default the whole length, moved by ``stride``).
-    documents: a .txt/.md/.jsonl file or a folder (default: the embedded corpus's held-out plays);
-    samples: sequences per document (evenly spaced); buckets: position buckets of the per-position loss.
     Per length: ppl = exp(mean token NLL), the spread of per-sequence ppl (std, min, max), bucket NLLs.
+    Bad values (chunk 0, max_documents 0, an unknown device or dtype, ...) are a ValueError naming the field.
+
+    Args:
+        models: model specs [NAME=]PATH[:METHOD[:K=V,...]] (see clex.eval.specs), or (name, model, tokenizer) triples
+        lengths: token counts, e.g. 1024,2048 (default: 1, 2, 4, 8, 16 x the first model's training length L)
+        protocol: chunked (key cache carried over chunks) or sliding (fresh windows moved by stride)
+        window: sliding: tokens per window, >= 2 (default: the whole length)
+        stride: sliding: tokens each window moves, >= 1
+        chunk: chunked: tokens per chunk, >= 1 (default: L, the model's training length)
+        documents: a .txt/.md/.jsonl file, a folder of them or a saved dataset (default: the held-out plays)
+        samples: sequences per document and length (evenly spaced windows), >= 1
+        max_documents: use only the first N documents, >= 1 (default: all)
+        buckets: position buckets of the per-position loss, >= 1
+        loss_block: positions per block of the output head and loss (memory), >= 1
+        device: cpu, cuda, cuda:N or mps
+        dtype: float32, bfloat16 or float16 (default: as saved)
+        seed: seed of torch before each model
+        out_dir: folder of the results (<name>.json, <name>.md, <name>.png)
+        name: file stem of the results
+        plot: draw <name>.png
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    if samples < 1 or buckets < 1 or loss_block < 1:
-        raise ValueError(f"samples, buckets and loss_block must be >= 1, got {samples}, {buckets}, {loss_block}")
+    for field_name, value in (("samples", samples), ("buckets", buckets), ("loss_block", loss_block),
+                              ("stride", stride), ("max_documents", max_documents)):  # fmt: skip
+        check_count(field_name, value, allow_none=field_name == "max_documents")
+    check_count("chunk", chunk, allow_none=True, none_means="L, the model's training length")
+    check_count("window", window, allow_none=True, minimum=2, none_means="the whole length")
+    device, dtype = check_device(device), check_dtype(dtype)
     specs = check_models(models)
-    docs = load_documents(documents)
-    if max_documents is not None:
-        docs = dict(list(docs.items())[: max(1, int(max_documents))])
     if lengths is not None:
         lengths = parse_ints(lengths, "lengths")
+    docs = load_documents(documents)
+    if max_documents is not None:
+        docs = dict(list(docs.items())[:max_documents])
     config = {
         "lengths": lengths, "protocol": protocol, "window": window, "stride": stride, "chunk": chunk,
         "documents": str(documents) if documents is not None else "embedded held-out plays",
@@ -233,15 +254,9 @@ def run_ppl(
         "device": device, "dtype": dtype,
     }  # fmt: skip
     models_out = {}
-    for item in tqdm(specs, desc="models", disable=len(specs) < 2):
-        torch.manual_seed(seed)
-        loaded = as_loaded(item, device=device, dtype=dtype)  # one model in memory at a time
-        unique_names([*models_out, loaded.name])
+    for loaded in each_model(specs, seed=seed, device=device, dtype=dtype):  # one model in memory at a time
         if lengths is None:
-            if not loaded.train_length:
-                raise ValueError(f"{loaded.name} has no known training length; give lengths explicitly")
-            lengths = [loaded.train_length * k for k in (1, 2, 4, 8, 16)]
-            config["lengths"] = lengths
+            lengths = config["lengths"] = default_lengths(loaded, (1, 2, 4, 8, 16))
         tokens = tokenize_documents(loaded.tokenizer, docs)
         res = perplexity(
             loaded, tokens, lengths, protocol=protocol, window=window, stride=stride, chunk=chunk,
@@ -258,13 +273,14 @@ def run_ppl(
         }
         for m, v in models_out.items()
     ]
-    paths = write_results(
+    return finish_run(
         out_dir, name, payload, rows, title=f"Perplexity by length ({protocol})",
         notes="Cells: perplexity (exp of the mean token NLL) ± std of per-sequence perplexity. L: training length.",
+        plot=_plot_ppl if plot else None,
     )  # fmt: skip
-    if plot:
-        from .plot import plot_ppl
 
-        paths["png"] = plot_ppl(payload, Path(out_dir) / f"{name}.png")
-    payload["paths"] = {k: str(v) for k, v in paths.items()}
-    return payload
+
+def _plot_ppl(payload: dict, png: Path) -> Path:
+    from .plot import plot_ppl
+
+    return plot_ppl(payload, png)

@@ -3,19 +3,22 @@
 - :func:`plot_ppl`: one line per model from a ``clex eval ppl`` payload; each training length L marked.
 - :func:`plot_retrieval`: accuracy by length x depth, one heatmap per model.
 - :func:`plot_freqs`: θ_j(t) / θ_j(1) of a CLEX model against the pair index j, beside PI (``linear``),
-  NTK (``dynamic``, α = t) and YaRN for the same t, all three from transformers' ``ROPE_INIT_FUNCTIONS``;
+  static NTK (α = t: the base x t^(d/(d-2)), computed by ``dynamic`` at t·L tokens) and YaRN for the same t, all three from transformers' ``ROPE_INIT_FUNCTIONS``;
   and the CLEX prior (NTK with α = 2t − 1, what an untrained CLEX gives), so the learned part shows.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ..core.io import atomic_write_bytes, atomic_write_text
 
 
 def _pyplot():
@@ -28,11 +31,10 @@ def _pyplot():
 
 
 def _save(fig, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120, bbox_inches="tight")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(out).suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
     _pyplot().close(fig)
-    return out
+    return atomic_write_bytes(out, buffer.getvalue())
 
 
 def plot_ppl(payload: dict, out: str | Path, *, title: str | None = None) -> Path:
@@ -129,7 +131,7 @@ def baseline_inv_freqs(config, t: float, length: int) -> dict[str, torch.Tensor]
     plain = {**(config.rope_parameters or {}), "rope_type": "default"}
     plan = {
         "PI": ("linear", {"factor": t}, None),
-        "NTK": ("dynamic", {"factor": 1.0}, t * length),  # base·(seq_len/L)^(d/(d-2)): α = t
+        "NTK": ("dynamic", {"factor": 1.0}, t * length),  # base·(seq_len/L)^(d/(d-2)): static NTK, α = t
         "YaRN": ("yarn", {"factor": t, "original_max_position_embeddings": length}, None),
         "CLEX prior (NTK α=2t-1)": ("dynamic", {"factor": 2.0}, t * length),  # α = 2·seq_len/L − 1
     }
@@ -191,5 +193,5 @@ def plot_freqs(
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"CLEX frequencies against PI, NTK and YaRN (L = {length})")
     png = _save(fig, out)
-    Path(png).with_suffix(".json").write_text(json.dumps(numbers, indent=1) + "\n")
+    atomic_write_text(Path(png).with_suffix(".json"), json.dumps(numbers, indent=1) + "\n")
     return {**numbers, "paths": {"png": str(png), "json": str(Path(png).with_suffix(".json"))}}

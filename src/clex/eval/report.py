@@ -3,6 +3,10 @@
     paths = write_results("runs/eval", "ppl", payload, rows, title="Perplexity")
     # -> {"json": runs/eval/ppl.json, "markdown": runs/eval/ppl.md}
 
+Every file is written atomically (:func:`clex.core.io.atomic_write_text`): a killed run leaves the old result
+or the new one, never half a file. :func:`finish_run` is the tail every evaluation shares: write the JSON and
+the table, draw the plot, and record the paths in the payload.
+
 ``rows`` are dicts with the same keys (the table's columns, in first-seen order unless ``columns`` is given).
 Non-finite floats become ``null`` in JSON (strict JSON has no NaN/inf) and "inf"/"nan" in the table.
 """
@@ -13,9 +17,11 @@ import datetime as _dt
 import json
 import math
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from ..core.io import atomic_write_text
 
 
 def versions() -> dict[str, str]:
@@ -94,17 +100,35 @@ def write_results(
     if not name or any(c in name for c in "/\\"):
         raise ValueError(f"results name must be a plain file stem like 'ppl', got {name!r}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     payload = {**payload}
     payload.setdefault("versions", versions())
     payload.setdefault("written_at", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     json_path, md_path = out / f"{name}.json", out / f"{name}.md"
-    json_path.write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(json_path, json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n")
     parts = [f"# {title or name}\n", markdown_table(rows, columns)]
     if notes:
         parts.append(notes.strip() + "\n")
     v = payload["versions"]
     parts.append(f"_clex {v.get('clex')}, torch {v.get('torch')}, transformers {v.get('transformers')}; "
                  f"seed {payload.get('seed', '-')}; full results in `{json_path.name}`._\n")  # fmt: skip
-    md_path.write_text("\n".join(parts))
+    atomic_write_text(md_path, "\n".join(parts))
     return {"json": json_path, "markdown": md_path}
+
+
+def finish_run(
+    out_dir: str | Path,
+    name: str,
+    payload: dict,
+    rows: Sequence[dict],
+    *,
+    title: str,
+    notes: str,
+    plot: Callable[[dict, Path], Path] | None = None,
+) -> dict:
+    """The tail of every evaluation: :func:`write_results`, then ``plot(payload, <out_dir>/<name>.png)`` if
+    given; the written paths go into ``payload["paths"]`` (as strings). Returns the payload."""
+    paths = write_results(out_dir, name, payload, rows, title=title, notes=notes)
+    if plot is not None:
+        paths["png"] = plot(payload, Path(out_dir) / f"{name}.png")
+    payload["paths"] = {k: str(v) for k, v in paths.items()}
+    return payload

@@ -26,15 +26,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..hf.compat import cache_kwargs, output_cache
-from .report import write_results
+from .report import finish_run
 from .specs import (
-    as_loaded,
+    check_count,
+    check_device,
+    check_dtype,
     check_models,
+    default_lengths,
+    each_model,
     fixed_clex_t,
     load_documents,
     model_device,
+    parse_fractions,
     parse_ints,
-    unique_names,
 )
 
 TASKS = ("passkey", "needle")
@@ -176,27 +180,22 @@ def _run(
 ) -> dict:
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-    if trials < 1:
-        raise ValueError(f"trials must be >= 1, got {trials}")
+    check_count("trials", trials)
     if (task, template) not in TEMPLATES:
         raise ValueError(f"template must be one of {', '.join(sorted({t for _, t in TEMPLATES}))}, got {template!r}")
-    depths = [float(d) for d in (depths.split(",") if isinstance(depths, str) else depths)]
-    if not depths or min(depths) < 0 or max(depths) > 1:
-        raise ValueError(f"depths must be fractions in [0, 1] like '0,0.5,1', got {depths!r}")
+    depths = parse_fractions(depths, "depths")
+    device, dtype = check_device(device), check_dtype(dtype)
     specs = check_models(models)
     lengths = parse_ints(lengths, "lengths") if lengths is not None else None
+    if task == "needle":
+        load_documents(documents)  # a bad document source is refused before any model is loaded
     config = {"task": task, "lengths": lengths, "depths": depths, "trials": trials, "template": template,
               "device": device, "dtype": dtype,
               "documents": None if task == "passkey" else str(documents or "embedded held-out plays")}  # fmt: skip
     out = {}
-    for item in tqdm(specs, desc="models", disable=len(specs) < 2):
-        torch.manual_seed(seed)
-        loaded = as_loaded(item, device=device, dtype=dtype)
-        unique_names([*out, loaded.name])
+    for loaded in each_model(specs, seed=seed, device=device, dtype=dtype):  # one model in memory at a time
         if lengths is None:
-            if not loaded.train_length:
-                raise ValueError(f"{loaded.name} has no known training length; give lengths explicitly")
-            lengths = config["lengths"] = [loaded.train_length * k for k in (1, 2, 4, 8)]
+            lengths = config["lengths"] = default_lengths(loaded, (1, 2, 4, 8))
         res = retrieval_accuracy(
             loaded, task, lengths, depths, trials, seed=seed, documents=documents, template=template
         )
@@ -207,20 +206,34 @@ def _run(
         {"model": m, "length": n, **{f"depth {d:g}": a for d, a in row.items()}, "mean": sum(row.values()) / len(row)}
         for m, v in out.items() for n, row in v["grid"].items()
     ]  # fmt: skip
-    paths = write_results(out_dir, name, payload, rows, title=f"{task} retrieval accuracy ({trials} trials a cell)",
-                          notes="Cells: the fraction of trials whose first generated number is the key.")  # fmt: skip
-    if plot:
-        from pathlib import Path
+    return finish_run(out_dir, name, payload, rows, title=f"{task} retrieval accuracy ({trials} trials a cell)",
+                      notes="Cells: the fraction of trials whose first generated number is the key.",
+                      plot=_plot_retrieval if plot else None)  # fmt: skip
 
-        from .plot import plot_retrieval
 
-        paths["png"] = plot_retrieval(payload, Path(out_dir) / f"{name}.png")
-    payload["paths"] = {k: str(v) for k, v in paths.items()}
-    return payload
+def _plot_retrieval(payload: dict, png):
+    from .plot import plot_retrieval
+
+    return plot_retrieval(payload, png)
+
+
+_ARGS = """
+        models: model specs [NAME=]PATH[:METHOD[:K=V,...]] (see clex.eval.specs), or (name, model, tokenizer) triples
+        lengths: prompt lengths in tokens, integers >= 2 (default: 1, 2, 4, 8 x the first model's training length)
+        depths: where the key sits, fractions of the haystack in [0, 1], e.g. 0,0.5,1
+        trials: keys per (length, depth) cell, >= 1{documents}
+        template: prompt wording: standard (YaRN's) or compact (~40 tokens, for byte-level miniature models)
+        seed: seed of the keys and haystacks (the same for every model)
+        device: cpu, cuda, cuda:N or mps
+        dtype: float32, bfloat16 or float16 (default: as saved)
+        out_dir: folder of the results (<name>.json, <name>.md, the heatmap <name>.png)
+        name: file stem of the results
+        plot: draw the heatmap <name>.png
+"""
 
 
 def run_passkey(
-    models: Sequence = (),
+    models: Sequence[str | tuple] = (),
     *,
     lengths: Sequence[int] | str | None = None,
     depths: Sequence[float] | str = (0.0, 0.25, 0.5, 0.75, 1.0),
@@ -235,12 +248,9 @@ def run_passkey(
 ) -> dict:
     """Passkey retrieval: accuracy by prompt length x depth of a 5-digit key in filler text (greedy).
 
-    models: specs or (name, model, tokenizer) triples, as for ``clex eval ppl``; lengths: prompt tokens
-    (default 1, 2, 4, 8 x the first model's training length); depths: fractions of the haystack; trials:
-    keys per cell; template: prompt wording, ``standard`` (YaRN's) or ``compact`` (for byte-level
-    miniature models: ~40 tokens of prompt instead of ~250). Writes <name>.json, <name>.md and the heatmap
-    <name>.png in out_dir.
-    """
+    Writes <name>.json, <name>.md and the heatmap <name>.png in out_dir.
+
+    Args:{args}"""
     return _run(
         "passkey", models, lengths=lengths, depths=depths, trials=trials, documents=None, template=template,
         seed=seed, device=device, dtype=dtype, out_dir=out_dir, name=name, plot=plot,
@@ -248,7 +258,7 @@ def run_passkey(
 
 
 def run_needle(
-    models: Sequence = (),
+    models: Sequence[str | tuple] = (),
     *,
     lengths: Sequence[int] | str | None = None,
     depths: Sequence[float] | str = (0.0, 0.25, 0.5, 0.75, 1.0),
@@ -264,10 +274,17 @@ def run_needle(
 ) -> dict:
     """Needle in a haystack: accuracy by length x depth of a 'magic number' sentence hidden in real text.
 
-    The haystack is real text (documents: a .txt/.md/.jsonl file or folder; default the embedded corpus's
-    held-out plays) from a random line; otherwise as ``clex eval passkey``. Writes JSON, Markdown, heatmap.
-    """
+    The haystack is real text from a random line; otherwise as ``clex eval passkey``. Writes JSON, Markdown,
+    heatmap.
+
+    Args:{args}"""
     return _run(
         "needle", models, lengths=lengths, depths=depths, trials=trials, documents=documents, template=template,
         seed=seed, device=device, dtype=dtype, out_dir=out_dir, name=name, plot=plot,
     )  # fmt: skip
+
+
+run_passkey.__doc__ = run_passkey.__doc__.format(args=_ARGS.format(documents="").rstrip() + "\n    ")
+run_needle.__doc__ = run_needle.__doc__.format(args=_ARGS.format(documents=(
+    "\n        documents: the haystack's text: a .txt/.md/.jsonl file, a folder of them or a saved dataset "
+    "(default: the held-out plays)")).rstrip() + "\n    ")  # fmt: skip

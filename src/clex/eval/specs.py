@@ -8,12 +8,15 @@ A **model spec** names one model (or one RoPE method on a model) to evaluate, as
   transformers folder; read by :func:`clex.load_model`, tokenizer by ``AutoTokenizer`` from the same folder.
   ``smollm2`` (when no such folder exists) is the embedded SmolLM2-135M GGUF (:func:`clex.sources.smollm2.load_smollm2`;
   ``smollm2:clex:...`` applies CLEX fresh, ``smollm2:yarn:factor=4`` a transformers scaling).
-- ``METHOD``: a RoPE scaling applied through transformers' own ``rope_parameters`` (the rotary module is
-  rebuilt with its own class, nothing re-implemented): ``linear`` (alias ``pi``), ``dynamic`` (alias ``ntk``),
-  ``yarn``, ``longrope``, ``llama3``, ... (the keys of ``ROPE_INIT_FUNCTIONS``); or ``clex``: CLEXConfig
-  fields (e.g. ``inference_t=integer``) for a CLEX folder, or CLEX applied fresh to a plain one.
+- ``METHOD``: a name of the one baseline registry :data:`clex.hf.methods.METHODS`, the same names and meanings
+  as ``clex train``'s ``method``: ``pi``, ``ntk`` (*static* NTK-aware scaling), ``dynamic-ntk``, ``yarn``,
+  ``longrope``, ``llama3``, ``none``; transformers' own rope type names are aliases (``linear`` = ``pi``,
+  ``dynamic`` = ``dynamic-ntk``: an old spec ``PATH:dynamic:factor=4`` still means dynamic NTK). Each needs
+  ``factor``; the other keys go into ``rope_parameters`` and must be keys that transformers' rope type takes.
+  Or ``clex``: CLEXConfig fields (e.g. ``inference_t=integer``) for a CLEX folder, or CLEX applied fresh to a
+  plain one (unknown fields are refused).
 - ``KEY=VALUE``: values are read as JSON (``4`` -> int, ``4.0`` -> float, ``true``), else kept as text.
-  ``yarn`` gets ``original_max_position_embeddings`` = the model's ``max_position_embeddings`` unless given.
+  ``yarn`` gets ``original_max_position_embeddings`` = the model's original length L0 unless given.
 - ``NAME``: the label in tables and plots; default: the folder name plus the method.
 
 Examples: ``runs/clex``, ``base=runs/base``, ``yarn4=runs/base:yarn:factor=4``, ``runs/base:pi:factor=4``,
@@ -31,7 +34,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+import math
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,9 +44,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from tqdm.auto import tqdm
+
 from ..core.rotary import CLEXRotaryEmbedding
 from ..hf.lookup import find_rotary
-from ..hf.methods import ALIASES, apply_rope_override, original_length
+from ..hf.methods import method_name, original_length, prepare_model
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _value(text: str) -> Any:
@@ -56,7 +65,7 @@ class ModelSpec:
     """One model to evaluate: a folder, an optional RoPE method with its parameters, a display name."""
 
     path: str
-    method: str | None = None  # a rope_type of transformers, or "clex"
+    method: str | None = None  # a name of clex.hf.methods.METHODS (aliases resolved)
     params: dict = field(default_factory=dict)
     name: str | None = None
 
@@ -70,7 +79,7 @@ class ModelSpec:
         if "=" in head:
             name, _, head = head.partition("=")
         parts = rest.split(":", 1) if sep else []
-        method = ALIASES.get(parts[0].lower(), parts[0].lower()) if parts and parts[0] else None
+        method = method_name(parts[0]) if parts and parts[0] else None
         params = {}
         for item in filter(None, (parts[1].split(",") if len(parts) > 1 else [])):
             key, eq, val = item.partition("=")
@@ -143,28 +152,40 @@ def _load_tokenizer(path: Path):
 
 
 def load_spec(spec: str | ModelSpec, *, device: str = "cpu", dtype: str | None = None) -> LoadedModel:
-    """Build the model of one spec (a string or :class:`ModelSpec`) on ``device`` in eval mode."""
+    """Build the model of one spec (a string or :class:`ModelSpec`) on ``device`` in eval mode.
+
+    A baseline method goes through :func:`clex.hf.methods.prepare_model`, as in training. A corrupt weights
+    file is a ValueError naming the folder.
+    """
     from ..core.config import CLEXConfig
     from ..hf.loading import clex_config_of, load_model, read_config
 
     spec = ModelSpec.parse(spec) if isinstance(spec, str) else spec
     path = Path(spec.path)
     if spec.path == "smollm2" and not path.exists():
-        from .smollm2 import (
-            load_smollm2,  # the embedded GGUF model, converted once to a cached folder
-        )
+        from ..sources.smollm2 import load_smollm2  # the embedded GGUF model, converted once to a cached folder
 
         fresh = CLEXConfig.from_dict(spec.params) if spec.method == "clex" else None
         model, tokenizer = load_smollm2(dtype=dtype or "float32", device=device, clex=fresh)
     else:
         saved, _ = clex_config_of(read_config(path))  # FileNotFoundError for a missing folder
-        if spec.method == "clex" and saved is None:
-            model = load_model(path, dtype=dtype, device=device, clex=CLEXConfig.from_dict(spec.params))
-        else:
-            model = load_model(path, dtype=dtype, device=device, **(spec.params if spec.method == "clex" else {}))
+        try:
+            if spec.method == "clex" and saved is None:
+                model = load_model(path, dtype=dtype, device=device, clex=CLEXConfig.from_dict(spec.params))
+            else:
+                model = load_model(path, dtype=dtype, device=device, **(spec.params if spec.method == "clex" else {}))
+        except Exception as e:  # safetensors' own error types (SafetensorError, HeaderTooLarge, ...) name no file
+            if isinstance(e, (ValueError, FileNotFoundError)) or "safetensor" not in type(e).__name__.lower() + str(e).lower():
+                raise
+            files = ", ".join(sorted(p.name for p in path.glob("*.safetensors"))) or "its .safetensors files"
+            raise ValueError(f"model folder {path}: cannot read the weights ({files}): {e}") from None
         tokenizer = _load_tokenizer(path)
     if spec.method and spec.method != "clex":
-        apply_rope_override(model, spec.method, spec.params)
+        params = dict(spec.params)
+        if "factor" not in params:
+            raise ValueError(f"model spec {spec.path}:{spec.method}: give factor=<target length / original length>, "
+                             f"e.g. {spec.path}:{spec.method}:factor=4")  # fmt: skip
+        prepare_model(model, spec.method, factor=params.pop("factor"), rope=params)
     model.eval()
     info = {"path": spec.path, "method": spec.method, "params": spec.params}
     return LoadedModel(spec.label, model, tokenizer, train_length_of(model), info)
@@ -182,14 +203,37 @@ def as_loaded(item, *, device: str = "cpu", dtype: str | None = None) -> LoadedM
     return load_spec(item, device=device, dtype=dtype)
 
 
+def _is_triple(item) -> bool:
+    return isinstance(item, tuple) and len(item) == 3 and not isinstance(item[1], str)
+
+
 def check_models(models) -> list:
-    """The models argument as a non-empty list, with unique labels checked later."""
-    if isinstance(models, (str, ModelSpec, LoadedModel, tuple)):
+    """The models argument as a non-empty list (one spec, one triple, or a sequence of them)."""
+    if isinstance(models, (str, ModelSpec, LoadedModel)) or _is_triple(models):
         models = [models]
     models = list(models or [])
     if not models:
-        raise ValueError("models must name at least one model spec (e.g. 'runs/clex'), got none")
+        raise ValueError("models: give at least one model spec (--models SPEC [SPEC ...], e.g. runs/clex), got none")
     return models
+
+
+def each_model(models: list, *, seed: int, device: str, dtype: str | None) -> Iterator[LoadedModel]:
+    """The models of :func:`check_models`, loaded one at a time (one in memory at a time), torch seeded with
+    ``seed`` before each; a ValueError as soon as two labels repeat."""
+    names: list[str] = []
+    for item in tqdm(models, desc="models", disable=len(models) < 2):
+        torch.manual_seed(seed)
+        loaded = as_loaded(item, device=device, dtype=dtype)
+        names.append(loaded.name)
+        unique_names(names)
+        yield loaded
+
+
+def default_lengths(loaded: LoadedModel, factors: Sequence[int]) -> list[int]:
+    """``factors`` x the model's training length L; a ValueError when L is unknown."""
+    if not loaded.train_length:
+        raise ValueError(f"{loaded.name} has no known training length; give lengths explicitly")
+    return [loaded.train_length * k for k in factors]
 
 
 def unique_names(names: list[str]) -> None:
@@ -223,36 +267,23 @@ def fixed_clex_t(model: nn.Module, length: int) -> Iterator[float | None]:
 
 
 def load_documents(documents: str | Path | dict | None = None) -> dict[str, str]:
-    """{name: text}. None: the held-out plays of the embedded corpus; a dict is taken as is; a file: one
-    document (.txt, .md) or one per line's "text" (.jsonl); a folder: each .txt / .md file in it."""
+    """{name: text}: None = the held-out plays of the embedded corpus; a dict is taken as is (names to texts);
+    a path is read by :func:`clex.sources.texts.read_documents`, the reader training uses (.txt/.md files,
+    .jsonl lines, folders of them, saved datasets; errors name the file)."""
     if documents is None:
         from ..sources.corpus import split_plays
 
-        docs = split_plays()[1]
-        source = "the held-out plays of the embedded corpus"
-    elif isinstance(documents, dict):
-        docs, source = dict(documents), "the documents given"
-    else:
-        path = Path(documents)
-        source = str(path)
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".md") and p.is_file())
-            docs = {p.stem: p.read_text(encoding="utf-8") for p in files}
-        elif path.is_file() and path.suffix == ".jsonl":
-            docs = {}
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-                if line.strip():
-                    row = json.loads(line)
-                    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                        raise ValueError(f"{path} line {i + 1}: expected a JSON object with a 'text' string")
-                    docs[str(row.get("id", i))] = row["text"]
-        elif path.is_file():
-            docs = {path.stem: path.read_text(encoding="utf-8")}
-        else:
-            raise FileNotFoundError(f"documents not found: {path} (expected a .txt/.md/.jsonl file or a folder)")
-    docs = {k: v for k, v in docs.items() if v.strip()}
+        return split_plays()[1]
+    if not isinstance(documents, dict):
+        from ..sources.texts import read_documents
+
+        return read_documents(documents, what="documents")
+    bad = [k for k, v in documents.items() if not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"documents: a dict must map names to text strings; not a string: {bad[:3]}")
+    docs = {str(k): v for k, v in documents.items() if v.strip()}
     if not docs:
-        raise ValueError(f"the corpus is empty: {source} holds no non-empty document (.txt, .md or .jsonl)")
+        raise ValueError("documents: the dict given holds no text: every document is empty")
     return docs
 
 
@@ -262,12 +293,69 @@ def tokenize_documents(tokenizer, docs: dict[str, str]) -> dict[str, list[int]]:
 
 
 def parse_ints(value, field: str) -> list[int]:
-    """A list of positive ints from a list or a comma-separated string ("128,256")."""
-    items = value.split(",") if isinstance(value, str) else list(value)
-    try:
-        out = [int(str(v).strip()) for v in items if str(v).strip()]
-    except ValueError:
-        raise ValueError(f"{field} must be positive integers like '128,256', got {value!r}") from None
+    """A non-empty list of integers >= 2 from a list or a comma-separated string ("128,256")."""
+    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for v in items:
+        text = str(v).strip()
+        if not text:
+            continue
+        if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+            raise ValueError(f"{field} must be integers >= 2 like '128,256', got {v!r} in {value!r}")
+        try:
+            out.append(int(float(text)) if isinstance(v, float) else int(text))
+        except ValueError:
+            raise ValueError(f"{field} must be integers >= 2 like '128,256', got {v!r} in {value!r}") from None
     if not out or min(out) < 2:
-        raise ValueError(f"{field} must be integers >= 2, got {value!r}")
+        raise ValueError(f"{field} must be integers >= 2 like '128,256', got {value!r}")
     return out
+
+
+def parse_fractions(value, field: str) -> list[float]:
+    """A non-empty list of finite numbers in [0, 1] from a list or a comma-separated string ("0,0.5,1")."""
+    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for v in items:
+        try:
+            x = float(str(v).strip()) if not isinstance(v, bool) else math.nan
+        except ValueError:
+            x = math.nan
+        if not (math.isfinite(x) and 0 <= x <= 1):
+            raise ValueError(f"{field} must be finite fractions in [0, 1] like '0,0.5,1', got {v!r} in {value!r}")
+        out.append(x)
+    if not out:
+        raise ValueError(f"{field} must be finite fractions in [0, 1] like '0,0.5,1', got none")
+    return out
+
+
+def check_count(field: str, value, *, minimum: int = 1, allow_none: bool = False, none_means: str = "") -> None:
+    """A ValueError naming ``field`` unless ``value`` is an integer >= ``minimum`` (or None if allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"an integer >= {minimum}" + (f" or None (= {none_means})" if allow_none and none_means else
+                                                " or None" if allow_none else "")  # fmt: skip
+        raise ValueError(f"{field} must be {allowed}, got {value!r}")
+
+
+def check_dtype(dtype: str | None) -> str | None:
+    """``dtype`` if it is None or one of :data:`DTYPES`, else a ValueError naming the value and the allowed ones."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or none: as saved), got {dtype!r}")
+    return dtype
+
+
+def check_device(device: str) -> str:
+    """``device`` if it is cpu, cuda, cuda:N or mps and available here, else a ValueError naming it."""
+    text = str(device)
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", text):
+        raise ValueError(f"device must be one of cpu, cuda, cuda:N (N a GPU index), mps, got {device!r}")
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} is not available: torch finds no CUDA GPU here; use --device cpu")
+        index = int(text.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} is not available: torch finds {torch.cuda.device_count()} CUDA GPU(s)")
+    if text == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' is not available here (torch.backends.mps.is_available() is False)")
+    return text

@@ -15,6 +15,13 @@ in place for a run that targets ``factor`` x its original length L0 (= ``max_pos
   (max_position_embeddings stays L0, so L0 can still be read from the saved config).
 - ``none``: the model unchanged (naive fine-tuning).
 
+One name, one meaning, for training (``clex train``'s ``method``) and evaluation (the model spec
+``PATH:METHOD:factor=4``) alike: ``ntk`` is always *static* NTK, ``dynamic-ntk`` transformers' dynamic one.
+transformers' own rope type names are accepted as aliases (:data:`ALIASES`: ``linear`` = ``pi``,
+``dynamic`` = ``dynamic-ntk``); :func:`method_name` resolves a name or lists the valid ones. Every baseline is
+built by one function, :func:`_rebuild_rotary`, which checks the ``rope`` keys against the ones transformers'
+rope type takes (an unknown key is refused, naming the valid ones) and validates the result.
+
 ``longrope`` needs per-dimension rescale factors that the LongRoPE paper finds by evolutionary search; we do no
 search: the default long factors are the NTK-aware ones, factor^(2j/(d-2)) for pair j (one of the paper's
 initial candidates), short factors 1 (plain RoPE up to L0). Pass searched ones in ``rope``
@@ -41,6 +48,8 @@ from .patch import apply_clex
 
 #: method name -> the transformers rope type it writes (None: not a transformers rope type)
 HF_ROPE_TYPES = {"pi": "linear", "dynamic-ntk": "dynamic", "yarn": "yarn", "longrope": "longrope", "llama3": "llama3"}
+#: other accepted names -> method name: transformers' rope type names ("dynamic" is dynamic NTK, as it always was)
+ALIASES = {"linear": "pi", "dynamic": "dynamic-ntk"}
 
 
 def original_length(model: nn.Module) -> int:
@@ -78,15 +87,56 @@ def _check_factor(factor: float) -> float:
     return float(factor)
 
 
-def _rebuild_rotary(model: nn.Module, rope_parameters: dict, max_positions: int) -> nn.Module:
-    """Write rope_parameters and max_position_embeddings to the config, then rebuild the model's rotary
-    module with its own class, so that transformers computes the scaled frequencies."""
+class _KeysSeen(Exception):
+    pass
+
+
+def rope_keys(config, rope_type: str) -> set[str] | None:
+    """The ``rope_parameters`` keys transformers' validator of ``rope_type`` takes (required and optional), or
+    None when this transformers has no validator for it (then its own validation is all there is)."""
+    validate = getattr(type(config), f"_validate_{rope_type}_rope_parameters", None)
+    if validate is None:
+        return None
+    seen: set[str] = set()
+
+    class Probe:  # stands in for the config: records the keys the validator checks, then stops it
+        ignore_keys_at_rope_validation: set = set()
+
+        @staticmethod
+        def _check_received_keys(rope_type, received_keys, required_keys, optional_keys=None, ignore_keys=None):
+            seen.update(required_keys, optional_keys or (), {"partial_rotary_factor"})
+            raise _KeysSeen
+
+    try:
+        validate(Probe(), {"rope_type": rope_type, "factor": 2.0})
+    except _KeysSeen:
+        return seen
+    except Exception:  # a validator of another shape: rely on transformers' validation
+        return None
+    return None
+
+
+def _rebuild_rotary(model: nn.Module, method: str, rope_parameters: dict, max_positions: int, rope: dict | None) -> nn.Module:
+    """Write ``rope_parameters`` (updated with the caller's ``rope``, whose keys must be ones transformers' rope
+    type takes) and max_position_embeddings to the config, then rebuild the model's rotary module with its own
+    class, so that transformers computes the scaled frequencies. On any error the config is left unchanged."""
     cfg = text_config(model)
-    cfg.rope_parameters = rope_parameters
+    rope_type = rope_parameters["rope_type"]
+    valid = rope_keys(cfg, rope_type)
+    unknown = sorted(set(rope or {}) - (valid or set()) - {"rope_type"}) if valid is not None else []
+    if unknown:
+        raise ValueError(f"method {method!r} (rope type {rope_type!r}): unknown rope parameter(s) {unknown}; "
+                         f"valid: {', '.join(sorted(valid - {'rope_type'}))}")  # fmt: skip
+    old_params, old_max = cfg.rope_parameters, cfg.max_position_embeddings
+    cfg.rope_parameters = {**rope_parameters, **(rope or {})}
     cfg.max_position_embeddings = int(max_positions)
     name, old = find_rotary(model)
-    device = old.inv_freq.device
-    new = type(old)(config=cfg).to(device)
+    try:
+        cfg.validate_rope()
+        new = type(old)(config=cfg).to(old.inv_freq.device)
+    except (KeyError, TypeError, ValueError) as e:
+        cfg.rope_parameters, cfg.max_position_embeddings = old_params, old_max
+        raise ValueError(f"method {method!r} with rope parameters {rope or {}}: {e}") from None
     new.train(old.training)
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -102,7 +152,7 @@ def _hf_rope(method: str) -> Callable:
         length = original_length(model)
         params = {**plain, "rope_type": rope_type, "factor": factor}
         if rope_type in ("linear", "dynamic"):  # L0 stays in max_position_embeddings (dynamic's reference length)
-            return _rebuild_rotary(model, {**params, **(rope or {})}, length)
+            return _rebuild_rotary(model, method, params, length, rope)
         params["original_max_position_embeddings"] = length
         if rope_type == "llama3":
             params.update(low_freq_factor=1.0, high_freq_factor=4.0)  # Llama-3.1's values
@@ -110,20 +160,21 @@ def _hf_rope(method: str) -> Callable:
             half = rotary_dim(model) // 2
             ntk = [factor ** (2 * j / (2 * half - 2)) for j in range(half)]
             params.update(short_factor=[1.0] * half, long_factor=ntk)
-        return _rebuild_rotary(model, {**params, **(rope or {})}, round(length * factor))
+        return _rebuild_rotary(model, method, params, round(length * factor), rope)
 
     prepare.__doc__ = f"{method}: transformers' rope type {rope_type!r} with the given factor."
     return prepare
 
 
 def _ntk(model: nn.Module, *, factor: float, clex: dict | None = None, rope: dict | None = None, pose: bool = False):
-    """ntk: static NTK-aware scaling, rope type "default" with rope_theta * factor^(d/(d-2))."""
+    """ntk: static NTK-aware scaling (never the dynamic one: that is ``dynamic-ntk``), rope type "default" with
+    rope_theta * factor^(d/(d-2))."""
     factor = _check_factor(factor)
     plain = _plain_rope(model, "ntk")
     d = rotary_dim(model)
     base = float(plain.get("rope_theta", 10000.0))
-    params = {**plain, "rope_type": "default", "rope_theta": base * factor ** (d / (d - 2)), **(rope or {})}
-    return _rebuild_rotary(model, params, original_length(model))  # L0 stays: the base carries the scaling
+    params = {**plain, "rope_type": "default", "rope_theta": base * factor ** (d / (d - 2))}
+    return _rebuild_rotary(model, "ntk", params, original_length(model), rope)  # L0 stays: the base carries the scaling
 
 
 def _clex(model: nn.Module, *, factor: float, clex: CLEXConfig | dict | None = None, rope: dict | None = None,
@@ -181,9 +232,9 @@ def prepare_model(
     model: nn.Module, method: str, *, factor: float, clex: CLEXConfig | dict | None = None, rope: dict | None = None,
     pose: bool = False,
 ) -> nn.Module:
-    """Prepare ``model`` in place for fine-tuning with ``method`` (see :data:`METHODS`)."""  # fmt: skip
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
+    """Prepare ``model`` in place for fine-tuning or evaluation with ``method`` (see :data:`METHODS`; aliases
+    :data:`ALIASES`)."""  # fmt: skip
+    method = method_name(method)
     if (isinstance(clex, CLEXConfig) or clex) and method != "clex":
         raise ValueError(f"clex fields {sorted(clex.to_dict() if isinstance(clex, CLEXConfig) else clex)} apply to method 'clex' only, got method {method!r}")
     return METHODS[method](model, factor=factor, clex=clex, rope=rope, pose=pose)
@@ -196,40 +247,13 @@ def pose_position_ids(batch: int, seq_len: int, span: int, generator: torch.Gene
     return torch.stack([sampler(seq_len, max(span, seq_len), generator) for _ in range(batch)]).long()
 
 
-ALIASES = {"pi": "linear", "ntk": "dynamic"}
 
-
-def apply_rope_override(model: nn.Module, rope_type: str, params: dict) -> nn.Module:
-    """Give a plain-RoPE model transformers' own scaling ``rope_type`` with ``params``, in place.
-
-    Sets ``config.rope_parameters`` and rebuilds the rotary module with its own class, so the scaling is
-    exactly transformers' (``ROPE_INIT_FUNCTIONS``), attention factor included.
-    """
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    if rope_type not in ROPE_INIT_FUNCTIONS:
-        allowed = ", ".join([*ROPE_INIT_FUNCTIONS, *ALIASES, "clex"])
-        raise ValueError(f"unknown RoPE method {rope_type!r}; allowed: {allowed}")
-    factor = params.get("factor", 1.0)
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
-        raise ValueError(f"RoPE method {rope_type!r}: factor must be a number >= 1, got {factor!r}")
-    name, old = find_rotary(model)
-    if isinstance(old, CLEXRotaryEmbedding):
-        raise ValueError(f"RoPE method {rope_type!r} needs a plain-RoPE model, but this one already has CLEX")
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    plain = dict(config.rope_parameters or {})
-    if plain.get("rope_type", "default") != "default":
-        raise ValueError(f"RoPE method {rope_type!r} needs a plain-RoPE model, got rope_type {plain['rope_type']!r}")
-    new_params = {**plain, "rope_type": rope_type, **params}
-    if rope_type in ("yarn", "longrope"):
-        new_params.setdefault("original_max_position_embeddings", config.max_position_embeddings)
-    config.rope_parameters = new_params
-    try:
-        config.validate_rope()
-        new = type(old)(config=config)
-    except (KeyError, TypeError, ValueError) as e:
-        config.rope_parameters = plain
-        raise ValueError(f"RoPE method {rope_type!r} with parameters {params}: {e}") from None
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new.to(old.inv_freq.device))
-    return model
+def method_name(name: str) -> str:
+    """The registry name of ``name`` (case-insensitive; :data:`ALIASES` resolved); a ValueError listing the valid
+    names for an unknown one."""
+    key = str(name).strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in METHODS:
+        aliases = ", ".join(f"{a} (= {m})" for a, m in ALIASES.items())
+        raise ValueError(f"unknown method {name!r}; methods: {', '.join(METHODS)}; aliases: {aliases}")
+    return key

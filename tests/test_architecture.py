@@ -91,3 +91,23 @@ def test_import_clex_is_light_and_changes_nothing_in_transformers():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_help_imports_no_pipeline_nor_torch():
+    """`clex --help` and `clex eval --help` read the commands' one-line summaries from the sources (ast)."""
+    code = (
+        "import sys; from clex import cli; cli.build_parser([]); cli.build_parser(['eval', '--help']); "
+        "cli.build_parser(['--help']); "
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'clex.train', 'clex.eval', "
+        "'clex.demo', 'clex.sources', 'transformers'))); assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    out = subprocess.run([sys.executable, "-m", "clex.cli", "eval", "--help"], capture_output=True, text=True, check=True)
+    assert "Perplexity against length" in out.stdout and "Passkey retrieval" in out.stdout
+
+
+def test_core_io_is_standard_library_only():
+    tree = ast.parse((SRC / "core" / "io.py").read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert names <= set(sys.stdlib_module_names) | {"__future__"}, names

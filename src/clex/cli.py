@@ -1,19 +1,32 @@
 """`clex <command>`: a dict from command names to ordinary functions.
 
 Each function's signature becomes the flags (``name: int = 3`` -> ``--name 3``; ``bool`` -> ``--name`` /
-``--no-name``; ``list[...]`` -> several values), its docstring's first line the command's help and its
-``Args:`` lines the flags' help. Functions are imported only when their command runs.
+``--no-name``; ``list[...]`` / ``Sequence[...]`` -> several values; a sequence whose default is empty is
+required), its docstring's first line the command's help and its ``Args:`` lines the flags' help (the one
+source of each flag's text). ``clex --help`` and ``clex eval --help`` read only those first lines, with
+``ast`` from the modules' source files: no pipeline (nor torch) is imported; the chosen command's module is
+imported only to build its own flags and run it.
+
+User mistakes (ValueError, a missing file) are one line ``clex: error: ...`` and exit code 2; ``--debug``
+or ``CLEX_DEBUG=1`` shows the traceback instead. jsonargparse (litgpt's choice) was considered: it would add
+a dependency and a config-file layer that ``clex train`` already has (YAML/TOML + key=value), to replace
+about a hundred lines that do all we need, so the CLI stays hand-written.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import collections.abc
 import importlib
 import inspect
 import json
+import os
 import re
 import sys
+import types
 import typing
+from pathlib import Path
 
 #: command -> "module:function" (relative to the clex package)
 COMMANDS = {
@@ -25,11 +38,28 @@ COMMANDS = {
     "plot freqs": "eval.plot:plot_freqs",
     "models smollm2": "sources.smollm2:main",
 }
+PACKAGE = Path(__file__).resolve().parent
+SEQUENCES = (list, tuple, collections.abc.Sequence)
 
 
 def _resolve(target: str):
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(f"clex.{module}"), name)
+
+
+def _source_doc(module: str, name: str | None = None) -> str:
+    """The docstring of ``name`` in (or of) module ``clex.<module>``, read with ast: nothing is imported."""
+    tree = ast.parse((PACKAGE / (module.replace(".", "/") + ".py")).read_text(encoding="utf-8"))
+    if name is None:
+        return ast.get_docstring(tree) or ""
+    node = next(n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name)
+    return ast.get_docstring(node) or ""
+
+
+def summary(command: str) -> str:
+    """The first line of the docstring of ``command``'s function (from its source, without importing it)."""
+    module, _, name = COMMANDS[command].partition(":")
+    return _source_doc(module, name).split("\n", 1)[0]
 
 
 def _arg_help(doc: str) -> dict[str, str]:
@@ -47,22 +77,22 @@ def _add_arguments(parser: argparse.ArgumentParser, func) -> None:
             continue
         hint = hints.get(name, str)
         origin, args = typing.get_origin(hint), typing.get_args(hint)
-        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):  # X | None -> X
+        if origin in (typing.Union, types.UnionType):  # X | str | None -> X
             hint = next(a for a in args if a is not type(None))
             origin, args = typing.get_origin(hint), typing.get_args(hint)
         flag = "--" + name.replace("_", "-")
         required = param.default is inspect.Parameter.empty
         text = helps.get(name, "")
-        if not required:
+        if not required and "(default" not in text and param.default not in (None, ()):
             text = f"{text} (default: {param.default!r})".strip()
         if param.kind is param.POSITIONAL_ONLY or (required and param.kind is param.POSITIONAL_OR_KEYWORD):
             parser.add_argument(name, type=_scalar(hint), help=text)
         elif hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=param.default, help=text)
-        elif origin in (list, tuple):
+        elif origin in SEQUENCES or hint in SEQUENCES:
             parser.add_argument(flag, nargs="+", type=_scalar(args[0] if args else str), default=param.default,
-                                required=required, help=text)  # fmt: skip
-        elif origin is dict:
+                                required=required or param.default in ((), []), metavar=name.upper(), help=text)  # fmt: skip
+        elif origin is dict or hint is dict:
             parser.add_argument(flag, type=json.loads, default=param.default, required=required, help=text + " (JSON)")
         else:
             parser.add_argument(flag, type=_scalar(hint), default=param.default, required=required, help=text)
@@ -72,37 +102,65 @@ def _scalar(hint):
     return hint if hint in (int, float, str) else str
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clex", description=(__import__("clex").__doc__ or "").splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"clex {__import__('clex').__version__}")
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line: ``clex: error: <message> (see <prog> --help)``, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"clex: error: {message} (see: {self.prog} --help)\n")
+
+
+def chosen_command(argv: list[str]) -> str | None:
+    """The command of ``argv`` (its leading words, global flags skipped), or None."""
+    words = [a for a in argv if not a.startswith("-")][:2]
+    for n in (2, 1):
+        if " ".join(words[:n]) in COMMANDS:
+            return " ".join(words[:n])
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of ``clex``; only the command named in ``argv`` (if any) gets its flags, so building it
+    imports that command's module only (none for ``clex --help`` or ``clex eval --help``)."""
+    chosen = chosen_command(list(sys.argv[1:] if argv is None else argv))
+    from ._version import __version__
+
+    parser = _Parser(prog="clex", description=_source_doc("__init__").split("\n", 1)[0])
+    parser.add_argument("--version", action="version", version=f"clex {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also: CLEX_DEBUG=1)")
     groups: dict[str, argparse._SubParsersAction] = {"": parser.add_subparsers(dest="command", metavar="COMMAND")}
-    parents: dict[str, argparse.ArgumentParser] = {}
     for command, target in COMMANDS.items():
         *group, leaf = command.split()
         prefix = " ".join(group)
         if prefix and prefix not in groups:
-            parents[prefix] = groups[""].add_parser(prefix, help=f"{prefix} commands")
-            groups[prefix] = parents[prefix].add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+            parent = groups[""].add_parser(prefix, help=f"{prefix} commands")
+            groups[prefix] = parent.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+        if command != chosen:
+            groups[prefix].add_parser(leaf, help=summary(command))
+            continue
         func = _resolve(target)
         doc = inspect.getdoc(func) or ""
-        sub = groups[prefix].add_parser(leaf, help=doc.splitlines()[0] if doc else "", description=doc.split("Args:")[0])
+        sub = groups[prefix].add_parser(leaf, help=summary(command), description=doc.split("Args:")[0])
         _add_arguments(sub, func)
         sub.set_defaults(_func=func)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     ns = parser.parse_args(argv)
     func = getattr(ns, "_func", None)
     if func is None:
         parser.print_help()
         return 2
-    kwargs = {k: v for k, v in vars(ns).items() if k not in ("_func", "command", "subcommand")}
+    debug = ns.debug or os.environ.get("CLEX_DEBUG", "") not in ("", "0")
+    kwargs = {k: v for k, v in vars(ns).items() if k not in ("_func", "command", "subcommand", "debug")}
     try:
         result = func(**kwargs)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
-        print(f"clex: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # bad input: one clear line, no traceback
+        if debug:
+            raise
+        print(f"clex: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return result if isinstance(result, int) else 0
 

@@ -216,7 +216,7 @@ def run_ppl(
 
     Args:
         models: model specs [NAME=]PATH[:METHOD[:K=V,...]] (see clex.eval.specs), or (name, model, tokenizer) triples
-        lengths: token counts, e.g. 1024,2048 (default: 1, 2, 4, 8, 16 x the first model's training length L)
+        lengths: token counts, e.g. 1024 2048 (default: 1, 2, 4, 8, 16 x the first model's training length L)
         protocol: chunked (key cache carried over chunks) or sliding (fresh windows moved by stride)
         window: sliding: tokens per window, >= 2 (default: the whole length)
         stride: sliding: tokens each window moves, >= 1

@@ -151,8 +151,12 @@ def plot_freqs(
 ) -> dict:
     """Plot the learned frequencies θ(t) of a CLEX model beside PI, NTK and YaRN for the same t.
 
-    model: a CLEX model folder, a CLEX model, or its CLEXRotaryEmbedding. ts: length factors (>= 1).
     Writes the PNG at ``out`` and the numbers beside it (same name, .json). Returns the numbers.
+
+    Args:
+        model: a CLEX model folder (in Python also a CLEX model or its CLEXRotaryEmbedding)
+        ts: length factors t >= 1, one panel each, e.g. 1 2 4 8
+        out: the PNG to write (its numbers go beside it as .json)
     """
     from ..core.rotary import CLEXRotaryEmbedding
     from ..hf.loading import load_model

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 
 from torchdiffeq._impl.odeint import SOLVERS as TORCHDIFFEQ_SOLVERS
 
-from .equations import ACTIVATIONS
+from .equations import ACTIVATIONS, PRIORS
 from .policies import INFERENCE_T, POSITION_SAMPLERS, T_SAMPLERS
 
 #: Our own solvers (fixed grid, residual formulation): ``rk4-fused`` is torchdiffeq's rk4 written as one
@@ -31,6 +31,11 @@ FORMULATIONS = ("residual", "reference")
 POSITION_SPANS = ("sequence", "original")
 #: Where the ODE is solved when the model is on an accelerator (see CLEXConfig.solve_device).
 SOLVE_DEVICES = ("cpu", "model")
+#: What θ(t) does past max_factor: ``ode`` integrates the network further (the paper's ODE as it stands);
+#: ``prior`` keeps the learned residual of max_factor and follows the prior's own shape beyond it.
+PAST_MAX = ("ode", "prior")
+#: Attention temperature as a function of t: ``none`` (the paper), ``yarn`` (q·k × (0.1·ln t + 1)², YaRN's).
+MSCALES = ("none", "yarn")
 #: Inference t policies: the registry in :mod:`clex.core.policies` plus ``fixed`` (t set once, e.g. for generation).
 INFERENCE_POLICIES = (*INFERENCE_T, "fixed")
 
@@ -53,6 +58,13 @@ class CLEXConfig:
     param_factor: int = 1  # λ: the network's hidden width is λ·d
     act: str = "tanh"  # activation of the ODE network: tanh (paper default) or silu
     prior_base: float | None = 10000.0  # b of the prior inside the network; 10000 as the reference, None = rope_theta
+    # Beyond the paper (defaults keep it; see README "CLEX past 4x"): what the network learns a residual of,
+    # guard rails on the angles, and the attention temperature.
+    prior: str = "ntk"  # closed-form part of the dynamics: ntk (the paper: NTK-aware, α = 2t-1) or yarn
+                        # (YaRN's NTK-by-parts with factor t); see clex.core.equations.PRIORS
+    angle_cap: bool = False  # pairs that never turned in L keep every angle <= L·θ⁰_j: θ_j(t) <= θ⁰_j / t
+    past_max: str = "ode"  # past max_factor: ode (integrate the network on) or prior (hold its residual)
+    mscale: str = "none"  # attention temperature: none, or yarn (q·k × (0.1·ln t + 1)², as YaRN)
 
     # --- the solver ---
     # Defaults measured in benchmarks/solve.py: θ(t) within 1e-5 relative of a float64 fine-step solve and
@@ -105,12 +117,22 @@ class CLEXConfig:
         number("t_resolution", lambda v: v >= 0, "an integer >= 0 (0 = exact continuous t)", integer=True)
         number("seed", lambda v: True, "an integer", integer=True)
         choice("act", tuple(ACTIVATIONS))
+        choice("prior", tuple(PRIORS))
+        choice("past_max", PAST_MAX)
+        choice("mscale", MSCALES)
+        if not isinstance(self.angle_cap, bool):
+            bad("angle_cap", "True or False")
         choice("method", SOLVER_METHODS)
         choice("formulation", FORMULATIONS)
         if self.method == "rk4-fused" and self.formulation != "residual":
             raise ValueError(
                 f"CLEXConfig.method='rk4-fused' solves formulation 'residual' only, got formulation="
                 f"{self.formulation!r}: set formulation='residual', or a torchdiffeq method such as method='rk4'"
+            )
+        if self.prior != "ntk" and self.formulation != "residual":
+            raise ValueError(
+                f"CLEXConfig.prior={self.prior!r} needs formulation='residual' (the reference formulation integrates "
+                f"the NTK prior only), got formulation={self.formulation!r}"
             )
         choice("train_t", tuple(T_SAMPLERS))
         choice("position_sampler", tuple(POSITION_SAMPLERS))

@@ -95,33 +95,113 @@ def clex_rhs(t: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, *, act: str, pr
 
 
 def residual_rhs(
-    t: Tensor, z: Tensor, log_inv_freq0: Tensor, w_up: Tensor, w_down: Tensor, *, act: str, prior_base: float
+    t: Tensor, z: Tensor, log_inv_freq0: Tensor, w_up: Tensor, w_down: Tensor, *, act: str, prior_base: float,
+    prior: str = "ntk", length: int | None = None,
 ) -> Tensor:
-    """The same ODE with the prior integrated exactly: x(t) = log θ⁰ + ntk_log_shift(t) + z(t), z(1) = 0,
+    """The same ODE with the prior integrated exactly: x(t) = log θ⁰ + s(t) + z(t), z(1) = 0,
 
-        dz/dt = act((x(t) + log θ_NTK(t)) · W_up) · W_down.
+        dz/dt = act((x(t) + log θ_prior(t)) · W_up) · W_down,    log θ_prior(t) = -(2j/d)·log b + s(t)
 
-    Identical solutions to :func:`clex_rhs`; the numerical solver only has to follow the smooth, bounded
+    with s(t) the prior's shift (:data:`PRIORS`; the paper's NTK prior by default). For the NTK prior this has
+    identical solutions to :func:`clex_rhs`; the numerical solver only has to follow the smooth, bounded
     network term, so large steps stay accurate, and z stays small, so float32 round-off stays small.
     z: [d/2] -> [d/2]
     """
-    dim = 2 * z.shape[-1]
-    x = log_inv_freq0.to(z.dtype) + ntk_log_shift(t, dim, dtype=z.dtype, device=z.device) + z
-    prior = ntk_log_freqs(t, dim, prior_base, dtype=z.dtype, device=z.device)
-    return network(x + prior, w_up.to(z.dtype), w_down.to(z.dtype), act)
+    c = residual_input(torch.as_tensor(t, dtype=z.dtype).reshape(1), log_inv_freq0.to(z.dtype),
+                       prior_base=prior_base, prior=prior, length=length)[0]  # fmt: skip
+    return network(c + z, w_up.to(z.dtype), w_down.to(z.dtype), act)
 
 
-def residual_input(times: Tensor, log_inv_freq0: Tensor, *, prior_base: float) -> Tensor:
+def residual_input(
+    times: Tensor, log_inv_freq0: Tensor, *, prior_base: float, prior: str = "ntk", length: int | None = None
+) -> Tensor:
     """The network's input at z = 0 in the residual formulation, for many t at once:
 
-        c(t) = log θ⁰ + ntk_log_shift(t) + log θ_NTK(t),   so that   dz/dt = act((c(t) + z) · W_up) · W_down.
+        c(t) = log θ⁰ + s(t) + log θ_prior(t),   so that   dz/dt = act((c(t) + z) · W_up) · W_down.
 
     times: [n] (any float dtype), log_inv_freq0: [d/2]  ->  [n, d/2] in log_inv_freq0's dtype
     """
     dim = 2 * log_inv_freq0.shape[-1]
     t = times.to(log_inv_freq0.dtype).unsqueeze(-1)  # [n, 1], broadcast against j: [d/2]
     kw = dict(dtype=log_inv_freq0.dtype, device=log_inv_freq0.device)
-    return log_inv_freq0 + ntk_log_shift(t, dim, **kw) + ntk_log_freqs(t, dim, prior_base, **kw)
+    shift = prior_shift(prior, t, log_inv_freq0, length=length)  # [n, d/2]
+    return log_inv_freq0 + shift + (-(2 * pair_index(dim, **kw) / dim) * math.log(prior_base)) + shift
+
+
+# --- priors: the closed-form part of the dynamics -------------------------------------------------------------
+
+
+def yarn_ramp(log_inv_freq0: Tensor, length: int, *, beta_fast: float = 32.0, beta_slow: float = 1.0) -> Tensor:
+    """YaRN's NTK-by-parts ramp r_j in [0, 1] over the pairs (Peng et al. 2023; transformers' ``yarn``):
+
+        r_j = clamp((j - lo) / (hi - lo), 0, 1),   lo = floor(j(β_fast)),  hi = ceil(j(β_slow)),
+
+    j(β) the (fractional) pair index whose wavelength fits β times into L: L·θ⁰_j / 2π = β. r = 0: the pair
+    turns more than β_fast times in L (left alone); r = 1: less than β_slow times (fully interpolated).
+    j(β) is read off log θ⁰ (linear in j for RoPE), so it matches transformers' formula for any base.
+    log_inv_freq0: [d/2] -> [d/2]
+    """
+    half = log_inv_freq0.shape[-1]
+    first, last = float(log_inv_freq0[0]), float(log_inv_freq0[-1])
+    slope = (last - first) / max(half - 1, 1)  # d log θ⁰ / dj = -(2/d)·log b
+
+    def pair_at(turns: float) -> float:
+        return (math.log(2 * math.pi * turns / length) - first) / slope
+
+    lo, hi = max(math.floor(pair_at(beta_fast)), 0), min(math.ceil(pair_at(beta_slow)), 2 * half - 1)
+    hi = hi + 0.001 if hi == lo else hi  # as transformers: no division by zero
+    j = pair_index(2 * half, dtype=log_inv_freq0.dtype, device=log_inv_freq0.device)
+    return torch.clamp((j - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _ntk_prior(t: Tensor, log_inv_freq0: Tensor, *, length: int | None = None) -> Tensor:
+    """ntk (the paper): s_j(t) = -(2j/(d-2)) · log(2t - 1), NTK-aware scaling with α = 2t - 1."""
+    return ntk_log_shift(t, 2 * log_inv_freq0.shape[-1], dtype=log_inv_freq0.dtype, device=log_inv_freq0.device)
+
+
+def _yarn_prior(t: Tensor, log_inv_freq0: Tensor, *, length: int | None = None) -> Tensor:
+    """yarn: s_j(t) = log(r_j / t + 1 - r_j), YaRN's NTK-by-parts with factor t (:func:`yarn_ramp`), a
+    continuous function of t: high-frequency pairs untouched, pairs that never turned in L interpolated
+    (PI), a linear ramp between. Needs L (``length``)."""
+    if not length:
+        raise ValueError("the yarn prior needs the original length L (length=...), got None")
+    ramp = yarn_ramp(log_inv_freq0, length)
+    return torch.log(ramp / torch.as_tensor(t, dtype=log_inv_freq0.dtype, device=log_inv_freq0.device) + 1 - ramp)
+
+
+#: The closed-form part of the dynamics, by name: ``s(t, log θ⁰, length=L) -> [..., d/2]`` with s(1) = 0,
+#: so that the untrained model (W_down = 0) is θ(t) = θ⁰ · exp(s(t)).
+PRIORS = {"ntk": _ntk_prior, "yarn": _yarn_prior}
+
+
+def prior_shift(prior: str, t: float | Tensor, log_inv_freq0: Tensor, *, length: int | None = None) -> Tensor:
+    """s(t) of the named prior (:data:`PRIORS`).  t: scalar or [n, 1]; log_inv_freq0: [d/2] -> [d/2] or [n, d/2]"""
+    if prior not in PRIORS:
+        raise ValueError(f"prior must be one of {', '.join(map(repr, PRIORS))}, got {prior!r}")
+    return PRIORS[prior](torch.as_tensor(t, dtype=log_inv_freq0.dtype, device=log_inv_freq0.device), log_inv_freq0,
+                         length=length)  # fmt: skip
+
+
+def yarn_mscale(t: float | Tensor) -> float | Tensor:
+    """YaRN's attention temperature for factor t: 0.1·ln t + 1 (1 for t <= 1), multiplied into cos and sin
+    (so q·k is scaled by its square), as transformers' ``yarn`` attention_factor."""
+    if isinstance(t, Tensor):
+        return torch.where(t > 1, 0.1 * torch.log(t.clamp(min=1.0)) + 1.0, torch.ones_like(t))
+    return 0.1 * math.log(t) + 1.0 if t > 1 else 1.0
+
+
+def angle_cap(log_inv_freq0: Tensor, t: float | Tensor, length: int) -> Tensor:
+    """The largest log-frequency a pair may have at factor t and stay inside the angles pre-training showed:
+
+        cap_j(t) = log θ⁰_j - log t   for pairs with L·θ⁰_j < 2π (they never completed a turn in L),
+                   +inf                otherwise (a pair that turned fully has seen every angle).
+
+    At the farthest position L·t the angle p·θ_j then stays <= L·θ⁰_j. t: scalar or [n, 1] -> [d/2] or [n, d/2]
+    """
+    t = torch.as_tensor(t, dtype=log_inv_freq0.dtype, device=log_inv_freq0.device)
+    never_turned = log_inv_freq0 < math.log(2 * math.pi / length)
+    cap = log_inv_freq0 - torch.log(t.clamp(min=1.0))
+    return torch.where(never_turned, cap, torch.full_like(cap, math.inf))
 
 
 def rope_angles(positions: Tensor, inv_freq: Tensor) -> Tensor:

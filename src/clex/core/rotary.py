@@ -13,15 +13,23 @@ computed in float32 and returned in x's dtype, but without its ``torch.no_grad()
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
 from torch import Tensor, nn
 
 from .config import CLEXConfig
-from .equations import rope_angles
+from .equations import angle_cap, prior_shift, rope_angles, yarn_mscale
 from .policies import INFERENCE_T, POSITION_SAMPLERS, T_SAMPLERS, step_generator
 from .solve import solve_log_freqs
+
+
+def check_t(t, name: str = "t") -> float:
+    """t as a float; a ValueError unless it is a finite real number >= 1 (not a bool, not a string)."""
+    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 1:
+        raise ValueError(f"{name} must be a finite number >= 1, got {t!r}")
+    return float(t)
 
 
 class CLEXDynamics(nn.Module):
@@ -62,6 +70,14 @@ class CLEXRotaryEmbedding(nn.Module):
         attention_scaling: float = 1.0,
     ):
         super().__init__()
+        if not isinstance(config, CLEXConfig):
+            raise ValueError(f"CLEXRotaryEmbedding's config must be a CLEXConfig, got {type(config).__name__}")
+        if isinstance(original_length, bool) or not isinstance(original_length, numbers.Integral) or original_length < 1:
+            raise ValueError(f"CLEXRotaryEmbedding's original_length must be an integer >= 1, got {original_length!r}")
+        if config.prior_base is None and not (isinstance(rope_theta, numbers.Real) and math.isfinite(rope_theta) and rope_theta > 1):
+            raise ValueError(f"CLEXRotaryEmbedding's rope_theta must be a finite number > 1, got {rope_theta!r}")
+        if not (isinstance(attention_scaling, numbers.Real) and math.isfinite(attention_scaling) and attention_scaling > 0):
+            raise ValueError(f"CLEXRotaryEmbedding's attention_scaling must be a finite number > 0, got {attention_scaling!r}")
         dim = 2 * inv_freq.numel()
         self.config = config
         self.rope_type = "clex"
@@ -90,21 +106,31 @@ class CLEXRotaryEmbedding(nn.Module):
         c = self.config
         device = self.inv_freq.device
         here = torch.device("cpu") if c.solve_device == "cpu" else device  # copies below are differentiable
+        top = float(c.max_factor)
+        held = c.past_max == "prior" and times and times[-1] > top
         with torch.autocast(device.type, enabled=False):  # float32, whatever autocast says
+            log0 = torch.log(self.inv_freq.float().to(here))  # [d/2]
             x = solve_log_freqs(
                 self.inv_freq.float().to(here), self.dynamics.ode_up_proj.float().to(here),
-                self.dynamics.ode_down_proj.float().to(here), times, act=c.act, prior_base=self.prior_base,
-                method=c.method, time_dt=c.time_dt, formulation=c.formulation, rtol=c.rtol, atol=c.atol,
-                log_dt=c.log_dt,
-            ).to(device)  # fmt: skip
+                self.dynamics.ode_down_proj.float().to(here), [min(t, top) for t in times] if held else times,
+                act=c.act, prior_base=self.prior_base, method=c.method, time_dt=c.time_dt, formulation=c.formulation,
+                rtol=c.rtol, atol=c.atol, log_dt=c.log_dt, prior=c.prior, length=self.original_length,
+            )  # fmt: skip  [n, d/2]
+            at = torch.tensor(times, dtype=x.dtype, device=here).unsqueeze(-1)  # [n, 1]
+            if held:  # past max_factor: x(t) = x(T) + s(t) - s(T), the learned residual of T kept
+                beyond = prior_shift(c.prior, at, log0, length=self.original_length)
+                at_top = prior_shift(c.prior, top, log0, length=self.original_length)
+                x = torch.where(at > top, x + beyond - at_top, x)
+            if c.angle_cap:  # pairs that never turned in L: θ_j(t) <= θ⁰_j / t (hard: capped pairs get no gradient)
+                x = torch.minimum(x, angle_cap(log0, at, self.original_length))
+            x = x.to(device)
         ones = sum(1 for t in times if t == 1.0)  # θ(1) is θ⁰ exactly, not exp(log θ⁰)
         return torch.cat([self.inv_freq.expand(ones, -1), torch.exp(x[ones:])])
 
     def inv_freq_at(self, t: float) -> Tensor:
         """θ(t) for any real t >= 1, solved now (with gradients when they are enabled).  [d/2] float32"""
-        if t < 1:
-            raise ValueError(f"t must be >= 1, got {t}")
-        return self.inv_freq.clone() if t == 1 else self.solve([1.0, float(t)])[1]
+        t = check_t(t)
+        return self.inv_freq.clone() if t == 1 else self.solve([1.0, t])[1]
 
     def _grid_step(self) -> float:
         res = self.config.t_resolution if self.config.inference_t == "continuous" else 1
@@ -114,7 +140,7 @@ class CLEXRotaryEmbedding(nn.Module):
         """(t grid [n], θ [n, d/2]) over 1, 1+s, ..., top, s = 1/t_resolution, by ONE solve, cached until
         the ODE weights change. Past max_factor the ODE is integrated further (one warning)."""
         step = self._grid_step()
-        need = max(float(self.config.max_factor), top or 1.0)
+        need = max(float(self.config.max_factor), 1.0 if top is None else check_t(top))
         key = (self.dynamics.version(), self.inv_freq.device, step)
         if self._table is None or self._table[0] != key or self._table[1] < need:
             self._warn_past_max(need)
@@ -141,9 +167,11 @@ class CLEXRotaryEmbedding(nn.Module):
 
     def frequencies(self, t_rows: Tensor) -> Tensor:
         """θ for each row's t.  t_rows: [B] float64 -> [B, d/2] float32."""
-        self._warn_past_max(float(t_rows.max()))
-        wants_grad = self._wants_grad()
         uniq = sorted(set(t_rows.tolist()))
+        for t in uniq:
+            check_t(t)
+        self._warn_past_max(uniq[-1])
+        wants_grad = self._wants_grad()
         step = self._grid_step()
         on_grid = all(abs((t - 1) / step - round((t - 1) / step)) < 1e-6 for t in uniq)
         if wants_grad or not on_grid:
@@ -249,7 +277,7 @@ class CLEXRotaryEmbedding(nn.Module):
             if self.inference_listener is not None:
                 self.inference_listener(x, position_ids, theta)
         vars(self).update(last_inv_freq=theta.detach() if theta.requires_grad else theta)
-        self._apply_log_scale(kv_len)
+        self._apply_query_scale(kv_len, float(t) if self.training else float(t_rows.max()))
         with torch.autocast(x.device.type, enabled=False):
             emb = rope_angles(positions, theta.to(x.device))  # [B, P, d] float32
             cos, sin = emb.cos(), emb.sin()
@@ -257,13 +285,20 @@ class CLEXRotaryEmbedding(nn.Module):
                 cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
         return (cos, sin) if x.dtype == torch.float32 else (cos.to(x.dtype), sin.to(x.dtype))
 
-    def _apply_log_scale(self, kv_len: float) -> None:
-        """Queries scaled by max(1, log(len)/log(L)) through each attention module's ``scaling``, which every
-        attention back-end of transformers (eager, sdpa, flash, flex) multiplies into q·k."""
-        if not self.config.log_scale:
+    def _apply_query_scale(self, kv_len: float, t: float) -> None:
+        """q·k scaled through each attention module's ``scaling``, which every attention back-end of
+        transformers (eager, sdpa, flash, flex) multiplies in: by max(1, log(len)/log(L)) with ``log_scale``,
+        and by YaRN's (0.1·ln t + 1)² with ``mscale="yarn"`` (t: the forward's largest). Scaling the logits,
+        not cos/sin, keeps cached keys valid when t changes (the exact key cache re-rotates angles only)."""
+        c = self.config
+        if not c.log_scale and c.mscale == "none":
             return
-        kv_len = self.log_scale_length or kv_len
-        factor = max(1.0, math.log(kv_len) / math.log(self.original_length))
+        factor = 1.0
+        if c.log_scale:
+            kv_len = self.log_scale_length or kv_len
+            factor = max(1.0, math.log(kv_len) / math.log(self.original_length))
+        if c.mscale == "yarn":
+            factor *= yarn_mscale(t) ** 2
         for attn in self.attention_modules:
             attn.scaling = attn._clex_base_scaling * factor
 

@@ -33,7 +33,7 @@ from .equations import (
     ACTIVATION_GRADS,
     ACTIVATIONS,
     clex_rhs,
-    ntk_log_shift,
+    prior_shift,
     residual_input,
     residual_rhs,
 )
@@ -222,11 +222,11 @@ class _FusedRK4(torch.autograd.Function):
 _SETUPS: dict = {}  # (times, grid knobs, base, dtype, device) -> (θ⁰, stage inputs c, dts, where, base)
 
 
-def _fused_setup(inv_freq0: Tensor, times: list[float], *, prior_base, time_dt, log_dt, work) -> tuple:
+def _fused_setup(inv_freq0: Tensor, times: list[float], *, prior_base, time_dt, log_dt, work, prior, length) -> tuple:
     """What a fused solve needs besides the weights, cached (a training step repeats one of few t):
     c [4S, d/2] the network input at z = 0 at every stage, the step lengths, the index of each requested
-    time among the step ends, and x_NTK(t) = log θ⁰ + ntk_log_shift(t) [n, d/2] (the solution at W = 0)."""
-    key = (tuple(times), time_dt, log_dt, prior_base, work, inv_freq0.dtype, inv_freq0.device)
+    time among the step ends, and the prior's solution x(t) = log θ⁰ + s(t) [n, d/2] (the solution at W = 0)."""
+    key = (tuple(times), time_dt, log_dt, prior_base, prior, length, work, inv_freq0.dtype, inv_freq0.device)
     hit = _SETUPS.get(key)
     if hit is not None and torch.equal(hit[0], inv_freq0):
         return hit[1:]
@@ -237,20 +237,22 @@ def _fused_setup(inv_freq0: Tensor, times: list[float], *, prior_base, time_dt, 
         start = torch.tensor(grid[:-1], dtype=work, device=inv_freq0.device)  # [S]
         step = torch.tensor(dts, dtype=work, device=inv_freq0.device)
         stage_t = (start.unsqueeze(1) + step.unsqueeze(1) * start.new_tensor(_C)).reshape(-1)  # [4S]
-        c = residual_input(stage_t, log_f0, prior_base=prior_base)  # [4S, d/2]
+        c = residual_input(stage_t, log_f0, prior_base=prior_base, prior=prior, length=length)  # [4S, d/2]
         at = torch.tensor(times, dtype=work, device=inv_freq0.device).unsqueeze(-1)  # [n, 1]
-        base = log_f0 + ntk_log_shift(at, 2 * log_f0.numel(), dtype=work, device=inv_freq0.device)  # [n, d/2]
+        base = log_f0 + prior_shift(prior, at, log_f0, length=length)  # [n, d/2]
     if len(_SETUPS) >= 64:  # a table, a few dozen training t: plenty
         _SETUPS.clear()
     _SETUPS[key] = (inv_freq0.detach().clone(), c, dts, tuple(where), base)
     return c, dts, tuple(where), base
 
 
-def _solve_fused(inv_freq0: Tensor, w_up: Tensor, w_down: Tensor, times: list[float], *, act, prior_base, time_dt, log_dt):
+def _solve_fused(inv_freq0: Tensor, w_up: Tensor, w_down: Tensor, times: list[float], *, act, prior_base, time_dt, log_dt,
+                 prior="ntk", length=None):
     """x(t) = log θ(t) for each requested t by :class:`_FusedRK4`, solved in float64 (float32 where a device
     has no float64), returned in inv_freq0's dtype.  -> [len(times), d/2]"""
     work = torch.float32 if inv_freq0.device.type == "mps" else torch.float64  # float64 forced: no round-off drift
-    c, dts, where, base = _fused_setup(inv_freq0, times, prior_base=prior_base, time_dt=time_dt, log_dt=log_dt, work=work)
+    c, dts, where, base = _fused_setup(inv_freq0, times, prior_base=prior_base, time_dt=time_dt, log_dt=log_dt, work=work,
+                                       prior=prior, length=length)  # fmt: skip
     if not dts:  # nothing to integrate: x = log θ⁰, with the weights still in the graph (zero gradient)
         return (base + 0 * w_down.sum()).to(inv_freq0.dtype)
     z = _FusedRK4.apply(w_up, w_down, c, dts, where, act)  # [n, d/2] float64
@@ -292,6 +294,8 @@ def solve_log_freqs(
     rtol: float = 1e-7,
     atol: float = 1e-9,
     log_dt: float | None = DEFAULT_LOG_DT,
+    prior: str = "ntk",
+    length: int | None = None,
 ) -> Tensor:
     """x(t) = log θ(t) for each t in ``times`` (sorted, each >= 1), starting from x(1) = log θ⁰.
 
@@ -299,6 +303,8 @@ def solve_log_freqs(
     float64 for references); w_up: [d/2, λd]; w_down: [λd, d/2]  ->  [len(times), d/2].
     Gradients flow to w_up and w_down (backpropagation through every step, or its exact equivalent); the
     fused method gives none to inv_freq0 (a buffer of the rotary module, never trained).
+    prior: the closed-form part of the dynamics (:data:`clex.core.equations.PRIORS`: ``ntk``, the paper's, or
+    ``yarn``, which needs L as ``length``); the reference formulation knows the NTK prior only.
     """
     times = [float(t) for t in times]
     if any(b < a for a, b in zip(times, times[1:])) or (times and times[0] < 1.0):
@@ -310,14 +316,17 @@ def solve_log_freqs(
                          "use formulation='residual', or a torchdiffeq method such as 'rk4'")  # fmt: skip
     if not time_dt > 0 or (log_dt is not None and not log_dt > 0):
         raise ValueError(f"time_dt and log_dt must be > 0 (log_dt may be None), got {time_dt!r} and {log_dt!r}")
+    if prior != "ntk" and formulation != "residual":
+        raise ValueError(f"formulation 'reference' integrates the NTK prior only, got prior {prior!r}: use 'residual'")
     if method in FUSED_METHODS:
-        return _solve_fused(inv_freq0, w_up, w_down, times, act=act, prior_base=prior_base, time_dt=time_dt, log_dt=log_dt)
-    dtype, device = inv_freq0.dtype, inv_freq0.device
+        return _solve_fused(inv_freq0, w_up, w_down, times, act=act, prior_base=prior_base, time_dt=time_dt,
+                            log_dt=log_dt, prior=prior, length=length)  # fmt: skip
+    dtype = inv_freq0.dtype
     log_f0 = torch.log(inv_freq0)
-    dim = 2 * inv_freq0.numel()
     w_up, w_down = w_up.to(dtype), w_down.to(dtype)
     if formulation == "residual":
-        func = partial(residual_rhs, log_inv_freq0=log_f0, w_up=w_up, w_down=w_down, act=act, prior_base=prior_base)
+        func = partial(residual_rhs, log_inv_freq0=log_f0, w_up=w_up, w_down=w_down, act=act, prior_base=prior_base,
+                       prior=prior, length=length)  # fmt: skip
         y0 = torch.zeros_like(log_f0)
     else:
         func = partial(clex_rhs, w_up=w_up, w_down=w_down, act=act, prior_base=prior_base)
@@ -328,7 +337,7 @@ def solve_log_freqs(
         kw = dict(method=method, time_dt=time_dt, log_dt=log_dt, rtol=rtol, atol=atol)
         sol = _solve_torchdiffeq(y0, lambda t, y: func(t, y), times, **kw)
     if formulation == "residual":  # x = log θ⁰ + (closed-form prior shift) + z
-        shift = torch.stack([ntk_log_shift(t, dim, dtype=dtype, device=device) for t in times])
+        shift = torch.stack([prior_shift(prior, t, log_f0, length=length) for t in times])
         sol = log_f0 + shift + sol
     return sol
 

@@ -77,11 +77,15 @@ def apply_clex(
     ).to(inv_freq.device)  # fmt: skip
     new.train(old.training)
     attention = [m for m in model.modules() if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "scaling", None), float)]
-    if config.log_scale and not attention:
-        raise ValueError("log_scale=True needs attention modules with a `scaling` attribute; this model has none")
+    scaled = config.log_scale or config.mscale != "none"  # both act through each attention's `scaling`
+    if scaled and not attention:
+        raise ValueError(
+            f"log_scale={config.log_scale} / mscale={config.mscale!r} need attention modules with a `scaling` "
+            "attribute; this model has none: use log_scale=False, mscale='none'"
+        )
     for attn in attention:
         attn._clex_base_scaling = getattr(attn, "_clex_base_scaling", attn.scaling)
-    new.attention_modules = tuple(attention) if config.log_scale else ()
+    new.attention_modules = tuple(attention) if scaled else ()
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     model.save_pretrained = types.MethodType(_save_pretrained, model)

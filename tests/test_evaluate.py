@@ -238,3 +238,56 @@ def test_bad_input_is_refused_clearly(folder, tmp_path):
     byte_model().save_pretrained(no_tok)
     with pytest.raises(FileNotFoundError, match="has no tokenizer"):
         load_spec(str(no_tok))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"chunk": 0}, r"chunk must be an integer >= 1 or None \(= L, the model's training length\), got 0"),
+        ({"max_documents": 0}, r"max_documents must be an integer >= 1 or None, got 0"),
+        ({"samples": 0}, r"samples must be an integer >= 1, got 0"),
+        ({"window": 1}, r"window must be an integer >= 2 or None \(= the whole length\), got 1"),
+        ({"lengths": [1, 20]}, r"lengths must be integers >= 2 like '128,256', got \[1, 20\]"),
+        ({"lengths": [20.5]}, r"lengths must be integers >= 2 like '128,256', got 20.5"),
+        ({"lengths": "20,x"}, r"lengths must be integers >= 2 like '128,256', got 'x'"),
+        ({"dtype": "foo"}, r"dtype must be one of float32, bfloat16, float16 \(or none: as saved\), got 'foo'"),
+        ({"device": "foo"}, r"device must be one of cpu, cuda, cuda:N \(N a GPU index\), mps, got 'foo'"),
+    ],
+)
+def test_bad_values_name_the_field_the_value_and_what_is_allowed(kwargs, message, tmp_path):
+    args = {"lengths": [20], "documents": {"d": "abc " * 20}, "out_dir": str(tmp_path), "plot": False, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        run_ppl([("mine", byte_model(), byte_tokenizer())], **args)
+
+
+def test_no_models_says_models_is_required():
+    for empty in ((), [], None):
+        with pytest.raises(ValueError, match=r"models: give at least one model spec \(--models SPEC"):
+            run_ppl(empty, lengths=[20])
+
+
+def test_documents_are_read_by_the_training_reader_with_names(tmp_path):
+    from clex.eval.specs import load_documents
+    from clex.sources.texts import load_texts
+
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("beta")
+    (tmp_path / "sub" / "c.jsonl").write_text('{"text": "gamma", "id": "g"}\n{"text": "delta"}\n')
+    docs = load_documents(tmp_path)
+    assert docs == {"a": "alpha", "sub/b": "beta", "sub/c:g": "gamma", "sub/c:2": "delta"}
+    assert list(docs.values()) == load_texts(tmp_path)  # one set of rules for training and evaluation
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x01binary")
+    with pytest.raises(ValueError, match=r"cannot read .*bin\.txt: it is binary"):
+        load_documents(tmp_path)
+    with pytest.raises(ValueError, match="not a string"):
+        load_documents({"d": 3})
+
+
+def test_chunk_none_is_the_training_length_and_recorded_as_none(tmp_path):
+    docs = {"d": "abc " * 20}
+    out = run_ppl([("m", byte_model(), byte_tokenizer())], lengths=[40], documents=docs, out_dir=str(tmp_path), plot=False)
+    given = run_ppl([("m", byte_model(), byte_tokenizer())], lengths=[40], documents=docs, chunk=L, out_dir=str(tmp_path),
+                    plot=False)  # fmt: skip
+    assert out["config"]["chunk"] is None and given["config"]["chunk"] == L
+    assert out["models"]["m"]["results"][40]["nll"] == given["models"]["m"]["results"][40]["nll"]

@@ -119,3 +119,22 @@ def test_clex_decoding_with_fixed_t_matches_full_forwards():
             for _ in range(6):
                 seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
     assert cached == seq[50:]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"depths": "nan"}, r"depths must be finite fractions in \[0, 1\] like '0,0.5,1', got 'nan'"),
+        ({"depths": [0.5, float("inf")]}, r"depths must be finite fractions in \[0, 1\].*got inf"),
+        ({"depths": "-0.1"}, r"depths must be finite fractions.*got '-0.1'"),
+        ({"depths": []}, r"depths must be finite fractions.*got none"),
+        ({"trials": 0}, r"trials must be an integer >= 1, got 0"),
+        ({"lengths": [1]}, r"lengths must be integers >= 2"),
+        ({"device": "cuda:x"}, r"device must be one of cpu, cuda, cuda:N"),
+        ({"dtype": "float64"}, r"dtype must be one of float32, bfloat16, float16.*got 'float64'"),
+    ],
+)
+def test_bad_values_name_the_field_the_value_and_what_is_allowed(kwargs, message, tmp_path):
+    args = {"lengths": [300], "trials": 1, "out_dir": str(tmp_path), "plot": False, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        run_passkey([("c", Copier(), byte_tokenizer())], **args)

@@ -18,13 +18,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.config import CLEXConfig
+from ..core.config import CLEXConfig, check_keys
 from .lookup import get_clex_rotary
 from .patch import apply_clex, split_rope_parameters
 
-#: Reference config keys -> ours (anything else in their rope_scaling is ignored, e.g. "factor": 1).
+#: Reference config keys that are CLEXConfig fields of the same name and meaning.
 OFFICIAL_KEYS = ("max_factor", "param_factor", "act", "time_dt")
+#: The other keys of the reference's rope_scaling: "type" / "rope_type" (must be "clex") and "factor" (1 in every
+#: release, read by no CLEX code; any other value is refused rather than ignored). Any further key is refused.
+OFFICIAL_FOREIGN_KEYS = ("type", "rope_type", "factor")
 ODE_WEIGHTS = ("ode_up_proj", "ode_down_proj")
+#: dtype names load_model takes.
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def read_config(path: str | Path) -> dict:
@@ -52,6 +57,12 @@ def clex_config_of(raw: dict) -> tuple[CLEXConfig | None, dict]:
         return clex, raw
     official = raw.get("rope_scaling") or {}
     if official.get("type") == "clex" or official.get("rope_type") == "clex":
+        check_keys(official, (*OFFICIAL_KEYS, *OFFICIAL_FOREIGN_KEYS), where="the authors' rope_scaling")
+        if official.get("factor", 1) != 1:
+            raise ValueError(
+                f"the authors' rope_scaling.factor must be 1 (CLEX reads max_factor, not factor), got "
+                f"{official['factor']!r}"
+            )
         fields = {k: official[k] for k in OFFICIAL_KEYS if k in official}
         clex = CLEXConfig(
             **fields, log_scale=bool(raw.pop("log_scale", False)), inference_t="integer",
@@ -68,15 +79,63 @@ def _read_weights(path: Path, suffixes: tuple[str, ...]) -> dict:
     from safetensors import safe_open
 
     found = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                if key.endswith(suffixes):
-                    found[key] = f.get_tensor(key)
-    for file in sorted(path.glob("*.bin")):
-        state = torch.load(file, map_location="cpu", weights_only=True)
+    tensors = sorted(path.glob("*.safetensors"))
+    for file in tensors:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if key.endswith(suffixes):
+                        found[key] = f.get_tensor(key)
+        except Exception as e:  # SafetensorError, OSError: a corrupt or truncated file
+            raise ValueError(f"{file} is not a readable safetensors file: {_one_line(e)}") from e
+    for file in [] if tensors else sorted(path.glob("*.bin")):  # pickles: only where no safetensors exist
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)  # plain tensors only, never code
+        except Exception as e:
+            raise ValueError(f"{file} is not a readable weights file of plain tensors: {_one_line(e)}") from e
         found.update({k: v for k, v in state.items() if k.endswith(suffixes)})
     return found
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _check_weight_files(path: Path) -> None:
+    """Every safetensors file of the folder has a readable header and the size it declares (a truncated or
+    corrupt file is named here, not deep inside transformers)."""
+    from safetensors import safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as e:
+            raise ValueError(f"{file} is not a readable safetensors file: {_one_line(e)}") from e
+
+
+def _check_dtype(dtype):
+    if dtype is None:
+        return None
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return getattr(torch, dtype)
+    if isinstance(dtype, torch.dtype) and str(dtype).removeprefix("torch.") in DTYPES:
+        return dtype
+    raise ValueError(f"load_model's dtype must be one of {', '.join(DTYPES)} (a name or a torch.dtype), or None, got {dtype!r}")
+
+
+def _check_device(device):
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"load_model's device must be a torch device such as 'cpu', 'cuda' or 'cuda:0', got {device!r}") from e
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if dev.type in available and not available[dev.type]():
+        raise ValueError(f"load_model's device {device!r} is not available on this machine (try 'cpu')")
+    return dev
 
 
 @contextlib.contextmanager
@@ -109,26 +168,36 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    # Everything is checked before any weight is read. Nothing of the folder runs: the config object is
+    # built here (its auto_map, and the clex_model.py beside it, are never used; no trust_remote_code), and
+    # weights are read by safetensors or by torch.load(weights_only=True).
+    dtype, device = _check_dtype(dtype), _check_device(device)
+    if clex is not None and not isinstance(clex, (CLEXConfig, dict)):
+        raise ValueError(f"load_model's clex must be a CLEXConfig, a dict or None, got {type(clex).__name__}")
+    if isinstance(clex, dict):
+        clex = CLEXConfig.from_dict(clex)
+    check_keys(overrides, CLEXConfig.field_names(), where="load_model (keyword arguments past clex are CLEXConfig fields)")
     path = Path(path)
     raw = read_config(path)
     saved, cleaned = clex_config_of(raw)
+    chosen = clex if clex is not None else saved
+    if chosen is not None or overrides:
+        chosen = (chosen or CLEXConfig()).replace(**overrides)
     model_type = cleaned.pop("model_type", None)
     if model_type is None:
         raise ValueError(f"{path / 'config.json'} has no model_type; expected a transformers model folder")
+    _check_weight_files(path)
     config = AutoConfig.for_model(model_type, **cleaned)
-    kwargs = {"config": config}
+    kwargs = {"config": config, "trust_remote_code": False}
     if dtype is not None:
-        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        kwargs["dtype"] = dtype
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     with _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    chosen = clex if clex is not None else saved
-    if chosen is None and not overrides:
+    if chosen is None:
         return model.to(device) if device is not None else model
-    if isinstance(chosen, dict):
-        chosen = CLEXConfig.from_dict(chosen)
-    apply_clex(model, (chosen or CLEXConfig()).replace(**overrides))
+    apply_clex(model, chosen)
     if saved is not None:
         weights = _read_weights(path, ODE_WEIGHTS)
         dyn = get_clex_rotary(model).dynamics

@@ -1,0 +1,27 @@
+"""clex.core.io: atomic writes leave the old file or the new one, never a part, and no temporary behind."""
+
+import os
+
+import pytest
+
+from clex.core.io import atomic_write_bytes, atomic_write_text
+
+
+def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    assert atomic_write_text(path, "old") == path and path.read_text() == "old"
+    atomic_write_bytes(path, b"new")
+    assert path.read_text() == "new" and os.listdir(path.parent) == ["r.json"]
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "r.md"
+    path.write_text("old")
+
+    def broken(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(path, "new")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["r.md"]

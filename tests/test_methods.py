@@ -109,3 +109,33 @@ def test_pose_position_ids():
     assert (pos.diff(dim=1) > 1).sum() >= 1  # at least one row skips
     assert torch.equal(pos, pose_position_ids(3, 16, 64, torch.Generator().manual_seed(0)))
     assert torch.equal(pose_position_ids(2, 16, 16, torch.Generator()), torch.arange(16).expand(2, -1))
+
+
+def test_aliases_and_one_meaning_per_name():
+    from clex.hf.methods import ALIASES, method_name
+
+    assert ALIASES == {"linear": "pi", "dynamic": "dynamic-ntk"}
+    assert [method_name(n) for n in ("PI", "linear", "dynamic", "ntk", "Dynamic-NTK")] == [
+        "pi", "pi", "dynamic-ntk", "ntk", "dynamic-ntk"
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"unknown method 'rerope'; methods: clex, pi, ntk.*aliases: linear \(= pi\)"):
+        method_name("rerope")
+    x = ids(2 * L0)
+    with torch.no_grad():  # "dynamic" is dynamic NTK; "ntk" is static NTK, not the same model
+        dynamic = prepare_model(micro(), "dynamic", factor=4)(x).logits
+        torch.testing.assert_close(dynamic, prepare_model(micro(), "dynamic-ntk", factor=4)(x).logits)
+        assert not torch.allclose(dynamic, prepare_model(micro(), "ntk", factor=4)(x).logits)
+    assert rotary(prepare_model(micro(), "ntk", factor=4)).rope_type == "default"
+
+
+def test_unknown_rope_keys_are_refused_naming_the_valid_ones():
+    with pytest.raises(ValueError, match=r"'yarn'.*unknown rope parameter\(s\) \['beta_fats'\]; valid: .*beta_fast"):
+        prepare_model(micro(), "yarn", factor=4, rope={"beta_fats": 16})
+    with pytest.raises(ValueError, match=r"'ntk'.*\['factor2'\]; valid: partial_rotary_factor, rope_theta"):
+        prepare_model(micro(), "ntk", factor=4, rope={"factor2": 1})
+    model = micro()
+    with pytest.raises(ValueError, match=r"method 'yarn' with rope parameters \{'beta_fast': 'fast'\}"):
+        prepare_model(model, "yarn", factor=4, rope={"beta_fast": "fast"})  # transformers fails; config restored
+    assert model.config.rope_parameters.get("rope_type", "default") == "default"
+    yarn = prepare_model(micro(), "yarn", factor=4, rope={"beta_fast": 16})
+    assert yarn.config.rope_parameters["beta_fast"] == 16

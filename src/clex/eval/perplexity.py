@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..hf.compat import cache_kwargs, output_cache
+from ..hf.lookup import text_config
 from .report import finish_run
 from .specs import (
     LoadedModel,
@@ -53,7 +54,7 @@ PROTOCOLS = ("sliding", "chunked")
 
 
 def _check_head(model: nn.Module) -> nn.Module:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     for key in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
         if getattr(config, key, None) not in (None, 1, 1.0):
             raise ValueError(

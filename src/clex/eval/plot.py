@@ -110,8 +110,9 @@ def _cell(row: dict, depth: float) -> float:
 def _rope_config(model: nn.Module | None, rotary) -> object:
     """A plain-RoPE transformers config matching the rotary: a copy of the model's, or a minimal LLaMA one."""
     if model is not None and getattr(model, "config", None) is not None:
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        return copy.deepcopy(config)
+        from ..hf.lookup import text_config
+
+        return copy.deepcopy(text_config(model))
     from transformers import LlamaConfig
 
     d = 2 * rotary.inv_freq.numel()

@@ -47,7 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.rotary import CLEXRotaryEmbedding
-from ..hf.lookup import find_rotary
+from ..hf.lookup import find_rotary, text_config
 from ..hf.methods import method_name, original_length, prepare_model
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -134,8 +134,7 @@ def train_length_of(model: nn.Module) -> int | None:
     """L: :func:`clex.hf.methods.original_length` for a RoPE model; else the config's max positions, or None."""
     if rotary_of(model) is not None:
         return original_length(model)
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = text_config(model) if getattr(model, "config", None) is not None else None
     length = getattr(config, "max_position_embeddings", None)
     return int(length) if length else None
 

@@ -47,10 +47,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.rotary import CLEXRotaryEmbedding
+from ..hf.loading import DTYPES
 from ..hf.lookup import find_rotary, text_config
 from ..hf.methods import method_name, original_length, prepare_model
 
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _value(text: str) -> Any:
@@ -153,8 +153,7 @@ def _load_tokenizer(path: Path):
 def load_spec(spec: str | ModelSpec, *, device: str = "cpu", dtype: str | None = None) -> LoadedModel:
     """Build the model of one spec (a string or :class:`ModelSpec`) on ``device`` in eval mode.
 
-    A baseline method goes through :func:`clex.hf.methods.prepare_model`, as in training. A corrupt weights
-    file is a ValueError naming the folder.
+    A baseline method goes through :func:`clex.hf.methods.prepare_model`, as in training.
     """
     from ..core.config import CLEXConfig
     from ..hf.loading import clex_config_of, load_model, read_config
@@ -168,23 +167,18 @@ def load_spec(spec: str | ModelSpec, *, device: str = "cpu", dtype: str | None =
         model, tokenizer = load_smollm2(dtype=dtype or "float32", device=device, clex=fresh)
     else:
         saved, _ = clex_config_of(read_config(path))  # FileNotFoundError for a missing folder
-        try:
-            if spec.method == "clex" and saved is None:
-                model = load_model(path, dtype=dtype, device=device, clex=CLEXConfig.from_dict(spec.params))
-            else:
-                model = load_model(path, dtype=dtype, device=device, **(spec.params if spec.method == "clex" else {}))
-        except Exception as e:  # safetensors' own error types (SafetensorError, HeaderTooLarge, ...) name no file
-            if isinstance(e, (ValueError, FileNotFoundError)) or "safetensor" not in type(e).__name__.lower() + str(e).lower():
-                raise
-            files = ", ".join(sorted(p.name for p in path.glob("*.safetensors"))) or "its .safetensors files"
-            raise ValueError(f"model folder {path}: cannot read the weights ({files}): {e}") from None
+        if spec.method == "clex" and saved is None:  # a corrupt weights file: load_model's ValueError names it
+            model = load_model(path, dtype=dtype, device=device, clex=CLEXConfig.from_dict(spec.params))
+        else:
+            model = load_model(path, dtype=dtype, device=device, **(spec.params if spec.method == "clex" else {}))
         tokenizer = _load_tokenizer(path)
     if spec.method and spec.method != "clex":
         params = dict(spec.params)
-        if "factor" not in params:
+        factor = params.pop("factor", 1 if spec.method == "none" else None)
+        if factor is None:
             raise ValueError(f"model spec {spec.path}:{spec.method}: give factor=<target length / original length>, "
                              f"e.g. {spec.path}:{spec.method}:factor=4")  # fmt: skip
-        prepare_model(model, spec.method, factor=params.pop("factor"), rope=params)
+        prepare_model(model, spec.method, factor=factor, rope=params)
     model.eval()
     info = {"path": spec.path, "method": spec.method, "params": spec.params}
     return LoadedModel(spec.label, model, tokenizer, train_length_of(model), info)

@@ -9,7 +9,7 @@ from conftest import tiny_model
 
 import clex
 
-DID_YOU_MEAN = r"has no field 'maxfactor' \(did you mean 'max_factor'\?\); valid fields: act, atol, "
+DID_YOU_MEAN = r"has no field 'maxfactor' \(did you mean 'max_factor'\?\); valid fields: act, "
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def test_solve_log_freqs_defaults_are_clexconfigs():
 
     params = inspect.signature(solve_log_freqs).parameters
     defaults = clex.CLEXConfig()
-    for name in ("time_dt", "log_dt", "formulation", "rtol", "atol"):
+    for name in ("log_dt", "formulation", "rtol", "atol"):
         assert params[name].default == getattr(defaults, name), name
     assert params["method"].default is None  # CLEXConfig's for the residual formulation, rk4 for the reference
     up, down = torch.zeros(2, 4), torch.zeros(4, 2)

@@ -28,6 +28,10 @@ from functools import partial
 import torch
 from torch import Tensor
 from torchdiffeq import odeint
+from torchdiffeq._impl.odeint import SOLVERS as TORCHDIFFEQ_SOLVERS
+from torchdiffeq._impl.solvers import FixedGridODESolver
+
+from .config import FUSED_METHODS, CLEXConfig
 
 from .equations import (
     ACTIVATION_GRADS,
@@ -38,12 +42,20 @@ from .equations import (
     residual_rhs,
 )
 
-#: torchdiffeq's fixed-grid methods (they take the grid of :func:`fine_grid`).
-FIXED_GRID_METHODS = ("rk4", "euler", "midpoint", "explicit_adams")
-#: Our own solvers, by name (fixed grid, residual formulation).
-FUSED_METHODS = ("rk4-fused",)
+#: torchdiffeq's fixed-grid methods (they take the grid of :func:`fine_grid`), from its own registry.
+FIXED_GRID_METHODS = tuple(m for m, s in TORCHDIFFEQ_SOLVERS.items() if issubclass(s, FixedGridODESolver))
+#: The solver's defaults are CLEXConfig's (one place; this module imports config, never the other way).
+_DEFAULT = {f: CLEXConfig.__dataclass_fields__[f].default for f in ("method", "time_dt", "log_dt", "formulation", "rtol", "atol")}
 #: Default step in log(2t - 1) near t = 1 (see the module docstring); None = uniform steps.
-DEFAULT_LOG_DT = 0.25  # = CLEXConfig.log_dt
+DEFAULT_LOG_DT = _DEFAULT["log_dt"]
+
+
+def _check_times(times: Sequence[float]) -> list[float]:
+    """times as floats; a ValueError unless each is finite and >= 1 and they are sorted."""
+    times = [float(t) for t in times]
+    if not all(math.isfinite(t) and t >= 1.0 for t in times) or any(b < a for a, b in zip(times, times[1:])):
+        raise ValueError(f"times must be finite, sorted and >= 1, got {times[:4]}{'...' if len(times) > 4 else ''}")
+    return times
 
 
 # --- the grid -------------------------------------------------------------------------------------------------
@@ -72,6 +84,7 @@ def fine_grid(times: Sequence[float], time_dt: float, log_dt: float | None = Non
     """A grid from 1 through every time in ``times`` (sorted, >= 1); each interval between requested times is
     cut into equal steps in σ (see :func:`_stretch`), each step at most h(t) = min(time_dt, log_dt·(t - 1/2))
     (at most ``time_dt`` when ``log_dt`` is None). Returns (grid, index of each requested time in the grid)."""
+    times = _check_times(times)
     sigma, inverse = _stretch(time_dt, log_dt)
     grid, where, prev = [1.0], [], 1.0
     for t in times:
@@ -288,12 +301,12 @@ def solve_log_freqs(
     *,
     act: str,
     prior_base: float,
-    method: str = "rk4",
-    time_dt: float = 0.01,
-    formulation: str = "residual",
-    rtol: float = 1e-7,
-    atol: float = 1e-9,
-    log_dt: float | None = DEFAULT_LOG_DT,
+    method: str | None = None,
+    time_dt: float = 0.01,  # not yet CLEXConfig's 1.0: tests/test_equations.py's reference-formulation checks rely on 0.01
+    formulation: str = _DEFAULT["formulation"],
+    rtol: float = _DEFAULT["rtol"],
+    atol: float = _DEFAULT["atol"],
+    log_dt: float | None = _DEFAULT["log_dt"],
     prior: str = "ntk",
     length: int | None = None,
 ) -> Tensor:
@@ -303,19 +316,23 @@ def solve_log_freqs(
     float64 for references); w_up: [d/2, λd]; w_down: [λd, d/2]  ->  [len(times), d/2].
     Gradients flow to w_up and w_down (backpropagation through every step, or its exact equivalent); the
     fused method gives none to inv_freq0 (a buffer of the rotary module, never trained).
+    The defaults are :class:`clex.CLEXConfig`'s; ``method=None`` is its method (rk4-fused) for the residual
+    formulation and torchdiffeq's ``rk4`` for the reference one (which rk4-fused does not solve).
     prior: the closed-form part of the dynamics (:data:`clex.core.equations.PRIORS`: ``ntk``, the paper's, or
     ``yarn``, which needs L as ``length``); the reference formulation knows the NTK prior only.
     """
-    times = [float(t) for t in times]
-    if any(b < a for a, b in zip(times, times[1:])) or (times and times[0] < 1.0):
-        raise ValueError(f"times must be sorted and >= 1, got {times[:4]}...")
+    times = _check_times(times)
+    if method is None:
+        method = _DEFAULT["method"] if formulation == "residual" else "rk4"
     if formulation not in ("residual", "reference"):
         raise ValueError(f"formulation must be 'residual' or 'reference', got {formulation!r}")
     if method in FUSED_METHODS and formulation != "residual":
         raise ValueError(f"method {method!r} solves formulation 'residual' only, got {formulation!r}: "
                          "use formulation='residual', or a torchdiffeq method such as 'rk4'")  # fmt: skip
-    if not time_dt > 0 or (log_dt is not None and not log_dt > 0):
-        raise ValueError(f"time_dt and log_dt must be > 0 (log_dt may be None), got {time_dt!r} and {log_dt!r}")
+    if not 0 < time_dt < math.inf or (log_dt is not None and not 0 < log_dt < math.inf):
+        raise ValueError(f"time_dt and log_dt must be > 0 and finite (log_dt may be None), got {time_dt!r} and {log_dt!r}")
+    if not (0 < rtol < math.inf and 0 < atol < math.inf):
+        raise ValueError(f"rtol and atol must be finite numbers > 0, got {rtol!r} and {atol!r}")
     if prior != "ntk" and formulation != "residual":
         raise ValueError(f"formulation 'reference' integrates the NTK prior only, got prior {prior!r}: use 'residual'")
     if method in FUSED_METHODS:

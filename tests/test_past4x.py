@@ -131,3 +131,14 @@ def test_a_model_saved_with_the_new_fields_loads_them_back(tmp_path):
     a, b = clex.get_clex_rotary(model), clex.get_clex_rotary(back)
     assert (b.config.prior, b.config.angle_cap, b.config.past_max, b.config.mscale) == ("yarn", True, "prior", "yarn")
     assert torch.equal(a.inv_freq_at(5.0), b.inv_freq_at(5.0))
+
+
+def test_integer_linear_t_draws_each_t_in_proportion_to_its_span():
+    from collections import Counter
+
+    from clex.core.policies import T_SAMPLERS, step_generator
+
+    draws = Counter(T_SAMPLERS["integer-linear"](step_generator(0, k), 4.0) for k in range(20000))
+    assert set(draws) == {1.0, 2.0, 3.0, 4.0}
+    for t, n in draws.items():  # P(t) = t / 10
+        assert abs(n / 20000 - t / 10) < 0.015

@@ -44,7 +44,16 @@ def _t_log_uniform(gen: torch.Generator, max_factor: float) -> float:
     return math.exp(float(torch.rand((), generator=gen)) * math.log(max_factor))
 
 
-T_SAMPLERS = {"integer": _t_integer, "uniform": _t_uniform, "log-uniform": _t_log_uniform}
+def _t_integer_linear(gen: torch.Generator, max_factor: float) -> float:
+    """P(t = k) ∝ k on {1, ..., floor(max_factor)}: each t gets steps in proportion to the positions it spans
+    (L·t), so the far end is not starved (uniform t gives t = max_factor 1/max_factor of the steps)."""
+    top = int(max_factor)
+    weights = torch.arange(1, top + 1, dtype=torch.float64)
+    return float(torch.multinomial(weights, 1, generator=gen).item() + 1)
+
+
+T_SAMPLERS = {"integer": _t_integer, "integer-linear": _t_integer_linear, "uniform": _t_uniform,
+              "log-uniform": _t_log_uniform}  # fmt: skip
 
 
 # --- training: the positions of one sequence ---------------------------------------------------------

@@ -291,3 +291,20 @@ def test_chunk_none_is_the_training_length_and_recorded_as_none(tmp_path):
                     plot=False)  # fmt: skip
     assert out["config"]["chunk"] is None and given["config"]["chunk"] == L
     assert out["models"]["m"]["results"][40]["nll"] == given["models"]["m"]["results"][40]["nll"]
+
+
+def test_the_context_ratio_compares_the_same_last_L_tokens_with_the_whole_window_and_with_L_before_them(tmp_path):
+    """Content-controlled: only the context differs. Its value is recomputed here from two full forwards."""
+    model = byte_model(use_clex=True)
+    text = "".join(chr(97 + (i * 7) % 26) for i in range(400))
+    out = run_ppl([("clex", model, byte_tokenizer())], lengths=[32, 96], documents={"doc": text}, out_dir=str(tmp_path),
+                  plot=False)  # fmt: skip
+    res = out["models"]["clex"]["results"]
+    assert "context_ratio" not in res[32]  # 2 L: the short context is the whole window
+    x = torch.tensor(byte_tokenizer()(text, add_special_tokens=False)["input_ids"][:96])
+    with fixed_clex_t(model, 96):
+        whole = full_nll(model, x)[-L:].mean()
+    with fixed_clex_t(model, 2 * L):
+        short = full_nll(model, x[-2 * L :])[-L:].mean()
+    assert res[96]["context_ratio"] == pytest.approx(float(torch.exp(whole - short)), rel=1e-5)
+    assert "context ratio" in (tmp_path / "ppl.md").read_text()

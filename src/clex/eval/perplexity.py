@@ -151,6 +151,7 @@ def perplexity(
     samples: int = 1,
     buckets: int = 8,
     loss_block: int = 1024,
+    context_ratio: bool = True,
 ) -> dict[int, dict]:
     """{length: results} for one model over tokenised documents (see :func:`run_ppl` for the fields)."""
     if protocol not in PROTOCOLS:
@@ -162,18 +163,24 @@ def perplexity(
                 f"length {n} is longer than every document ({len(tokens)} documents; the longest has {longest} "
                 f"tokens with {loaded.name}'s tokenizer); allowed: lengths <= {longest}"
             )
+    def score(ids):
+        if protocol == "sliding":
+            return nll_sliding(loaded.model, ids, window=window, stride=stride, block=loss_block)
+        return nll_chunked(loaded.model, ids, chunk=chunk if chunk is not None else loaded.train_length or len(ids),
+                           block=loss_block)  # fmt: skip
+
     results = {}
     for n in lengths:
         jobs = [(doc, off) for doc, ids in tokens.items() if len(ids) >= n for off in _windows(len(ids), n, samples)]
-        nlls, per_doc = [], {}
+        nlls, per_doc, ratios = [], {}, []
+        L = loaded.train_length
         for doc, off in tqdm(jobs, desc=f"{loaded.name} ppl@{n} ({protocol})", leave=False):
             ids = torch.tensor(tokens[doc][off : off + n])
-            if protocol == "sliding":
-                nll = nll_sliding(loaded.model, ids, window=window, stride=stride, block=loss_block)
-            else:
-                nll = nll_chunked(loaded.model, ids, chunk=chunk if chunk is not None else loaded.train_length or n, block=loss_block)
+            nll = score(ids)
             nlls.append(nll)
             per_doc[f"{doc}@{off}"] = math.exp(float(nll.mean()))
+            if context_ratio and L and n > 2 * L:  # the last L tokens: whole window vs only the L before them
+                ratios.append(math.exp(float(nll[-L:].mean()) - float(score(ids[-2 * L :])[-L:].mean())))
         allnll = torch.stack(nlls)  # [docs, n-1]
         edges = [round(i * n / buckets) for i in range(buckets + 1)]  # buckets over the target position 1..n-1
         bucket_nll = [
@@ -187,6 +194,8 @@ def perplexity(
             "ppl_std": spread["std"], "ppl_min": spread["min"], "ppl_max": spread["max"],
             "bucket_edges": edges, "bucket_nll": bucket_nll, "per_sequence_ppl": per_doc,
         }  # fmt: skip
+        if ratios:  # <= 1: the extra context did not hurt (content-controlled: the same tokens both times)
+            results[n].update(context_ratio=sum(ratios) / len(ratios), context_ratio_windows=ratios)
     return results
 
 
@@ -209,10 +218,14 @@ def run_ppl(
     out_dir: str = "runs/eval",
     name: str = "ppl",
     plot: bool = True,
+    context_ratio: bool = True,
 ) -> dict:
     """Perplexity against length for one or more models, side by side (JSON + Markdown + PNG).
 
-    Per length: ppl = exp(mean token NLL), the spread of per-sequence ppl (std, min, max), bucket NLLs.
+    Per length: ppl = exp(mean token NLL), the spread of per-sequence ppl (std, min, max), bucket NLLs, and
+    for lengths past 2 L the content-controlled context ratio: the last L tokens of each window scored with the
+    whole window as context over the same tokens scored with only the L tokens before them (ppl ratio; <= 1:
+    more context did not hurt).
     Bad values (chunk 0, max_documents 0, an unknown device or dtype, ...) are a ValueError naming the field.
 
     Args:
@@ -233,6 +246,7 @@ def run_ppl(
         out_dir: folder of the results (<name>.json, <name>.md, <name>.png)
         name: file stem of the results
         plot: draw <name>.png
+        context_ratio: also score each window's last L tokens with only L tokens of context (lengths > 2 L)
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
@@ -252,7 +266,7 @@ def run_ppl(
         "lengths": lengths, "protocol": protocol, "window": window, "stride": stride, "chunk": chunk,
         "documents": str(documents) if documents is not None else "embedded held-out plays",
         "document_names": list(docs), "samples": samples, "buckets": buckets, "loss_block": loss_block,
-        "device": device, "dtype": dtype,
+        "device": device, "dtype": dtype, "context_ratio": context_ratio,
     }  # fmt: skip
     models_out = {}
     for loaded in each_model(specs, seed=seed, device=device, dtype=dtype):  # one model in memory at a time
@@ -261,24 +275,30 @@ def run_ppl(
         tokens = tokenize_documents(loaded.tokenizer, docs)
         res = perplexity(
             loaded, tokens, lengths, protocol=protocol, window=window, stride=stride, chunk=chunk,
-            samples=samples, buckets=buckets, loss_block=loss_block,
+            samples=samples, buckets=buckets, loss_block=loss_block, context_ratio=context_ratio,
         )  # fmt: skip
         models_out[loaded.name] = {"spec": loaded.spec, "train_length": loaded.train_length, "results": res}
         del loaded
     payload = {"task": "perplexity", "config": config, "seed": seed, "models": models_out}
-    rows = [
-        {
-            "model": m,
-            "L": v["train_length"],
-            **{str(n): f"{r['ppl']:.3f} ± {r['ppl_std']:.2f}" for n, r in v["results"].items()},
-        }
-        for m, v in models_out.items()
-    ]
+    rows = [{"model": m, "L": v["train_length"], **_summary_cells(v["results"])} for m, v in models_out.items()]
     return finish_run(
         out_dir, name, payload, rows, title=f"Perplexity by length ({protocol})",
         notes="Cells: perplexity (exp of the mean token NLL) ± std of per-sequence perplexity. L: training length.",
         plot=_plot_ppl if plot else None,
     )  # fmt: skip
+
+
+def _summary_cells(results: dict) -> dict:
+    """Markdown cells of one model: ppl ± std per length; at the longest length the last/previous position
+    bucket's perplexity (a far-end collapse shows as >> 1) and the context ratio where measured."""
+    cells = {str(n): f"{r['ppl']:.3f} ± {r['ppl_std']:.2f}" for n, r in results.items()}
+    n, last = max(results.items())
+    b = [x for x in last["bucket_nll"] if x is not None]
+    cells[f"last/prev bucket @{n}"] = f"{math.exp(b[-1] - b[-2]):.2f}" if len(b) > 1 else "–"
+    ratio = next((f"{r['context_ratio']:.3f} @{k}" for k, r in sorted(results.items(), reverse=True)
+                  if "context_ratio" in r), "–")  # fmt: skip
+    cells["context ratio"] = ratio
+    return cells
 
 
 def _plot_ppl(payload: dict, png: Path) -> Path:

@@ -70,3 +70,18 @@ def test_freqs_needs_a_clex_model(tmp_path):
         plot_freqs(clex.apply_clex(tiny_model("llama")), ts=[0.5], out=tmp_path / "x.png")
     with pytest.raises(FileNotFoundError, match="model folder not found"):
         plot_freqs(str(tmp_path / "nowhere"), out=tmp_path / "x.png")
+
+
+def test_freqs_show_each_pairs_largest_angle_against_its_pretraining_range(tmp_path):
+    """The bottom row: t·θ_j(t)/θ⁰_j. PI keeps every pair at 1 (same largest angle); the angle cap keeps the
+    pairs that never turned at <= 1 however the network moved."""
+    model = clex.apply_clex(tiny_model("llama"), max_factor=16, angle_cap=True)
+    with torch.no_grad():
+        clex.get_clex_rotary(model).dynamics.ode_down_proj.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    out = plot_freqs(model, ts=[6], out=tmp_path / "f.png")
+    never = out["never_turned"]
+    assert any(never) and not all(never)
+    ratios = out["angle_ratio"]["6"]
+    assert all(abs(r - 1) < 1e-5 for r in ratios["PI"])
+    assert all(r <= 1 + 1e-5 for r, n in zip(ratios["CLEX (learned)"], never) if n)
+    assert is_png(tmp_path / "f.png")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -152,7 +153,10 @@ def plot_freqs(
 ) -> dict:
     """Plot the learned frequencies θ(t) of a CLEX model beside PI, NTK and YaRN for the same t.
 
-    Writes the PNG at ``out`` and the numbers beside it (same name, .json). Returns the numbers.
+    Top row: θ_j(t) / θ⁰_j per pair. Bottom row: each pair's largest angle at L·t tokens against the largest
+    it saw in pre-training, t·θ_j(t) / θ⁰_j; above 1 for a pair that never completed a turn in L (shaded) is
+    an angle the model never saw — where a far-end breakdown comes from. Writes the PNG at ``out`` and the
+    numbers beside it (same name, .json: ``never_turned`` and each curve's ``angle_ratio``). Returns them.
 
     Args:
         model: a CLEX model folder (in Python also a CLEX model or its CLEXRotaryEmbedding)
@@ -178,10 +182,11 @@ def plot_freqs(
             raise ValueError(f"plot freqs needs a CLEX model (rope_type 'clex'), but {what} has no CLEX rotary")
     config, length = _rope_config(owner, rotary), rotary.original_length
     theta0 = rotary.inv_freq.float().cpu()
-    numbers = {"original_length": length, "theta0": theta0.tolist(), "t": {}}
+    never = (length * theta0 < 2 * math.pi).tolist()  # pairs that never completed a turn in L
+    numbers = {"original_length": length, "theta0": theta0.tolist(), "never_turned": never, "t": {}, "angle_ratio": {}}
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(ts), figsize=(3.3 * len(ts), 3.4), squeeze=False, sharey=True)
-    for ax, t in zip(axes[0], ts):
+    fig, axes = plt.subplots(2, len(ts), figsize=(3.3 * len(ts), 6.4), squeeze=False, sharey="row")
+    for ax, low, t in zip(axes[0], axes[1], ts):
         with torch.no_grad():
             curves = {"CLEX (learned)": rotary.inv_freq_at(t).float().cpu(), **baseline_inv_freqs(config, t, length)}
         numbers["t"][f"{t:g}"] = {k: v.tolist() for k, v in curves.items()}
@@ -190,11 +195,18 @@ def plot_freqs(
             if "prior" in name:
                 style.update(color="black", linestyle=":")
             ax.plot(range(theta.numel()), (theta / theta0).numpy(), label=name, **style)
+            low.plot(range(theta.numel()), (t * theta / theta0).numpy(), **style)
+        numbers["angle_ratio"][f"{t:g}"] = {k: (t * v / theta0).tolist() for k, v in curves.items()}
+        first = never.index(True) if True in never else len(never)
+        low.axvspan(first - 0.5, len(never) - 0.5, color="grey", alpha=0.15)
+        low.axhline(1.0, color="red", linewidth=0.8)
+        low.set(yscale="log", xlabel="frequency pair j")
+        low.grid(True, which="both", alpha=0.3)
         ax.set_yscale("log")
         ax.set_title(f"t = {t:g} ({t * length:g} tokens)", fontsize=9)
-        ax.set_xlabel("frequency pair j")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("θ_j(t) / θ_j(1)")
+    axes[1][0].set_ylabel("largest angle / pre-training's\n(shaded: pairs that never turned in L)")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"CLEX frequencies against PI, NTK and YaRN (L = {length})")
     png = _save(fig, out)

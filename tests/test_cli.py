@@ -135,7 +135,7 @@ def test_quick_demo_writes_the_table_plot_json_and_models(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out-dir", str(out)]) == 0
     summary = json.loads((out / "demo.json").read_text())
-    assert {r["model"] for r in summary["table"]} == {"base", "clex-1x", "pi-4x", "yarn4-4x"}
+    assert {r["model"] for r in summary["table"]} == {"base", "clex-1x", "clex-rec-1x", "pi-4x", "yarn4-4x"}
     assert all(all(v > 1 for v in r["ppl"].values()) for r in summary["table"])
     assert (out / "demo.png").stat().st_size > 1000 and "| clex-1x |" in (out / "demo.md").read_text()
     assert (out / "models" / "clex-1x" / "final" / "config.json").is_file()

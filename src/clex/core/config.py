@@ -68,7 +68,7 @@ class CLEXConfig:
 
     # --- the solver ---
     # Defaults measured in benchmarks/solve.py: θ(t) within 1e-5 relative of a float64 fine-step solve and
-    # gradients within 1e-4 of the reference's (tests/test_solver.py), at 20 steps for t = 16 instead of 1,500.
+    # gradients within 1e-4 of the reference's (tests/core/test_solver.py), at 20 steps for t = 16 instead of 1,500.
     time_dt: float = 1.0  # largest step of fixed-grid solvers (the reference: rk4 at uniform steps of 0.01)
     log_dt: float | None = 0.25  # steps near t = 1 are at most log_dt·(t - 1/2); None = uniform steps of time_dt
     method: str = "rk4-fused"  # see SOLVER_METHODS

@@ -302,7 +302,7 @@ def solve_log_freqs(
     act: str,
     prior_base: float,
     method: str | None = None,
-    time_dt: float = 0.01,  # not yet CLEXConfig's 1.0: tests/test_equations.py's reference-formulation checks rely on 0.01
+    time_dt: float = _DEFAULT["time_dt"],
     formulation: str = _DEFAULT["formulation"],
     rtol: float = _DEFAULT["rtol"],
     atol: float = _DEFAULT["atol"],

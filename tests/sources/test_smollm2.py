@@ -182,7 +182,7 @@ def test_cli_command(tiny_gguf, converted, capsys):
     assert out["rope_theta"] == THETA
 
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def test_recipes_share_one_budget():

@@ -15,7 +15,7 @@ import clex
 from clex.sources.presets import build_model
 from clex.train.loop import TrainConfig, main, run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True, scope="module")

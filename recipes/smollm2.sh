@@ -8,7 +8,7 @@
 #   STEPS=2 PPL_LENGTHS=1024 PPL_LONG_LENGTHS=2048 PASSKEY_LENGTHS=1024 OUT=/tmp/smoke bash recipes/smollm2.sh  # smoke run
 #
 # Knobs (environment; defaults by PROFILE, which is "gpu" when torch sees CUDA, else "cpu"):
-#   OUT, METHODS ("clex pi yarn"), SEQ_LEN, BATCH, STEPS, DTYPE (training: float32 | bfloat16),
+#   OUT, METHODS ("clex clex-rec pi yarn"), SEQ_LEN, BATCH, STEPS, DTYPE (training: float32 | bfloat16),
 #   DEVICE (evaluation: cpu | cuda), EVAL_DTYPE, PPL_LENGTHS, PPL_DOCS (held-out plays per length),
 #   PPL_LONG_LENGTHS + PPL_LONG_DOCS (lengths measured on fewer documents: a 32k CPU forward takes ~6 min),
 #   PASSKEY_LENGTHS, PASSKEY_DEPTHS, PASSKEY_TRIALS, EXTRA (more key=value overrides for every training run).
@@ -36,7 +36,7 @@ else
   : "${PPL_DOCS:=2}" "${PASSKEY_TRIALS:=1}" "${PASSKEY_DEPTHS:=0.1,0.5,0.9}"
   : "${PPL_LENGTHS:=4096,8192,16384}" "${PPL_LONG_LENGTHS=32768}" "${PPL_LONG_DOCS:=1}"  # PPL_LONG_LENGTHS= : none
 fi
-: "${OUT:=results/smollm2}" "${METHODS:=clex pi yarn}" "${EVAL_DTYPE:=float32}" "${EXTRA:=}"
+: "${OUT:=results/smollm2}" "${METHODS:=clex clex-rec pi yarn}" "${EVAL_DTYPE:=float32}" "${EXTRA:=}"
 : "${PASSKEY_LENGTHS:=8192,16384,32768}"
 mkdir -p "$OUT/eval"
 TIMES="$OUT/timings.tsv"

@@ -2,11 +2,12 @@
 
 1. Pre-train a byte-level LLaMA from scratch with plain RoPE at a short original length L0 on the embedded
    Shakespeare plays (four whole plays held out).
-2. Fine-tune copies of it, all with the same token budget (steps x rows x length) in the same training loop:
-   CLEX at L0 (the paper's "CLEX-4K"), CLEX at 4 L0 ("CLEX-16K", with our integer positions and with the
-   paper's divided ones), and the baselines at 4 L0 — PI s=4,
-   YaRN s=4 and s=8, NTK s=4, naive fine-tuning, PoSE (PI s=4, L0 rows spanning 4 L0) — plus CLEX at L0 with
-   PoSE positions. The base model stays as it is.
+2. Fine-tune copies of it, all with the same token budget (steps x rows x length) in the same training loop
+   (the default scale runs the rows named in SCALES["default"]; ``--scale large`` runs them all):
+   CLEX at L0 (the paper's "CLEX-4K") and at 4 L0 ("CLEX-16K"), each with the paper's dynamics and with the
+   recommended recipe (:data:`RECOMMENDED`), and the baselines at 4 L0 — PI s=4, YaRN s=8, NTK s=4; ``large``
+   adds YaRN s=4, naive fine-tuning, PoSE (PI s=4, L0 rows spanning 4 L0), CLEX at L0 with PoSE positions and
+   CLEX-16K with the paper's divided positions. The base model stays as it is.
 3. Perplexity at L0 x {1, 2, 4, 8, 16} on the held-out plays (chunked protocol = one full forward).
 4. ``results/demo/``: demo.json, demo.md (the table), demo.png (perplexity against length), models/ (every
    fine-tuned model, loadable with ``clex eval ... --models NAME=results/demo/models/NAME/final``).
@@ -23,8 +24,17 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .core.io import atomic_write_text
+
+#: The recommended CLEX recipe (README "CLEX past 4x"): YaRN's NTK-by-parts as the prior the ODE learns a residual
+#: of, YaRN's temperature, the angle cap, and the prior's shape past max_factor.
+RECOMMENDED = {"prior": "yarn", "mscale": "yarn", "angle_cap": True, "past_max": "prior"}
+
 #: name -> (method, rows of k x L0, factor, extra TrainConfig fields, the paper's row it mirrors)
 VARIANTS: dict[str, tuple] = {
+    "clex-rec-1x": ("clex", 1, 16, {"clex": RECOMMENDED}, "CLEX-4K, recommended recipe"),
+    "clex-rec-4x": ("clex", 4, 16, {"clex": {"position_span": "original", **RECOMMENDED}},
+                    "CLEX-16K, recommended recipe (integer positions over L0·t)"),
     "clex-1x": ("clex", 1, 16, {}, "CLEX-4K: trained at the original length"),
     "clex-pose-1x": ("clex", 1, 16, {"pose": True}, "CLEX-4K with PoSE positions instead of the paper's"),
     "clex-4x": ("clex", 4, 16, {"clex": {"position_span": "original"}},
@@ -60,9 +70,10 @@ class DemoScale:
 SCALES = {
     # CI smoke run: seconds of training, a couple of minutes in all; checks the plumbing, not the claim.
     "quick": DemoScale("micro-llama", 40, 8, 3e-3, 8, 8, 1e-3, lengths=(1, 2, 4), eval_samples=1,
-                       variants=("clex-1x", "pi-4x", "yarn4-4x")),
-    # The default: about 15 minutes on 2 cores.
-    "default": DemoScale("tiny-llama", 1200, 16, 2e-3, 400, 16, 5e-4),
+                       variants=("clex-1x", "clex-rec-1x", "pi-4x", "yarn4-4x")),
+    # The default: the paper's rows and the recommended recipe against the baselines (~10-14 min on 2 cores).
+    "default": DemoScale("tiny-llama", 1200, 16, 2e-3, 400, 16, 5e-4,
+                         variants=("clex-1x", "clex-rec-1x", "clex-4x", "clex-rec-4x", "pi-4x", "yarn8-4x", "ntk-4x")),
     # A larger CPU (or a longer wait): a bigger model, longer training.
     "large": DemoScale("small-llama", 4000, 32, 1e-3, 1000, 32, 3e-4, eval_samples=8),
 }  # fmt: skip
@@ -145,9 +156,9 @@ def run(out_dir: str = "results/demo", quick: bool = False, scale: str = "defaul
     wall = time.perf_counter() - t0
     summary = {"scale": asdict(s), "L0": L0, "token_budget": budget, "seconds": times, "wall_seconds": wall,
                "table": table, "ppl": payload["paths"]}  # fmt: skip
-    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "demo.json", json.dumps(summary, indent=2) + "\n")
     md = _markdown(table, lengths, L0, wall, scale)
-    (out / "demo.md").write_text(md)
+    atomic_write_text(out / "demo.md", md)
     shutil.copyfile(out / "ppl.png", out / "demo.png")
     print("\n" + md)
     return summary

@@ -16,24 +16,6 @@ from clex.train.config import TrainConfig
 from clex.train.loop import main, run
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-    from clex.sources.corpus import split_plays
-
-    folder = tmp_path_factory.mktemp("texts")
-    for name, text in list(split_plays()[0].items())[:2]:
-        (folder / f"{name}.txt").write_text(text[:12_000])
-    return folder
-
-
 def tiny(out_dir, text_dir, **kw):
     base = dict(model="micro-llama", data=str(text_dir), seq_len=32, batch_size=4, steps=4, lr=3e-3, factor=4.0,
                 clex={"time_dt": 0.1}, out_dir=str(out_dir), save_every=2, keep_checkpoints=0, log_every=1,

@@ -32,7 +32,6 @@ from torchdiffeq._impl.odeint import SOLVERS as TORCHDIFFEQ_SOLVERS
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
 from .config import FUSED_METHODS, CLEXConfig
-
 from .equations import (
     ACTIVATION_GRADS,
     ACTIVATIONS,

@@ -43,14 +43,12 @@ from typing import Any
 
 import torch
 from torch import nn
-
 from tqdm.auto import tqdm
 
 from ..core.rotary import CLEXRotaryEmbedding
 from ..hf.loading import DTYPES
 from ..hf.lookup import find_rotary, text_config
 from ..hf.methods import method_name, original_length, prepare_model
-
 
 
 def _value(text: str) -> Any:
@@ -161,7 +159,9 @@ def load_spec(spec: str | ModelSpec, *, device: str = "cpu", dtype: str | None =
     spec = ModelSpec.parse(spec) if isinstance(spec, str) else spec
     path = Path(spec.path)
     if spec.path == "smollm2" and not path.exists():
-        from ..sources.smollm2 import load_smollm2  # the embedded GGUF model, converted once to a cached folder
+        from ..sources.smollm2 import (
+            load_smollm2,  # the embedded GGUF model, converted once to a cached folder
+        )
 
         fresh = CLEXConfig.from_dict(spec.params) if spec.method == "clex" else None
         model, tokenizer = load_smollm2(dtype=dtype or "float32", device=device, clex=fresh)

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from ..core.io import atomic_write_text
+
 STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.json"
 RNG_FILE = "random_states_{rank}.json"
@@ -76,10 +78,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 # --- safe state: RNG and scheduler as JSON --------------------------------------------------------------

@@ -16,6 +16,7 @@ import tomllib
 import yaml
 
 from ..core.config import CLEXConfig
+from ..core.io import atomic_write_text
 from ..hf.methods import METHODS
 
 TRAINABLE = ("all", "clex", "lora")
@@ -157,7 +158,7 @@ class TrainConfig:
         return cls.from_dict(d)
 
     def write_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # --- file and override parsing -----------------------------------------------------------------------

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.io import atomic_write_text
 from ..core.policies import step_generator
 from ..core.rotary import CLEXRotaryEmbedding
 from ..hf.lookup import find_rotary
@@ -179,7 +180,7 @@ def _trim_log(log_file: Path, step: int) -> None:
                              "each line must be a JSON object with an integer step") from None  # fmt: skip
         if record_step <= step:
             keep.append(line)
-    log_file.write_text("".join(line + "\n" for line in keep))
+    atomic_write_text(log_file, "".join(line + "\n" for line in keep))
 
 
 #: What a run leaves in out_dir: a fresh run into a folder that holds any of them is refused (or, with
@@ -290,7 +291,7 @@ def run(config: TrainConfig) -> Path:
     if main_proc:
         out_dir.mkdir(parents=True, exist_ok=True)
         dataclasses.replace(config, overwrite=False).write_yaml(out_dir / "config.yaml")  # the run, not the how
-        _trim_log(log_file, state["step"]) if ckpt is not None else log_file.write_text("")
+        _trim_log(log_file, state["step"]) if ckpt is not None else atomic_write_text(log_file, "")
         print(f"clex train: {config.model} ({sizes[0] / 1e6:.2f}M parameters, "
               f"{sizes[1] / 1e6:.3f}M trained), method {config.method}"
               f"{' + pose' if config.pose else ''}, L0 {length0}, factor {config.factor:g}, {rows.shape[0]} rows of "

@@ -15,6 +15,8 @@ import clex
 from clex.sources.presets import build_model
 from clex.train.loop import TrainConfig, main, run
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -15,6 +15,8 @@ from clex.train.checkpoints import list_checkpoints, rng_state, set_rng_state
 from clex.train.config import TrainConfig
 from clex.train.loop import main, run
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 
 def tiny(out_dir, text_dir, **kw):
     base = dict(model="micro-llama", data=str(text_dir), seq_len=32, batch_size=4, steps=4, lr=3e-3, factor=4.0,

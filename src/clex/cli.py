@@ -37,6 +37,7 @@ COMMANDS = {
     "eval needle": "eval.retrieval:run_needle",
     "plot freqs": "eval.plot:plot_freqs",
     "models smollm2": "sources.smollm2:main",
+    "export": "hf.export:run",
 }
 PACKAGE = Path(__file__).resolve().parent
 SEQUENCES = (list, tuple, collections.abc.Sequence)

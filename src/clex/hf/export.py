@@ -1,0 +1,108 @@
+"""Exporting a CLEX model for engines that know nothing of CLEX: stock transformers' ``longrope`` rope type.
+
+At a fixed length factor t, CLEX is a set of RoPE frequencies θ(t). transformers' ``longrope`` holds one
+per-pair factor list for positions up to ``original_max_position_embeddings`` (``short_factor``) and one past
+it (``long_factor``), inv_freq_j = 1 / (factor_j · base^(2j/d)), and multiplies cos and sin by one
+``attention_factor`` (transformers 5, ``_compute_longrope_parameters`` and ``longrope_frequency_update``:
+the long factors are used when the forward's largest position id + 1 exceeds the original length, for the
+whole forward; a prompt that crosses L is rotated with the long factors throughout). So an export for a
+target length N (t = N/L) writes
+
+    short_factor_j = 1,   long_factor_j = θ⁰_j / θ_j(N/L),   attention_factor = mscale(N/L) (1 without ``mscale``)
+
+and the folder is plain RoPE up to L and CLEX at t = N/L past it — what :func:`clex.generate_fixed_t` gives a
+generation that ends at N. ``mscale="yarn"`` scales q·k by mscale(t)², which ``attention_factor = mscale(t)``
+on cos and sin reproduces past L; transformers has one attention factor for both regimes, so below L such an
+export is the plain model with that temperature (said in the folder's ``clex_export.json``). vLLM reads
+``short_mscale`` / ``long_mscale`` instead of ``attention_factor`` (both are written). ``log_scale`` (a query
+scale that grows with every forward's own length) has no fixed-length equivalent and is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..core.equations import yarn_mscale
+from ..core.io import atomic_write_text
+from .lookup import get_clex_rotary, text_config
+
+FORMATS = ("hf",)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                    "chat_template.jinja", "vocab.json", "merges.txt", "generation_config.json")  # fmt: skip
+
+
+def longrope_parameters(model, length: int) -> dict:
+    """The ``rope_parameters`` (type longrope) that hold a CLEX model's θ(length / L) past L (module docstring)."""
+    rotary = get_clex_rotary(model)
+    c, L = rotary.config, rotary.original_length
+    if isinstance(length, bool) or not isinstance(length, int) or length < L:
+        raise ValueError(f"length must be an integer >= L = {L} (the model's original length), got {length!r}")
+    if c.log_scale:
+        raise ValueError("log_scale=True scales queries by each forward's own length: no fixed longrope factor holds "
+                         "it; export a model with log_scale=False")  # fmt: skip
+    t = length / L
+    with torch.no_grad():
+        theta = rotary.inv_freq_at(t).double().cpu()
+    theta0 = rotary.inv_freq.double().cpu()
+    factor = rotary.attention_scaling * (yarn_mscale(t) if c.mscale == "yarn" else 1.0)
+    plain = dict(getattr(text_config(model), "rope_parameters", None) or {})
+    params = {k: v for k, v in plain.items() if k in ("rope_theta", "partial_rotary_factor")}
+    return {
+        **params, "rope_type": "longrope", "original_max_position_embeddings": L,
+        "short_factor": [1.0] * theta.numel(), "long_factor": (theta0 / theta).tolist(),
+        "attention_factor": factor, "short_mscale": factor, "long_mscale": factor,
+    }  # fmt: skip
+
+
+def export(model, out: str | Path, *, length: int, format: str = "hf", overwrite: bool = False,
+           tokenizer_from: str | Path | None = None) -> Path:  # fmt: skip
+    """Write ``out``: a folder that stock transformers loads with no clex and no remote code, with CLEX's
+    θ(length / L) past L and the model's own frequencies up to L (see the module docstring)."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r} (GGUF export is "
+                         "not written yet)")  # fmt: skip
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"out {out} is not empty: pick a new folder, or overwrite=True (--overwrite) to replace it")
+        shutil.rmtree(out)
+    params = longrope_parameters(model, length)
+    state = {k: v for k, v in model.state_dict().items() if ".dynamics." not in k}  # the ODE weights stay behind
+    type(model).save_pretrained(model, out, state_dict=state)  # the class's own: no CLEX config, no remote code
+    file = out / "config.json"
+    raw = json.loads(file.read_text())
+    raw.pop("auto_map", None)
+    raw["rope_parameters"] = params
+    raw["max_position_embeddings"] = int(length)
+    atomic_write_text(file, json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    (out / "clex_model.py").unlink(missing_ok=True)
+    if tokenizer_from is not None:
+        for name in _TOKENIZER_FILES:
+            if (Path(tokenizer_from) / name).is_file():
+                shutil.copyfile(Path(tokenizer_from) / name, out / name)
+    c = get_clex_rotary(model).config
+    note = {"exported_by": "clex", "length": int(length), "t": length / params["original_max_position_embeddings"],
+            "clex": c.to_dict(), "below_L": "the plain model" + (" with YaRN's temperature" if c.mscale == "yarn" else "")}
+    atomic_write_text(out / "clex_export.json", json.dumps(note, indent=2) + "\n")  # fmt: skip
+    return out
+
+
+def run(model: str, out: str, *, length: int, format: str = "hf", overwrite: bool = False) -> int:
+    """Export a CLEX model folder for stock transformers / vLLM (rope type longrope at one target length).
+
+    Args:
+        model: a CLEX model folder (saved by clex, or the authors' layout)
+        out: the folder to write (must be empty or missing, unless --overwrite)
+        length: the target length N >= L: CLEX's θ(N/L) is used past L, the plain model's frequencies up to L
+        format: hf (transformers' longrope rope type, also read by vLLM)
+        overwrite: replace a non-empty out folder
+    """
+    from .loading import load_model
+
+    path = export(load_model(model), out, length=length, format=format, overwrite=overwrite, tokenizer_from=model)
+    print(f"clex export: {path} (longrope, CLEX at t = {length}/L past L)")
+    return 0

@@ -1,0 +1,86 @@
+"""Export to stock transformers (rope type longrope): exact against CLEX at fixed t past L, plain up to L."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import AutoModelForCausalLM
+
+import clex
+from clex.hf.export import export
+from clex.hf.generation import fixed_t
+
+L, N = 16, 64
+
+
+def trained(**kw):
+    model = clex.apply_clex(tiny_model("llama"), max_factor=8, exact_cache=False, **kw)
+    with torch.no_grad():
+        clex.get_clex_rotary(model).dynamics.ode_down_proj.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
+    return model
+
+
+def ids(n):
+    return torch.randint(3, 97, (1, n), generator=torch.Generator().manual_seed(n))
+
+
+@pytest.mark.parametrize("options", [{}, {"prior": "yarn", "mscale": "yarn", "angle_cap": True, "past_max": "prior"}])
+def test_the_export_is_clex_at_fixed_t_past_L_and_the_plain_model_up_to_L(tmp_path, options):
+    model = trained(**options)
+    export(model, tmp_path / "out", length=N)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert stock.config.rope_parameters["rope_type"] == "longrope"
+    with torch.no_grad():
+        long = ids(40)
+        with fixed_t(model, N / L):
+            want = model(long).logits
+        assert (stock(long).logits - want).abs().max() <= 1e-5
+        if not options:  # up to L: the plain model (CLEX's t = 1); with mscale the temperature stays (docstring)
+            short = ids(12)
+            assert (stock(short).logits - model(short).logits).abs().max() <= 1e-5
+            assert (stock(long).logits - model(long).logits).abs().max() > 1e-4  # model's own t = 40/16 differs
+
+
+def test_the_exported_folder_loads_where_clex_cannot_be_imported(tmp_path):
+    export(trained(), tmp_path / "out", length=N)
+    raw = (tmp_path / "out" / "config.json").read_text()
+    assert "auto_map" not in raw and '"clex"' not in raw and not (tmp_path / "out" / "clex_model.py").exists()
+    code = (
+        "import sys; sys.modules['clex'] = None\n"  # importing clex now fails
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r})\n"
+        "print(m.config.rope_parameters['rope_type'], m.config.max_position_embeddings)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["longrope", str(N)]
+    note = json.loads((tmp_path / "out" / "clex_export.json").read_text())
+    assert note["t"] == N / L and note["below_L"] == "the plain model"
+
+
+def test_bad_exports_are_refused_with_the_reason(tmp_path):
+    model = trained()
+    with pytest.raises(ValueError, match="length must be an integer >= L = 16"):
+        export(model, tmp_path / "a", length=8)
+    with pytest.raises(ValueError, match="format must be one of 'hf', got 'gguf'"):
+        export(model, tmp_path / "a", length=N, format="gguf")
+    with pytest.raises(ValueError, match="log_scale=True scales queries"):
+        export(clex.apply_clex(tiny_model("llama"), log_scale=True), tmp_path / "a", length=N)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "mine.txt").write_text("keep")
+    with pytest.raises(ValueError, match="is not empty"):
+        export(model, tmp_path / "b", length=N)
+    assert (tmp_path / "b" / "mine.txt").read_text() == "keep"
+    with pytest.raises(ValueError, match="no CLEX rotary module"):
+        export(tiny_model("llama"), tmp_path / "c", length=N)
+
+
+def test_clex_export_on_the_command_line(tmp_path):
+    from clex.cli import main
+
+    trained().save_pretrained(tmp_path / "m")
+    assert main(["export", str(tmp_path / "m"), str(tmp_path / "out"), "--length", str(N)]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.max_position_embeddings == N
+    assert main(["export", str(tmp_path / "m"), str(tmp_path / "out"), "--length", str(N)]) == 2  # not empty

@@ -95,6 +95,9 @@ def test_bad_input_is_one_line_without_a_traceback(capsys, folder, doc, tmp_path
     assert "scale must be one of quick, default, large, got 'huge'" in cli_error(
         capsys, ["demo", "--scale", "huge", "--out-dir", str(tmp_path)]
     )
+    assert "variants: unknown ['clex-9x']; allowed: clex-rec-1x" in cli_error(
+        capsys, ["demo", "--variants", "clex-9x", "--out-dir", str(tmp_path)]
+    )
     ppl = ["eval", "ppl", "--models", str(folder), "--lengths", "20", "--documents", str(doc), "--out-dir", str(tmp_path)]
     err = cli_error(capsys, [*ppl, "--dtype", "foo"])
     assert "dtype" in err and "'foo'" in err and "float32, bfloat16, float16" in err

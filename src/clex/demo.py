@@ -17,6 +17,7 @@ Every stage is skipped when its output exists, so an interrupted demo continues 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -101,7 +102,7 @@ def _train(cfg: dict, out: Path, label: str) -> tuple[Path, float]:
 
 
 def run(out_dir: str = "results/demo", quick: bool = False, scale: str = "default", seed: int = 0,
-        fresh: bool = False) -> dict:  # fmt: skip
+        fresh: bool = False, variants: list[str] | None = None) -> dict:  # fmt: skip
     """Reproduce the paper's table in miniature: pre-train, fine-tune CLEX and baselines, perplexity vs length.
 
     Args:
@@ -110,6 +111,7 @@ def run(out_dir: str = "results/demo", quick: bool = False, scale: str = "defaul
         scale: quick | default | large
         seed: seed of every stage (model init, data order, t draws, evaluation windows)
         fresh: delete out_dir first instead of reusing finished stages
+        variants: the fine-tunes to run (default: the scale's), names from demo.VARIANTS, e.g. clex-4x yarn8-4x
     """
     from .eval.perplexity import run_ppl
     from .sources.presets import MODEL_PRESETS
@@ -118,6 +120,11 @@ def run(out_dir: str = "results/demo", quick: bool = False, scale: str = "defaul
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
     s = SCALES[scale]
+    if variants:
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"variants: unknown {unknown}; allowed: {', '.join(VARIANTS)}")
+        s = dataclasses.replace(s, variants=tuple(variants))
     out = Path(out_dir)
     if fresh and out.exists():
         shutil.rmtree(out)

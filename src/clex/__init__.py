@@ -25,6 +25,7 @@ _LAZY = {
     "disable_exact_cache": "hf.generation",
     "generate_fixed_t": "hf.generation",
     "fixed_t_for": "hf.generation",
+    "export": ("hf.export", "export"),
     "load_smollm2": "sources.smollm2",
     "TrainConfig": "train.config",
     "finetune": ("train.loop", "run"),

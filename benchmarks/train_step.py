@@ -9,6 +9,7 @@ CLEX with our defaults, measured side by side (interleaved rounds), as ratios to
 - ours       CLEX with CLEXConfig's defaults (rk4-fused on the graded grid, see clex.solve; the solve on the
              host, solve_device="cpu")
 - ours-solve-on-model-device   the same with solve_device="model" (on a GPU: the solve's kernels on the GPU)
+- ours-recommended   CLEX with the recommended recipe's options (prior, mscale, angle_cap, past_max)
 
 Both CLEX variants draw the same t in {1, ..., max_factor} (and positions) each round, from the same seed.
 Models: the tiny demo-sized LLaMA (benchmarks/common.py: TINY, L = 128) and, with --smollm2, SmolLM2-135M's
@@ -47,6 +48,8 @@ VARIANTS = {
     "reference": dict(method="rk4", time_dt=0.01, log_dt=None, formulation="reference"),
     "ours": {},
     "ours-solve-on-model-device": dict(solve_device="model"),
+    # the recommended recipe (README "CLEX past 4x"): yarn prior, yarn temperature, angle cap, prior past max
+    "ours-recommended": dict(prior="yarn", mscale="yarn", angle_cap=True, past_max="prior"),
 }
 
 

@@ -128,7 +128,7 @@ class TrainConfig:
 
     def clex_config(self) -> CLEXConfig:
         """The CLEXConfig this run applies: max_factor = factor, seed = seed, then the ``clex`` fields."""
-        known = set(CLEXConfig.__dataclass_fields__) - {"extra"}
+        known = set(CLEXConfig.field_names())
         unknown = sorted(set(self.clex) - known)
         if unknown:
             raise ValueError(f"TrainConfig.clex has unknown fields {unknown}; CLEXConfig fields: {', '.join(sorted(known))}")

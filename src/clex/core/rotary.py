@@ -109,14 +109,15 @@ class CLEXRotaryEmbedding(nn.Module):
         top = float(c.max_factor)
         held = c.past_max == "prior" and times and times[-1] > top
         with torch.autocast(device.type, enabled=False):  # float32, whatever autocast says
-            log0 = torch.log(self.inv_freq.float().to(here))  # [d/2]
+            inv0 = self.inv_freq.float().to(here)  # [d/2]
             x = solve_log_freqs(
-                self.inv_freq.float().to(here), self.dynamics.ode_up_proj.float().to(here),
+                inv0, self.dynamics.ode_up_proj.float().to(here),
                 self.dynamics.ode_down_proj.float().to(here), [min(t, top) for t in times] if held else times,
                 act=c.act, prior_base=self.prior_base, method=c.method, time_dt=c.time_dt, formulation=c.formulation,
                 rtol=c.rtol, atol=c.atol, log_dt=c.log_dt, prior=c.prior, length=self.original_length,
             )  # fmt: skip  [n, d/2]
-            at = torch.tensor(times, dtype=x.dtype, device=here).unsqueeze(-1)  # [n, 1]
+            if held or c.angle_cap:
+                log0, at = torch.log(inv0), torch.tensor(times, dtype=x.dtype, device=here).unsqueeze(-1)  # [n, 1]
             if held:  # past max_factor: x(t) = x(T) + s(t) - s(T), the learned residual of T kept
                 beyond = prior_shift(c.prior, at, log0, length=self.original_length)
                 at_top = prior_shift(c.prior, top, log0, length=self.original_length)

@@ -36,6 +36,8 @@ VARIANTS: dict[str, tuple] = {
     "clex-rec-1x": ("clex", 1, 16, {"clex": RECOMMENDED}, "CLEX-4K, recommended recipe"),
     "clex-rec-4x": ("clex", 4, 16, {"clex": {"position_span": "original", **RECOMMENDED}},
                     "CLEX-16K, recommended recipe (integer positions over L0·t)"),
+    "clex-rec-lin-4x": ("clex", 4, 16, {"clex": {"position_span": "original", "train_t": "integer-linear", **RECOMMENDED}},
+                        "CLEX-16K, recommended recipe with P(t) ∝ t"),
     "clex-1x": ("clex", 1, 16, {}, "CLEX-4K: trained at the original length"),
     "clex-pose-1x": ("clex", 1, 16, {"pose": True}, "CLEX-4K with PoSE positions instead of the paper's"),
     "clex-4x": ("clex", 4, 16, {"clex": {"position_span": "original"}},

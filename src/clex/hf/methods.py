@@ -187,7 +187,7 @@ def _clex(model: nn.Module, *, factor: float, clex: CLEXConfig | dict | None = N
         if pose and clex.position_sampler != "pose":
             raise ValueError(f"pose=True needs the CLEXConfig's position_sampler 'pose', got {clex.position_sampler!r}")
         given = clex
-        fields = {name: getattr(clex, name) for name in clex.__dataclass_fields__ if name != "extra"}
+        fields = clex.to_dict()
     else:
         given = None
         fields = {"max_factor": factor, **(clex or {})}

@@ -7,6 +7,7 @@ hooks or drives a model's cache asks here for the name instead of spelling it.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import transformers
@@ -44,13 +45,12 @@ def output_cache(output):
 
 def cache_kwargs(cache) -> dict:
     """``{name: cache}`` for calling a model with a cache on this release (no deprecation warning)."""
-    return {CACHE_ARGS[0] if _HAS_NEW_NAME else CACHE_ARGS[1]: cache}
+    return {_cache_name(): cache}
 
 
-def _signature_has_cache() -> bool:
+@functools.cache
+def _cache_name() -> str:
+    """This release's name for the cache argument, read once (on first use) from LLaMA's forward."""
     from transformers import LlamaModel
 
-    return "cache" in inspect.signature(LlamaModel.forward).parameters
-
-
-_HAS_NEW_NAME = _signature_has_cache()
+    return cache_argument(LlamaModel.forward)

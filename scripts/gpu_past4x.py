@@ -10,7 +10,9 @@ most of an H200 idle, so N runs side by side cost about what one does):
         --models base=base clex=clex clex-zero-ode=clex:ode=zero prior=base:clex=1 ...
 
 --runs NAME=RECIPE[:KEY=VALUE,...]: recipes/smollm2-RECIPE.yaml with the same budget for every run (steps x
-batch x seq_len) plus these TrainConfig overrides; trained into W/NAME (skipped if W/NAME/final exists).
+batch x seq_len) plus these TrainConfig overrides (``steps=1000`` gives one run a larger budget; ``save_every=100``
+checkpoints it); trained into W/NAME (skipped if W/NAME/final exists; an interrupted run resumes from its latest
+checkpoint, or starts again if it left none).
 --models NAME=SOURCE[:KEY=VALUE,...], SOURCE a trained run's name or ``base``. Keys: CLEXConfig fields
 (changed at load time, e.g. angle_cap=true), ``clex=1`` (apply CLEX fresh: the untrained prior),
 ``yarn=S`` (transformers' YaRN factor S, untrained), ``ode=zero`` (the ODE weights zeroed: the run's LoRA
@@ -90,12 +92,25 @@ def train_one(a) -> None:
     (Path(a.work) / name / "wall.json").write_text(json.dumps({"train_s": round(time.perf_counter() - start, 1)}))
 
 
+def _restart(run: str, folder: Path) -> str:
+    """``run`` with what an interrupted earlier attempt in ``folder`` needs: ``resume=true`` when it left a
+    checkpoint (the run continues bit-identically), ``overwrite=true`` when it left none (it starts again)."""
+    if not folder.exists():
+        return run
+    from clex.train.checkpoints import latest_checkpoint
+
+    key = "resume=true" if latest_checkpoint(folder) is not None else "overwrite=true"
+    name_recipe, sep, extra = run.partition(":")
+    return f"{name_recipe}:{extra + ',' if sep and extra else ''}{key}"
+
+
 def train(a) -> None:
     jobs = []
     for run in a.runs:
         name = run.partition("=")[0]
         if (Path(a.work) / name / "final" / "config.json").is_file():
             continue
+        run = _restart(run, Path(a.work) / name)
         jobs.append([sys.executable, __file__, "train-one", "--base", a.base, "--work", a.work, "--steps", str(a.steps),
                      "--batch", str(a.batch), "--seq-len", str(a.seq_len), "--run", run])  # fmt: skip
     start = time.perf_counter()

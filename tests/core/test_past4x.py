@@ -133,12 +133,14 @@ def test_a_model_saved_with_the_new_fields_loads_them_back(tmp_path):
     assert torch.equal(a.inv_freq_at(5.0), b.inv_freq_at(5.0))
 
 
-def test_integer_linear_t_draws_each_t_in_proportion_to_its_span():
+@pytest.mark.parametrize("name, power", [("integer-linear", 1), ("integer-quadratic", 2)])
+def test_weighted_integer_t_draws_each_t_in_proportion_to_its_power(name, power):
     from collections import Counter
 
     from clex.core.policies import T_SAMPLERS, step_generator
 
-    draws = Counter(T_SAMPLERS["integer-linear"](step_generator(0, k), 4.0) for k in range(20000))
+    draws = Counter(T_SAMPLERS[name](step_generator(0, k), 4.0) for k in range(20000))
     assert set(draws) == {1.0, 2.0, 3.0, 4.0}
-    for t, n in draws.items():  # P(t) = t / 10
-        assert abs(n / 20000 - t / 10) < 0.015
+    total = sum(k**power for k in range(1, 5))
+    for t, n in draws.items():  # P(t) = t^power / sum
+        assert abs(n / 20000 - t**power / total) < 0.015

@@ -52,8 +52,16 @@ def _t_integer_linear(gen: torch.Generator, max_factor: float) -> float:
     return float(torch.multinomial(weights, 1, generator=gen).item() + 1)
 
 
-T_SAMPLERS = {"integer": _t_integer, "integer-linear": _t_integer_linear, "uniform": _t_uniform,
-              "log-uniform": _t_log_uniform}  # fmt: skip
+def _t_integer_quadratic(gen: torch.Generator, max_factor: float) -> float:
+    """P(t = k) ∝ k² on {1, ..., floor(max_factor)}: each t gets steps in proportion to the query-key pairs of
+    its window ((L·t)², what attention at that length has to get right); t = 8 of 8 gets 64/204 of the steps."""
+    top = int(max_factor)
+    weights = torch.arange(1, top + 1, dtype=torch.float64) ** 2
+    return float(torch.multinomial(weights, 1, generator=gen).item() + 1)
+
+
+T_SAMPLERS = {"integer": _t_integer, "integer-linear": _t_integer_linear, "integer-quadratic": _t_integer_quadratic,
+              "uniform": _t_uniform, "log-uniform": _t_log_uniform}  # fmt: skip
 
 
 # --- training: the positions of one sequence ---------------------------------------------------------

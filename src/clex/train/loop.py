@@ -345,6 +345,8 @@ def run(config: TrainConfig) -> Path:
                 ts = accelerator.gather(torch.tensor([window_t], dtype=torch.float64, device=accelerator.device))
                 record["t"] = window_t
                 record["t_ranks"] = ts.tolist()
+            if accelerator.device.type == "cuda":  # this rank's peak since the start, GiB (scale-out tables)
+                record["max_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
             postfix["tok/s"] = f"{record['tokens_per_s']:.0f}"
             window_loss, window_t, window_steps, window_start = [], [], 0, time.perf_counter()
         if eval_rows is not None and ((config.eval_every and step % config.eval_every == 0) or step == config.steps):

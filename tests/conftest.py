@@ -57,3 +57,21 @@ def text_dir(tmp_path_factory):
     for name, text in list(split_plays()[0].items())[:3]:
         (folder / f"{name}.txt").write_text(text[:20_000])
     return folder
+
+
+def tiny_tokenizer(folder, vocab_size: int = 300):
+    """A byte-level BPE tokenizer of ``vocab_size`` tokens (ids 0, 1 = <s>, </s>) saved into ``folder`` (tokenizer.json
+    and tokenizer_config.json), trained on a few lines of text: for exports that need a real vocabulary (GGUF, vLLM)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    text = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer"] * 20
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+    return fast

@@ -64,8 +64,8 @@ def test_bad_exports_are_refused_with_the_reason(tmp_path):
     model = trained()
     with pytest.raises(ValueError, match="length must be an integer >= L = 16"):
         export(model, tmp_path / "a", length=8)
-    with pytest.raises(ValueError, match="format must be one of 'hf', got 'gguf'"):
-        export(model, tmp_path / "a", length=N, format="gguf")
+    with pytest.raises(ValueError, match="format must be one of 'hf', 'gguf', got 'onnx'"):
+        export(model, tmp_path / "a", length=N, format="onnx")
     with pytest.raises(ValueError, match="log_scale=True scales queries"):
         export(clex.apply_clex(tiny_model("llama"), log_scale=True), tmp_path / "a", length=N)
     (tmp_path / "b").mkdir()

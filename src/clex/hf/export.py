@@ -16,6 +16,9 @@ on cos and sin reproduces past L; transformers has one attention factor for both
 export is the plain model with that temperature (said in the folder's ``clex_export.json``). vLLM reads
 ``short_mscale`` / ``long_mscale`` instead of ``attention_factor`` (both are written). ``log_scale`` (a query
 scale that grows with every forward's own length) has no fixed-length equivalent and is refused.
+
+``format="gguf"`` writes one LLaMA-family GGUF file instead (:mod:`clex.hf.to_gguf`): llama.cpp applies its
+per-pair ``rope_freqs`` at every position, so that file is CLEX at t = N/L everywhere, below L too.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from ..core.equations import yarn_mscale
 from ..core.io import atomic_write_text
 from .lookup import get_clex_rotary, text_config
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "gguf")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                     "chat_template.jinja", "vocab.json", "merges.txt", "generation_config.json")  # fmt: skip
 
@@ -59,13 +62,18 @@ def longrope_parameters(model, length: int) -> dict:
 
 
 def export(model, out: str | Path, *, length: int, format: str = "hf", overwrite: bool = False,
-           tokenizer_from: str | Path | None = None) -> Path:  # fmt: skip
-    """Write ``out``: a folder that stock transformers loads with no clex and no remote code, with CLEX's
-    θ(length / L) past L and the model's own frequencies up to L (see the module docstring)."""
+           tokenizer_from: str | Path | None = None, tokenizer_pre: str = "default") -> Path:  # fmt: skip
+    """Write ``out``: for ``format="hf"`` a folder that stock transformers loads with no clex and no remote code,
+    with CLEX's θ(length / L) past L and the model's own frequencies up to L (see the module docstring); for
+    ``format="gguf"`` a ``.gguf`` file for llama.cpp with θ(length / L) at every position (:mod:`clex.hf.to_gguf`;
+    it needs ``tokenizer_from``, a folder with the BPE tokenizer.json, and ``tokenizer_pre``, llama.cpp's
+    pre-tokenizer name)."""
     if format not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r} (GGUF export is "
-                         "not written yet)")  # fmt: skip
+        raise ValueError(f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
     out = Path(out)
+    if format == "gguf":
+        return _export_gguf(model, out, length=length, overwrite=overwrite, tokenizer_from=tokenizer_from,
+                            tokenizer_pre=tokenizer_pre)  # fmt: skip
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ValueError(f"out {out} is not empty: pick a new folder, or overwrite=True (--overwrite) to replace it")
@@ -91,18 +99,39 @@ def export(model, out: str | Path, *, length: int, format: str = "hf", overwrite
     return out
 
 
-def run(model: str, out: str, *, length: int, format: str = "hf", overwrite: bool = False) -> int:
-    """Export a CLEX model folder for stock transformers / vLLM (rope type longrope at one target length).
+def _export_gguf(model, out: Path, *, length: int, overwrite: bool, tokenizer_from, tokenizer_pre: str) -> Path:
+    from .to_gguf import write_gguf
+
+    if out.suffix != ".gguf":
+        raise ValueError(f"out must be a file name ending in .gguf for format gguf, got {str(out)!r}")
+    if out.exists() and not overwrite:
+        raise ValueError(f"out {out} exists: pick a new file name, or overwrite=True (--overwrite) to replace it")
+    if out.is_dir():
+        raise ValueError(f"out {out} is a folder; format gguf writes one file (a name ending in .gguf)")
+    params = longrope_parameters(model, length)
+    L = params["original_max_position_embeddings"]
+    note = {"exported_by": "clex", "length": int(length), "t": length / L, "clex": get_clex_rotary(model).config.to_dict(),
+            "below_L": "CLEX at the same t (llama.cpp applies rope_freqs at every position)"}  # fmt: skip
+    return write_gguf(model, out, length=length, params=params, note=note, tokenizer_from=tokenizer_from,
+                      tokenizer_pre=tokenizer_pre)  # fmt: skip
+
+
+def run(model: str, out: str, *, length: int, format: str = "hf", overwrite: bool = False,
+        tokenizer_pre: str = "default") -> int:  # fmt: skip
+    """Export a CLEX model folder for stock transformers / vLLM (longrope) or llama.cpp (GGUF) at one target length.
 
     Args:
         model: a CLEX model folder (saved by clex, or the authors' layout)
-        out: the folder to write (must be empty or missing, unless --overwrite)
-        length: the target length N >= L: CLEX's θ(N/L) is used past L, the plain model's frequencies up to L
-        format: hf (transformers' longrope rope type, also read by vLLM)
-        overwrite: replace a non-empty out folder
+        out: the folder to write (hf; must be empty or missing, unless --overwrite), or the .gguf file (gguf)
+        length: the target length N >= L: CLEX's θ(N/L) is used past L (hf: the plain model's frequencies up to L; gguf: θ(N/L) everywhere)
+        format: hf (transformers' longrope rope type, also read by vLLM) or gguf (LLaMA-family GGUF with rope_freqs, for llama.cpp)
+        overwrite: replace a non-empty out folder or an existing .gguf file
+        tokenizer_pre: gguf only: llama.cpp's pre-tokenizer name (tokenizer.ggml.pre): smollm for SmolLM2, llama-bpe for Llama 3, default otherwise
     """
     from .loading import load_model
 
-    path = export(load_model(model), out, length=length, format=format, overwrite=overwrite, tokenizer_from=model)
-    print(f"clex export: {path} (longrope, CLEX at t = {length}/L past L)")
+    path = export(load_model(model), out, length=length, format=format, overwrite=overwrite, tokenizer_from=model,
+                  tokenizer_pre=tokenizer_pre)  # fmt: skip
+    where = "everywhere" if format == "gguf" else "past L"
+    print(f"clex export: {path} ({'GGUF, rope_freqs' if format == 'gguf' else 'longrope'}, CLEX at t = {length}/L {where})")
     return 0

@@ -16,8 +16,8 @@ from clex.hf.generation import fixed_t
 L, N = 16, 64
 
 
-def trained(**kw):
-    model = clex.apply_clex(tiny_model("llama"), max_factor=8, exact_cache=False, **kw)
+def trained(model_overrides=None, **kw):
+    model = clex.apply_clex(tiny_model("llama", **(model_overrides or {})), max_factor=8, exact_cache=False, **kw)
     with torch.no_grad():
         clex.get_clex_rotary(model).dynamics.ode_down_proj.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
     return model
@@ -84,3 +84,12 @@ def test_clex_export_on_the_command_line(tmp_path):
     assert main(["export", str(tmp_path / "m"), str(tmp_path / "out"), "--length", str(N)]) == 0
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.max_position_embeddings == N
     assert main(["export", str(tmp_path / "m"), str(tmp_path / "out"), "--length", str(N)]) == 2  # not empty
+
+
+def test_the_export_holds_the_theta_of_fixed_t_not_a_separate_solve(tmp_path):
+    # head_dim 64: the ODE solved on another t grid (or alone at t) differs enough to show (1e-4 in logits)
+    model = trained({"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1})
+    export(model, tmp_path / "out", length=N)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad(), fixed_t(model, N / L):
+        assert (stock(ids(N)).logits - model(ids(N)).logits).abs().max() <= 1e-5

@@ -18,8 +18,9 @@ from clex.hf.to_gguf import interleave_rotary_rows
 L, N, VOCAB = 16, 64, 300
 
 
-def trained(family="llama", **kw):
-    model = clex.apply_clex(tiny_model(family, vocab_size=VOCAB), max_factor=8, exact_cache=False, **kw)
+def trained(family="llama", model_overrides=None, **kw):
+    model = tiny_model(family, vocab_size=VOCAB, **(model_overrides or {}))
+    model = clex.apply_clex(model, max_factor=8, exact_cache=False, **kw)
     with torch.no_grad():
         clex.get_clex_rotary(model).dynamics.ode_down_proj.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
     return model
@@ -51,9 +52,13 @@ def model_from_gguf(file):
     return stock
 
 
-@pytest.mark.parametrize("options", [{}, {"prior": "yarn", "mscale": "yarn", "angle_cap": True, "past_max": "prior"}])
-def test_the_gguf_is_clex_at_fixed_t_at_every_length(tmp_path, options):
-    model = trained(**options)
+WIDE = {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}  # head_dim 64
+
+
+@pytest.mark.parametrize("overrides, options", [({}, {}), (WIDE, {}),
+                         ({}, {"prior": "yarn", "mscale": "yarn", "angle_cap": True, "past_max": "prior"})])  # fmt: skip
+def test_the_gguf_is_clex_at_fixed_t_at_every_length(tmp_path, overrides, options):
+    model = trained(model_overrides=overrides, **options)
     tiny_tokenizer(tmp_path)
     file = export(model, tmp_path / "m.gguf", length=N, format="gguf", tokenizer_from=tmp_path)
     stock = model_from_gguf(file)

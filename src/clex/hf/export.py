@@ -31,6 +31,7 @@ import torch
 
 from ..core.equations import yarn_mscale
 from ..core.io import atomic_write_text
+from .generation import fixed_t
 from .lookup import get_clex_rotary, text_config
 
 FORMATS = ("hf", "gguf")
@@ -48,8 +49,11 @@ def longrope_parameters(model, length: int) -> dict:
         raise ValueError("log_scale=True scales queries by each forward's own length: no fixed longrope factor holds "
                          "it; export a model with log_scale=False")  # fmt: skip
     t = length / L
-    with torch.no_grad():
-        theta = rotary.inv_freq_at(t).double().cpu()
+    # The θ a forward inside fixed_t(model, t) uses: the ODE solved on fixed_t's own t grid (its table when t is
+    # on the grid). A separate solve (inv_freq_at) or the continuous policy's finer grid gives θ that differ by up
+    # to ~1e-3 relative (the solver's steps follow the requested times), enough for 1e-4 in logits at head_dim 64.
+    with torch.no_grad(), fixed_t(model, t):
+        theta = rotary.frequencies(torch.tensor([t], dtype=torch.float64))[0].double().cpu()
     theta0 = rotary.inv_freq.double().cpu()
     factor = rotary.attention_scaling * (yarn_mscale(t) if c.mscale == "yarn" else 1.0)
     plain = dict(getattr(text_config(model), "rope_parameters", None) or {})

@@ -23,6 +23,12 @@ TINY = dict(vocab_size=257, hidden_size=192, intermediate_size=512, num_hidden_l
 #: SmolLM2-135M's shape (random init, no weights are loaded): 30 layers, head_dim 64, L = 8192.
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True)  # fmt: skip
+#: a ~1.1B TinyLlama-like shape: 22 layers, 16 heads of 128 (4 key/value heads: GQA), L = 2048
+TINYLLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=16,
+                    num_key_value_heads=4, max_position_embeddings=2048, rope_theta=10000.0)  # fmt: skip
+#: LLaMA-2-7B's shape: 32 layers, 32 heads of 128, L = 4096 (benchmarks run fewer layers: the cost is per layer)
+LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, max_position_embeddings=4096, rope_theta=10000.0)  # fmt: skip
 
 
 #: where models and inputs live; set from --device by use_device()
@@ -39,12 +45,14 @@ def use_device(name: str) -> torch.device:
     return device
 
 
-def llama(config: dict, seed: int = 0):
-    """A random LlamaForCausalLM of the given shape (float32, sdpa attention), from a fixed seed, on DEVICE."""
+def llama(config: dict, seed: int = 0, **overrides):
+    """A random LlamaForCausalLM of the given shape (float32, sdpa attention), from a fixed seed, built on
+    DEVICE (a 7B-shaped layer is initialised on the GPU, not on the host)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**config, attn_implementation="sdpa")).to(DEVICE)
+    with DEVICE:
+        return LlamaForCausalLM(LlamaConfig(**{**config, **overrides}, attn_implementation="sdpa"))
 
 
 def autocast(dtype: str):

@@ -1,142 +1,280 @@
-"""Training-step time (forward + backward + AdamW step): plain RoPE vs CLEX as the reference computes it vs
-CLEX with our defaults, measured side by side (interleaved rounds), as ratios to plain RoPE.
+"""Training-step time (forward + backward + AdamW step): plain RoPE, YaRN and CLEX side by side, interleaved
+rounds, medians and spread, ratios to plain RoPE; at two layer counts, to split the per-step from the
+per-layer cost.
 
-    python benchmarks/train_step.py [--seq 128 512] [--rounds 32] [--smollm2 [--smollm2-seq 1024]] [--out ...]
+    python benchmarks/train_step.py [--shapes tiny] [--seq 128 512] [--layers 2 4] [--checkpointing off]
+        [--rounds 32] [--variants plain ours ...] [--out results/bench/train_step.json]
 
-- plain      the model with its own RoPE
-- reference  CLEX, rk4 at uniform steps of 0.01 on the full right-hand side (torchdiffeq, float32),
-             backpropagation through every step: the authors' computation
-- ours       CLEX with CLEXConfig's defaults (rk4-fused on the graded grid, see clex.solve; the solve on the
-             host, solve_device="cpu")
-- ours-solve-on-model-device   the same with solve_device="model" (on a GPU: the solve's kernels on the GPU)
-- ours-recommended   CLEX with the recommended recipe's options (prior, mscale, angle_cap, past_max)
+    # the GPU run at LLaMA-2-7B's and a ~1B shape (one H200, about 4-6 minutes):
+    python benchmarks/train_step.py --device cuda --dtype bfloat16 --threads 0 --shapes llama2-7b tinyllama-1b \\
+        --seq 4096 16384 --layers 2 max --checkpointing off on --rounds 5 --out reports/bench-7b/train_step.json
 
-Both CLEX variants draw the same t in {1, ..., max_factor} (and positions) each round, from the same seed.
-Models: the tiny demo-sized LLaMA (benchmarks/common.py: TINY, L = 128) and, with --smollm2, SmolLM2-135M's
-shape (random init). ``--threads 1`` (the default) because on a shared CPU a second intra-op thread makes
-every parallel region wait for a scheduler slice (seen here: 54 ms per tiny step with 1 thread, 296 with 2).
+Variants (any subset, plain always first):
+- plain       the model's own RoPE
+- yarn        transformers' YaRN at factor --max-factor (a cos/sin without gradients, like plain)
+- ours-stock-rotation   CLEX with CLEXConfig's defaults, each layer's rotation by stock autograd
+                        (apply_clex(fused_rotation="off")): the backward into cos/sin costs two products and
+                        two reductions over the heads per tensor per layer
+- ours        CLEX with the defaults of CLEXConfig and apply_clex: the fused rotation (clex.core.rotation;
+              one Triton kernel per layer on a GPU, eager torch on a CPU)
+- ours-fused-torch      the fused rotation's eager-torch backward (on a GPU too)
+- reference   CLEX as the authors compute it: rk4 at uniform steps of 0.01 on the full right-hand side,
+              backpropagation through every step, stock rotation
+- ours-solve-on-model-device   ours with solve_device="model"
+- ours-recommended   ours with the recommended recipe's options (prior, mscale, angle_cap, past_max)
+
+All variants share ONE model (the same weights, one AdamW over everything): a variant is a rotary module
+swapped in, so that a 7B-shaped model fits once, not once per variant. Every CLEX variant draws the same t
+in {1, ..., max_factor} (and positions) each round, from the same seed. Each case (shape, tokens,
+checkpointing) runs the variants at the two ``--layers`` counts (``max``: as many layers as fit, estimated from
+the free memory, retried with fewer on an out-of-memory; capped at the shape's own depth), interleaved in one
+loop of rounds; per variant, per-layer cost = the slope between the two counts, per-step cost = the rest, and
+the ratio projected to the shape's full depth. A fresh AdamW per case, so only the layers run hold states.
+The JSON and a Markdown table are rewritten after every case (an interrupted run keeps what it measured).
+
+``--threads 1`` (the default) because on a shared CPU a second intra-op thread makes every parallel region
+wait for a scheduler slice (seen here: 54 ms per tiny step with 1 thread, 296 with 2).
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import (  # noqa: E402
-    SMOLLM2,
-    TINY,
-    autocast,
-    interleaved,
-    llama,
-    markdown_table,
-    median,
-    parser,
-    summary,
-    use_device,
-    write_json,
-)
+from common import LLAMA2_7B, SMOLLM2, TINY, TINYLLAMA_1B, autocast, llama, markdown_table, median, parser, sync, use_device, write_json  # noqa: E402
 
 import clex  # noqa: E402
+from clex.hf.methods import METHODS  # noqa: E402
 
+SHAPES = {"tiny": TINY, "smollm2-135m": SMOLLM2, "tinyllama-1b": TINYLLAMA_1B, "llama2-7b": LLAMA2_7B}
+#: variant -> (kind, CLEXConfig overrides, apply_clex's fused_rotation or None for its default)
 VARIANTS = {
-    "plain": None,
-    "reference": dict(method="rk4", time_dt=0.01, log_dt=None, formulation="reference"),
-    "ours": {},
-    "ours-solve-on-model-device": dict(solve_device="model"),
+    "plain": ("plain", None, None),
+    "yarn": ("yarn", None, None),
+    "ours-stock-rotation": ("clex", {}, "off"),
+    "ours": ("clex", {}, None),
+    "ours-fused-torch": ("clex", {}, "torch"),
+    "reference": ("clex", dict(method="rk4", time_dt=0.01, log_dt=None, formulation="reference"), "off"),
+    "ours-solve-on-model-device": ("clex", dict(solve_device="model"), None),
     # the recommended recipe (README "CLEX past 4x"): yarn prior, yarn temperature, angle cap, prior past max
-    "ours-recommended": dict(prior="yarn", mscale="yarn", angle_cap=True, past_max="prior"),
+    "ours-recommended": ("clex", dict(prior="yarn", mscale="yarn", angle_cap=True, past_max="prior"), None),
 }
 
 
-def make_step(shape: dict, variant: str, seq: int, *, batch: int, max_factor: float, dtype: str = "float32",
-              seed: int = 0, compile_layers: bool = False):
-    """A closure doing one training step of a fresh model (same init for every variant). compile_layers:
-    torch.compile each decoder layer (the rotary module, with its per-step t draw, stays eager)."""
-    model = llama(shape, seed=seed).train()
-    if VARIANTS[variant] is not None:
-        clex.apply_clex(model, clex.CLEXConfig(max_factor=max_factor, seed=seed, **VARIANTS[variant]))
-    if compile_layers:
-        for layer in model.model.layers:
-            layer.compile()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, shape["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seed))
-    ids = ids.to(common.DEVICE)
+class SharedModel:
+    """One random model of a shape with ``depth`` layers and a rotary module per variant, swapped in by :meth:`use`."""
 
+    def __init__(self, shape: dict, depth: int, variants: list[str], *, max_factor: float, seed: int = 0):
+        self.shape = shape
+        self.model = llama(shape, seed=seed, num_hidden_layers=depth).train()
+        self.inner = self.model.model
+        self.layers = self.inner.layers
+        plain = self.inner.rotary_emb
+        self.attention = [m for m in self.model.modules() if type(m).__name__.endswith("Attention")]
+        base_scaling = [a.scaling for a in self.attention]
+        self.rotaries = {}
+        for v in variants:
+            kind, overrides, fused = VARIANTS[v]
+            self.inner.rotary_emb = plain
+            if kind == "yarn":
+                cfg = self.model.config
+                saved = (copy.deepcopy(cfg.rope_parameters), cfg.max_position_embeddings)
+                METHODS["yarn"](self.model, factor=max_factor)
+                cfg.rope_parameters, cfg.max_position_embeddings = saved
+            elif kind == "clex":
+                torch.manual_seed(seed + 1)  # the same ODE init for every CLEX variant
+                kwargs = {} if fused is None else {"fused_rotation": fused}
+                clex.apply_clex(self.model, clex.CLEXConfig(max_factor=max_factor, seed=seed, **overrides), **kwargs)
+            self.rotaries[v] = self.inner.rotary_emb
+        self.base_scaling = base_scaling
+        self.inner.rotary_emb = plain
+        self.ids = None
+
+    def use(self, variant: str, layers: int) -> None:
+        self.inner.rotary_emb = self.rotaries[variant]
+        for attn, s in zip(self.attention, self.base_scaling):  # a CLEX temperature must not leak into others
+            attn.scaling = s
+        self.inner.layers = self.layers[:layers]
+        self.model.config.num_hidden_layers = layers
+
+    def parameters(self):
+        seen = {id(p): p for p in self.model.parameters()}
+        for r in self.rotaries.values():
+            seen.update({id(p): p for p in r.parameters()})
+        return list(seen.values())
+
+    def checkpointing(self, on: bool) -> None:
+        self.inner.layers = self.layers  # every layer gets the flag
+        if on:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif self.model.is_gradient_checkpointing:
+            self.model.gradient_checkpointing_disable()
+
+
+def fit_layers(shape: dict, seq: int, batch: int, checkpointing: bool) -> int:
+    """About how many layers fit the free device memory (bfloat16 autocast, AdamW), the model's float32
+    weights being there already. A rough estimate; :func:`run_case` retries with fewer."""
+    if common.DEVICE.type != "cuda":
+        return shape["num_hidden_layers"]
+    h, i, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i
+    tokens = seq * batch
+    states = 14 * per_layer  # grad, two AdamW moments (float32) and autocast's bfloat16 copy, beyond the weight
+    acts = tokens * (4 * h if checkpointing else 44 * h + 12 * i)  # bytes per layer kept for the backward
+    fixed = 16 * 2 * v * h + 14 * tokens * v + tokens * (44 * h + 12 * i) + 2 * 2**30  # embeddings, logits, a layer
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(common.DEVICE)
+    return max(1, int((0.92 * free - fixed) // (states + acts)))
+
+
+def make_step(bench: SharedModel, opt, variant: str, layers: int, ids, dtype: str):
     def step():
+        bench.use(variant, layers)
         with autocast(dtype):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = bench.model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    rotary = clex.get_clex_rotary(model) if VARIANTS[variant] is not None else None
-    return step, rotary
+    return step
 
 
-def run(name: str, shape: dict, seq: int, *, batch: int, rounds: int, warmup: int, max_factor: float, variants,
-        dtype: str = "float32", compile_layers: bool = False):
-    steps, rotaries = {}, {}
+def run_case(bench: SharedModel, name: str, seq: int, checkpointing: bool, layer_counts: list, *, batch: int,
+             rounds: int, warmup: int, variants: list[str], dtype: str) -> dict:  # fmt: skip
+    shape = bench.shape
+    depth = len(bench.layers)
+    small = int(layer_counts[0]) if layer_counts[0] != "max" else 1
+    big = layer_counts[-1]
+    big = min(depth, fit_layers(shape, seq, batch, checkpointing) if big == "max" else int(big))
+    counts = sorted({min(small, big), big})
+    ids = torch.randint(0, shape["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0)).to(common.DEVICE)
+    bench.checkpointing(checkpointing)
+    while True:
+        opt = torch.optim.AdamW(bench.parameters(), lr=1e-5, fused=common.DEVICE.type == "cuda")
+        fns = {(v, n): make_step(bench, opt, v, n, ids, dtype) for n in counts for v in variants}
+        try:
+            for fn in fns.values():  # one untimed step each (AdamW states, kernels' compilation) before the rounds
+                fn()
+            times = common.interleaved(fns, rounds=rounds, warmup=max(0, warmup - 1))
+            break
+        except torch.OutOfMemoryError:
+            if counts[-1] <= counts[0] + 1:
+                raise
+            next_big = max(counts[0] + 1, int(counts[-1] * 0.8))
+            print(f"{name} seq {seq}: out of memory at {counts[-1]} layers, trying {next_big}", file=sys.stderr, flush=True)
+            counts = sorted({counts[0], next_big})
+            del opt, fns
+            bench.model.zero_grad(set_to_none=True)
+            for r in bench.rotaries.values():
+                r.zero_grad(set_to_none=True)
+            if common.DEVICE.type == "cuda":
+                torch.cuda.empty_cache()
+    peak = torch.cuda.max_memory_allocated(common.DEVICE) / 2**30 if common.DEVICE.type == "cuda" else None
+    del opt
+    out = {"model": name, "seq": seq, "batch": batch, "checkpointing": checkpointing, "layers": counts,
+           "full_depth": shape["num_hidden_layers"], "rounds": rounds, "dtype": dtype, "peak_gib": peak,
+           "variants": {}}  # fmt: skip
     for v in variants:
-        steps[v], rotaries[v] = make_step(shape, v, seq, batch=batch, max_factor=max_factor, dtype=dtype,
-                                          compile_layers=compile_layers)
-    times = interleaved(steps, rounds=rounds, warmup=warmup)
-    ts = [r.last_t[0].item() for r in rotaries.values() if r is not None][:1]
-    base = times["plain"]
-    out = {"model": name, "seq": seq, "batch": batch, "rounds": rounds, "dtype": dtype, "compiled": compile_layers,
-           "variants": {}}
-    for v in variants:
-        paired = [a / b for a, b in zip(times[v], base)]  # per round: this variant / plain
-        out["variants"][v] = {
-            **summary(times[v]), "mean_s": statistics.fmean(times[v]),
-            "ratio_of_medians": median(times[v]) / median(base),
-            "ratio_of_means": statistics.fmean(times[v]) / statistics.fmean(base),
-            "median_paired_ratio": median(paired),
-        }  # fmt: skip
-    out["last_t"] = ts
+        by_n = {}
+        for n in counts:
+            ts, base = times[(v, n)], times[("plain", n)]
+            paired = [a / b for a, b in zip(ts, base)]  # per round: this variant / plain
+            by_n[n] = {"median_s": median(ts), "min_s": min(ts), "max_s": max(ts), "mean_s": statistics.fmean(ts),
+                       "ratio_of_medians": median(ts) / median(base), "median_paired_ratio": median(paired),
+                       "paired_ratio_min": min(paired), "paired_ratio_max": max(paired)}  # fmt: skip
+        entry = {"by_layers": by_n}
+        if len(counts) == 2:
+            (a, ta), (b, tb) = ((n, by_n[n]["median_s"]) for n in counts)
+            per_layer = (tb - ta) / (b - a)
+            entry.update(per_layer_s=per_layer, per_step_s=ta - a * per_layer)
+        out["variants"][v] = entry
+    if len(counts) == 2:
+        plain = out["variants"]["plain"]
+        full = shape["num_hidden_layers"]
+        for v, e in out["variants"].items():
+            e["extra_per_layer_s"] = e["per_layer_s"] - plain["per_layer_s"]
+            e["extra_per_step_s"] = e["per_step_s"] - plain["per_step_s"]
+            e["projected_full_depth_ratio"] = (e["per_step_s"] + full * e["per_layer_s"]) / (plain["per_step_s"] + full * plain["per_layer_s"])
     return out
+
+
+def table(results: list[dict]) -> str:
+    rows = []
+    for r in results:
+        for v, e in r["variants"].items():
+            for n, s in e["by_layers"].items():
+                last = n == max(e["by_layers"])
+                rows.append([r["model"], r["seq"], "on" if r["checkpointing"] else "off", n, v, s["median_s"] * 1e3,
+                             f"{s['min_s'] * 1e3:.4g}-{s['max_s'] * 1e3:.4g}", f"{s['median_paired_ratio']:.3f}x",
+                             f"{s['paired_ratio_min']:.3f}-{s['paired_ratio_max']:.3f}",
+                             f"{e['extra_per_layer_s'] * 1e3:+.3f}" if last and "extra_per_layer_s" in e else "",
+                             f"{e['extra_per_step_s'] * 1e3:+.2f}" if last and "extra_per_step_s" in e else "",
+                             f"{e['projected_full_depth_ratio']:.3f}x" if last and "projected_full_depth_ratio" in e else ""])  # fmt: skip
+    return markdown_table(["model", "tokens", "ckpt", "layers", "variant", "median ms", "min-max ms",
+                           "median of paired ratios", "paired min-max", "extra ms / layer", "extra ms / step",
+                           "projected at full depth"], rows)  # fmt: skip
 
 
 def main(argv=None):
     p = parser("train_step", __doc__)
-    p.add_argument("--seq", type=int, nargs="*", default=[128, 512], help="sequence lengths of the tiny model (none: skip it)")
+    p.add_argument("--shapes", nargs="+", default=["tiny"], choices=list(SHAPES), help="model shapes (random init)")
+    p.add_argument("--seq", type=int, nargs="+", default=[128, 512], help="tokens per row")
+    p.add_argument("--layers", nargs="+", default=None,
+                   help="two layer counts (per-layer slope between them) or one; 'max': as many as fit; default: the shape's own depth")
+    p.add_argument("--checkpointing", nargs="+", default=["off"], choices=["off", "on"], help="gradient checkpointing, each")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=32, help="timed rounds (each variant once per round)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--max-factor", type=float, default=16.0)
+    p.add_argument("--rounds", type=int, default=32, help="timed rounds (each variant and layer count once per round)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds (the first also warms every step once)")
+    p.add_argument("--max-factor", type=float, default=16.0, help="CLEX's max_factor (t ~ U{1..}), YaRN's factor")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads; 0 = torch's default")
-    p.add_argument("--smollm2", action="store_true", help="also the SmolLM2-135M-sized model (slow on a CPU)")
-    p.add_argument("--smollm2-seq", type=int, nargs="+", default=[1024])
-    p.add_argument("--smollm2-rounds", type=int, default=8)
-    p.add_argument("--variants", nargs="+", default=["plain", "reference", "ours"], choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=["plain", "ours-stock-rotation", "ours"], choices=list(VARIANTS))
     p.add_argument("--compile", action="store_true", help="torch.compile every decoder layer (all variants)")
     args = p.parse_args(argv)
     use_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    variants = ["plain"] + [v for v in args.variants if v != "plain"]
-
-    jobs = [("tiny", TINY, s, args.rounds) for s in args.seq]
-    if args.smollm2:
-        jobs += [("smollm2-135m", SMOLLM2, s, args.smollm2_rounds) for s in args.smollm2_seq]
-    results, rows = [], []
-    for name, shape, seq, rounds in jobs:
-        r = run(name, shape, seq, batch=args.batch, rounds=rounds, warmup=args.warmup,
-                max_factor=args.max_factor, variants=variants, dtype=args.dtype, compile_layers=args.compile)  # fmt: skip
-        results.append(r)
-        for v, s in r["variants"].items():
-            rows.append([name, seq, v, s["median_s"] * 1e3, s["mean_s"] * 1e3, f"{s['ratio_of_medians']:.3f}x",
-                         f"{s['ratio_of_means']:.3f}x", f"{s['median_paired_ratio']:.3f}x"])  # fmt: skip
-        print(f"{name} seq {seq} done", file=sys.stderr, flush=True)
-    table = markdown_table(["model", "seq", "variant", "median ms", "mean ms", "median / plain", "mean / plain",
-                            "median of paired ratios"], rows)  # fmt: skip
-    print(f"Training step (forward + backward + AdamW), {args.device}, {args.dtype}, {'compiled layers, ' * args.compile}batch {args.batch}, threads {torch.get_num_threads()}, "
-          f"t ~ Uniform{{1..{args.max_factor:g}}}, interleaved rounds\n\n{table}")  # fmt: skip
-    write_json(args.out, {"benchmark": "train_step", "args": vars(args), "results": results, "table": table})
+    variants = ["plain"] + [v for v in dict.fromkeys(args.variants) if v != "plain"]
+    layer_counts = args.layers or ["max"]
+    for c in layer_counts:
+        if c != "max" and not (c.isdigit() and int(c) >= 1):
+            raise SystemExit(f"--layers takes positive integers or 'max', got {c!r}")
+    results, started = [], time.perf_counter()
+    header = (f"Training step (forward + backward + AdamW), {args.device}, {args.dtype}, "
+              f"{'compiled layers, ' * args.compile}batch {args.batch}, threads {torch.get_num_threads()}, "
+              f"t ~ Uniform{{1..{args.max_factor:g}}} (YaRN factor {args.max_factor:g}), interleaved rounds")  # fmt: skip
+    for name in args.shapes:
+        shape = SHAPES[name]
+        depth = shape["num_hidden_layers"]
+        if "max" not in layer_counts:
+            depth = min(depth, max(int(c) for c in layer_counts))
+        bench = SharedModel(shape, depth, variants, max_factor=args.max_factor)
+        if args.compile:
+            for layer in bench.layers:
+                layer.compile()
+        for seq in args.seq:
+            for ckpt in args.checkpointing:
+                r = run_case(bench, name, seq, ckpt == "on", layer_counts, batch=args.batch, rounds=args.rounds,
+                             warmup=args.warmup, variants=variants, dtype=args.dtype)  # fmt: skip
+                r["last_t"] = [bench.rotaries[v].last_t[0].item() for v in variants if VARIANTS[v][0] == "clex"][:1]
+                results.append(r)
+                print(f"{name} seq {seq} checkpointing {ckpt} layers {r['layers']} done "
+                      f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+                md = f"{header}\n\n{table(results)}\n"
+                write_json(args.out, {"benchmark": "train_step", "args": vars(args), "results": results, "table": md})
+                Path(args.out).with_suffix(".md").write_text(md)
+        del bench
+        if common.DEVICE.type == "cuda":
+            sync()
+            torch.cuda.empty_cache()
+    print(md)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ run() {  # run NAME SECONDS CMD...: one benchmark under its own time limit; a fa
 }
 run solve 80 python benchmarks/solve.py --device cuda --times 2 8 16 --rounds 3 \
   --variants reference "rk4 graded" "fused graded" --out "$OUT/solve.json"
-run train_step 200 python benchmarks/train_step.py --device cuda --dtype bfloat16 --threads 0 --seq --smollm2 \
-  --smollm2-seq 2048 4096 8192 16384 --smollm2-rounds 10 --out "$OUT/train_step.json"
+run train_step 200 python benchmarks/train_step.py --device cuda --dtype bfloat16 --threads 0 --shapes smollm2-135m \
+  --seq 2048 4096 8192 16384 --rounds 10 --variants plain ours-stock-rotation ours --out "$OUT/train_step.json"
 run prefill 110 python benchmarks/prefill.py --device cuda --dtype bfloat16 --threads 0 --model smollm2 \
   --tokens 2048 4096 8192 16384 --rounds 10 --no-memory --out "$OUT/prefill.json"
 run decode 150 python benchmarks/decode.py --device cuda --dtype bfloat16 --clock wall --threads 4 --model smollm2 \

@@ -98,6 +98,7 @@ class CLEXRotaryEmbedding(nn.Module):
         self.inference_listener = None  # f(x, position_ids, θ [B, d/2]) once θ is chosen (inference; generation)
         self._warned_past_max = False
         self.log_scale_length: float | None = None  # pins log_scale's key length (see clex.hf.generation.fixed_t)
+        self.fused_rotation: str | None = None  # a clex.core.rotation backend: tags cos/sin that require grad
 
     # --- θ(t) ----------------------------------------------------------------------------------------
 
@@ -284,7 +285,11 @@ class CLEXRotaryEmbedding(nn.Module):
             cos, sin = emb.cos(), emb.sin()
             if self.attention_scaling != 1.0:  # (skipped at 1: the same values, two ops fewer per decode step)
                 cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
-        return (cos, sin) if x.dtype == torch.float32 else (cos.to(x.dtype), sin.to(x.dtype))
+        if x.dtype != torch.float32:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        if self.fused_rotation and cos.requires_grad:  # s·cos a, s·sin a, a duplicated over the halves
+            cos._clex_rotation = sin._clex_rotation = (self.fused_rotation, self.attention_scaling)  # clex.core.rotation
+        return cos, sin
 
     def _apply_query_scale(self, kv_len: float, t: float) -> None:
         """q·k scaled through each attention module's ``scaling``, which every attention back-end of

@@ -18,6 +18,7 @@ from torch import nn
 from ..core.config import CLEXConfig, check_keys
 from ..core.rotary import CLEXRotaryEmbedding
 from .lookup import find_rotary, get_clex_rotary, text_config
+from .rotation import FUSED_ROTATION, use_fused_rotation
 
 CLEX_KEYS = {"rope_type", *CLEXConfig.field_names()}
 
@@ -33,13 +34,22 @@ def plain_rope_keys() -> frozenset[str]:
 
 
 def apply_clex(
-    model: nn.Module, config: CLEXConfig | dict | None = None, *, exact_cache: bool = True, **overrides
+    model: nn.Module,
+    config: CLEXConfig | dict | None = None,
+    *,
+    exact_cache: bool = True,
+    fused_rotation: str = "auto",
+    **overrides,
 ) -> nn.Module:
     """Replace the model's RoPE with CLEX, in place, and return the model.
 
     config: a :class:`CLEXConfig`, a dict of its fields, or None for the defaults; keyword overrides win.
     exact_cache: keep cached keys consistent when t changes during generation (:mod:`clex.hf.generation`:
     cached keys are re-rotated once, in place, when a row's t changes).
+    fused_rotation: how each layer's rotation backpropagates into CLEX's cos/sin while training
+    (:mod:`clex.hf.rotation`): "auto" (one Triton kernel on a GPU where Triton imports, else eager torch),
+    "torch", "triton", or "off" (stock autograd). The same values and gradients (float64: to rounding);
+    inference and plain RoPE always run transformers' own function.
     ``original_length`` (L) defaults to the model's ``max_position_embeddings``. The model must use plain
     RoPE (``rope_type`` "default"): CLEX starts from the model's own frequencies θ⁰.
     """
@@ -51,6 +61,8 @@ def apply_clex(
         raise ValueError(f"config must be a CLEXConfig, a dict or None, got {type(config).__name__}")
     if not isinstance(exact_cache, bool):
         raise ValueError(f"apply_clex's exact_cache must be True or False, got {exact_cache!r}")
+    if fused_rotation not in FUSED_ROTATION:
+        raise ValueError(f"apply_clex's fused_rotation must be one of {', '.join(map(repr, FUSED_ROTATION))}; got {fused_rotation!r}")
     if overrides:
         config = config.replace(**overrides)
     name, old = find_rotary(model)
@@ -89,6 +101,7 @@ def apply_clex(
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     model.save_pretrained = types.MethodType(_save_pretrained, model)
+    use_fused_rotation(model, new, fused_rotation)
     if exact_cache:
         from .generation import enable_exact_cache  # generation builds on this module
 

@@ -157,6 +157,8 @@ def run_case(bench: SharedModel, name: str, seq: int, checkpointing: bool, layer
     counts = sorted({min(small, big), big})
     ids = torch.randint(0, shape["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0)).to(common.DEVICE)
     bench.checkpointing(checkpointing)
+    if common.DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(common.DEVICE)
     while True:
         opt = torch.optim.AdamW(bench.parameters(), lr=1e-5, fused=common.DEVICE.type == "cuda")
         fns = {(v, n): make_step(bench, opt, v, n, ids, dtype) for n in counts for v in variants}

@@ -93,6 +93,9 @@ class SharedModel:
                 kwargs = {} if fused is None else {"fused_rotation": fused}
                 clex.apply_clex(self.model, clex.CLEXConfig(max_factor=max_factor, seed=seed, **overrides), **kwargs)
             self.rotaries[v] = self.inner.rotary_emb
+            if kind == "clex":  # where the fused rotation runs (none: transformers' function is not LLaMA's)
+                print(f"{v}: fused rotation {self.rotaries[v].fused_rotation!r} in "
+                      f"{getattr(self.rotaries[v], 'fused_rotation_modules', ())}", file=sys.stderr)  # fmt: skip
         self.base_scaling = base_scaling
         self.inner.rotary_emb = plain
         self.ids = None
@@ -181,7 +184,8 @@ def run_case(bench: SharedModel, name: str, seq: int, checkpointing: bool, layer
                 torch.cuda.empty_cache()
     peak = torch.cuda.max_memory_allocated(common.DEVICE) / 2**30 if common.DEVICE.type == "cuda" else None
     del opt
-    out = {"model": name, "seq": seq, "batch": batch, "checkpointing": checkpointing, "layers": counts,
+    fused = {v: [r.fused_rotation, list(getattr(r, "fused_rotation_modules", ()))] for v, r in bench.rotaries.items() if hasattr(r, "fused_rotation")}
+    out = {"model": name, "seq": seq, "batch": batch, "checkpointing": checkpointing, "layers": counts, "fused_rotation": fused,
            "full_depth": shape["num_hidden_layers"], "rounds": rounds, "dtype": dtype, "peak_gib": peak,
            "variants": {}}  # fmt: skip
     for v in variants:

@@ -3,7 +3,7 @@
 # ~1B TinyLlama-like shape, plain RoPE / YaRN / CLEX with stock autograd through cos/sin / CLEX with the fused
 # rotation (Triton, and its eager-torch backward), 4k and 16k tokens, gradient checkpointing off and on, two
 # layer counts each (2 and as many as fit); first the rotation alone (correctness against float64 + its cost).
-# JSON + Markdown into OUT (default results/bench-7b; copy them to reports/bench-7b). ~5-6 minutes on one H200.
+# JSON + Markdown into OUT (default results/bench-7b; copy them to reports/bench-7b). ~4-6 minutes on one H200 (the step benchmark capped at TRAIN_LIMIT=330 s: every finished case is kept).
 #
 #   bash scripts/gpu_bench7b.sh [OUT] [ROUNDS]
 set -uo pipefail
@@ -19,7 +19,7 @@ timeout 60 $py benchmarks/rotation.py --device cuda --tokens 4096 16384 --out "$
     || echo "== rotation failed or timed out"
 cat "$OUT/rotation.md"
 echo "== rotation: $((SECONDS - T0)) s"
-timeout 420 $py benchmarks/train_step.py --device cuda --dtype bfloat16 --threads 0 --shapes llama2-7b tinyllama-1b \
+timeout ${TRAIN_LIMIT:-330} $py benchmarks/train_step.py --device cuda --dtype bfloat16 --threads 0 --shapes llama2-7b tinyllama-1b \
     --seq 4096 16384 --layers 2 max --checkpointing off on --rounds "$ROUNDS" --warmup 2 \
     --variants plain yarn ours-stock-rotation ours ours-fused-torch --out "$OUT/train_step.json" 2> "$OUT/train_step.log" \
     || echo "== train_step failed or timed out (what it measured is in $OUT/train_step.json / .md)"

@@ -35,6 +35,7 @@ COMMANDS = {
     "eval ppl": "eval.perplexity:run_ppl",
     "eval passkey": "eval.retrieval:run_passkey",
     "eval needle": "eval.retrieval:run_needle",
+    "eval ruler": "eval.ruler:run_ruler",
     "plot freqs": "eval.plot:plot_freqs",
     "models smollm2": "sources.smollm2:main",
     "export": "hf.export:run",

@@ -2,6 +2,7 @@
 
 - :func:`plot_ppl`: one line per model from a ``clex eval ppl`` payload; each training length L marked.
 - :func:`plot_retrieval`: accuracy by length x depth, one heatmap per model.
+- :func:`plot_ruler`: RULER score by task x length, one heatmap per model.
 - :func:`plot_freqs`: θ_j(t) / θ_j(1) of a CLEX model against the pair index j, beside PI (``linear``),
   static NTK (α = t: the base x t^(d/(d-2)), computed by ``dynamic`` at t·L tokens) and YaRN for the same t, all three from transformers' ``ROPE_INIT_FUNCTIONS``;
   and the CLEX prior (NTK with α = 2t − 1, what an untrained CLEX gives), so the learned part shows.
@@ -75,30 +76,61 @@ def plot_ppl(payload: dict, out: str | Path, *, title: str | None = None) -> Pat
     return _save(fig, out)
 
 
+def _heatmaps(panels: dict, out: str | Path, *, xlabel: str, ylabel: str, title: str, label: str) -> Path:
+    """One annotated heatmap per panel: {title: (row labels, column labels, values [row][column])}."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 3.6 * len(panels), 3.6), squeeze=False)
+    image = None
+    for ax, (name, (rows, columns, values)) in zip(axes[0], panels.items()):
+        image = ax.imshow(values, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for i, row in enumerate(values):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(columns)), columns, rotation=45, fontsize=8)
+        ax.set_yticks(range(len(rows)), rows, fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.set_title(name, fontsize=9)
+    axes[0][0].set_ylabel(ylabel)
+    fig.colorbar(image, ax=axes[0].tolist(), fraction=0.03, label=label)
+    fig.suptitle(title)
+    return _save(fig, out)
+
+
 def plot_retrieval(payload: dict, out: str | Path, *, title: str | None = None) -> Path:
     """Accuracy heatmaps (depth x length), one panel per model, each cell annotated."""
-    plt = _pyplot()
     models = payload.get("models") or {}
     if not models:
         raise ValueError("plot_retrieval needs a payload with at least one model under 'models', got none")
-    fig, axes = plt.subplots(1, len(models), figsize=(1.2 + 3.6 * len(models), 3.6), squeeze=False)
-    image = None
-    for ax, (name, entry) in zip(axes[0], models.items()):
+    panels = {}
+    for name, entry in models.items():
         lengths = sorted(entry["grid"], key=int)
         depths = sorted({float(d) for row in entry["grid"].values() for d in row})
         acc = [[_cell(entry["grid"][n], d) for n in lengths] for d in depths]  # [depth, length]
-        image = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        for i, row in enumerate(acc):
-            for j, v in enumerate(row):
-                ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45, fontsize=8)
-        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=8)
-        ax.set_xlabel("prompt length (tokens)")
-        ax.set_title(f"{name} (mean {entry.get('mean', 0):.0%})", fontsize=9)
-    axes[0][0].set_ylabel("key depth")
-    fig.colorbar(image, ax=axes[0].tolist(), fraction=0.03, label="accuracy")
-    fig.suptitle(title or f"{payload.get('task', 'retrieval')} accuracy")
-    return _save(fig, out)
+        panels[f"{name} (mean {entry.get('mean', 0):.0%})"] = ([f"{d:.0%}" for d in depths], [str(n) for n in lengths], acc)
+    return _heatmaps(panels, out, xlabel="prompt length (tokens)", ylabel="key depth", label="accuracy",
+                     title=title or f"{payload.get('task', 'retrieval')} accuracy")  # fmt: skip
+
+
+def plot_ruler(payload: dict, out: str | Path, *, title: str | None = None) -> Path:
+    """RULER score heatmaps (task x length, and the mean over tasks), one panel per model."""
+    models = payload.get("models") or {}
+    if not models:
+        raise ValueError("plot_ruler needs a payload with at least one model under 'models', got none")
+    panels = {}
+    for name, entry in models.items():
+        tasks = list(entry["results"])
+        lengths = sorted({int(n) for cells in entry["results"].values() for n in cells})
+
+        def score(cells: dict, n: int) -> float:
+            cell = cells.get(n, cells.get(str(n)))
+            return float("nan") if cell is None or cell["score"] is None else float(cell["score"])
+
+        values = [[score(entry["results"][t], n) for n in lengths] for t in tasks]  # [task, length]
+        values.append([score(entry["mean"], n) for n in lengths])
+        panels[name] = ([*tasks, "mean"], [str(n) for n in lengths], values)
+    samples = (payload.get("config") or {}).get("samples", "?")
+    return _heatmaps(panels, out, xlabel="sequence length (tokens)", ylabel="task", label="score",
+                     title=title or f"RULER through lm-eval ({samples} samples a cell)")  # fmt: skip
 
 
 def _cell(row: dict, depth: float) -> float:

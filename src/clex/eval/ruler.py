@@ -1,0 +1,372 @@
+"""RULER (Hsieh et al., 2024) through lm-evaluation-harness, offline: score by task x length, per model.
+
+For each model and each length n, the chosen RULER tasks of lm-eval (0.4.x, ``lm_eval.tasks.ruler``) run
+through ``lm_eval.simple_evaluate`` on the model wrapped by :func:`clex.eval.harness.clex_lm` (a CLEX model
+generates with t fixed to the t of its prompt + answer). lm-eval's own task configs (prompt, answer prefix,
+greedy decoding, ``max_gen_toks``, the string-match metric) are used as they are; only the data set is ours
+to call: lm-eval's generators (``generate_samples`` of ``prepare_niah``, ``sys_vartrack_w_noise_random``,
+``sys_word_pair_random``, ``sys_kwext``) are called with the model's own tokenizer object (never the hub)
+for ``samples`` samples of exactly this length, where lm-eval's ``custom_dataset`` functions always build 500
+per length (about 20 s of tokenising per task at 16k and 4x that at 64k, for samples we would not run).
+Samples depend on (seed, task, n) only (Python's and NumPy's generators seeded per cell), so every model
+with the same tokenizer sees the same prompts; they are generated once per tokenizer and reused.
+
+A cell's score is the mean over its samples of RULER's string-match score (the fraction of the expected
+strings found in the output); its standard error is the samples' standard deviation / sqrt(samples)
+(0 when every sample scores alike: then ``samples`` alone says how sure the cell is).
+
+Tasks: :data:`TASKS` run offline (their haystacks are synthetic); :data:`SKIPPED` are the other RULER tasks
+with the reason each is left out. NLTK's ``punkt_tab`` (which ``prepare_niah`` tries to download when it is
+imported) is used only by the essay haystack: a run points NLTK at an empty stand-in folder so that nothing
+is fetched, and a task that did need it would fail loudly (LookupError).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import random
+import tempfile
+import zlib
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+from .report import finish_run
+from .specs import check_count, check_device, check_dtype, check_models, each_model, parse_ints
+
+#: The offline RULER tasks: lm-eval task name -> (generator, its settings as in lm-eval's ruler/*_utils.py).
+TASKS = {
+    "niah_single_1": ("niah", {"type_haystack": "repeat", "type_needle_k": "words", "type_needle_v": "numbers"}),
+    "niah_multikey_2": ("niah", {"type_haystack": "needle", "type_needle_k": "words", "type_needle_v": "numbers"}),
+    "niah_multikey_3": ("niah", {"type_haystack": "needle", "type_needle_k": "uuids", "type_needle_v": "uuids"}),
+    "ruler_vt": ("vt", {}),
+    "ruler_cwe": ("cwe", {}),
+    "ruler_fwe": ("fwe", {}),
+}
+_ESSAY = (
+    "its haystack is Paul Graham's essays, which lm-eval's get_haystack loads from the hub "
+    "(datasets.load_dataset('baber/paul_graham_essays'), with no setting to give another text), and it splits "
+    "sentences with NLTK's punkt_tab data, which nltk downloads at run time (no pip package of NLTK ships it)"
+)
+#: The other RULER tasks of lm-eval, left out, with why.
+SKIPPED = {
+    **{t: _ESSAY for t in ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multiquery", "niah_multivalue")},
+    "ruler_qa_squad": "its documents and questions are SQuAD v2, which lm-eval downloads from the hub",
+    "ruler_qa_hotpot": "its documents and questions are HotpotQA, which lm-eval downloads from the hub",
+}
+#: room HFLM gets beyond n, so that it never cuts a prompt: lm-eval appends the answer prefix (up to ~100
+#: tokens for a byte tokenizer) to RULER's prompt of n - max_gen_toks tokens
+_SLACK = 256
+
+
+def _check_tasks(tasks) -> list[str]:
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t and t.strip()]
+    if not names:
+        raise ValueError(f"tasks: give at least one of {', '.join(TASKS)}, got none")
+    for name in names:
+        if name in SKIPPED:
+            raise ValueError(f"task {name!r} cannot run offline: {SKIPPED[name]}; offline tasks: {', '.join(TASKS)}")
+        if name not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {name!r}")
+    return list(dict.fromkeys(names))
+
+
+def _lm_eval_version() -> str:
+    try:
+        import lm_eval
+    except ImportError as e:
+        raise OSError(
+            f"clex eval ruler needs lm-evaluation-harness (lm_eval), which cannot be imported here ({e}); "
+            "install it with: pip install -c constraints.txt -e '.[ruler]'"
+        ) from None
+    return lm_eval.__version__
+
+
+@contextlib.contextmanager
+def _offline(folder: Path):
+    """No hub, no datasets download, and NLTK pointed at an empty stand-in for punkt_tab (module docstring)."""
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    import nltk
+
+    stand_in = folder / "nltk_data"
+    (stand_in / "tokenizers" / "punkt_tab").mkdir(parents=True, exist_ok=True)
+    added = False
+    try:
+        nltk.data.find("tokenizers/punkt_tab")
+    except LookupError:
+        nltk.data.path.insert(0, str(stand_in))
+        added = True
+    try:
+        yield
+    finally:
+        if added:
+            nltk.data.path.remove(str(stand_in))
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def generate(task: str, tokenizer, length: int, samples: int, seed: int) -> list[dict]:
+    """``samples`` RULER samples of ``task`` at ``length`` tokens by lm-eval's own generator (module docstring).
+
+    -> lm-eval's records (``input``, ``outputs`` = the expected strings, ``gen_prefix``, ``length``,
+    ``max_length``). A ValueError naming the task and the length when the length cannot hold the task.
+    """
+    import numpy as np
+
+    kind, settings = TASKS[task]
+    _check_room(kind, task, tokenizer, length)
+    cell_seed = zlib.crc32(f"{seed}:{task}:{length}".encode())
+    random.seed(cell_seed)
+    np.random.seed(cell_seed)
+    try:
+        if kind == "niah":
+            from lm_eval.tasks.ruler import niah_utils, prepare_niah
+
+            haystack = prepare_niah.get_haystack(type_haystack=settings["type_haystack"])
+            out = prepare_niah.generate_samples(haystack, TOKENIZER=tokenizer, max_seq_length=length,
+                                                template=niah_utils.TEMPLATE, num_samples=samples, **settings)  # fmt: skip
+        elif kind == "vt":
+            from lm_eval.tasks.ruler import vt_utils
+
+            icl = vt_utils.sys_vartrack_w_noise_random(tokenizer=tokenizer, num_samples=1, max_seq_length=500,
+                                                       incremental=5)[0]  # fmt: skip
+            out = vt_utils.sys_vartrack_w_noise_random(tokenizer=tokenizer, num_samples=samples,
+                                                       max_seq_length=length, icl_example=icl)  # fmt: skip
+        elif kind == "cwe":
+            from lm_eval.tasks.ruler import cwe_utils
+
+            if isinstance(getattr(cwe_utils, "RNG", None), random.Random):
+                cwe_utils.RNG.seed(cell_seed)
+            out = cwe_utils.sys_word_pair_random(num_samples=samples, max_seq_length=length, tokenizer=tokenizer)
+        else:
+            from lm_eval.tasks.ruler import fwe_utils
+
+            out = fwe_utils.sys_kwext(tokenizer=tokenizer, max_seq_length=length, num_samples=samples)
+    except (ValueError, AssertionError, IndexError, ZeroDivisionError, RecursionError) as e:
+        raise ValueError(f"lengths: {length} tokens is too short for {task} with this tokenizer "
+                         f"(lm-eval: {' '.join(str(e).split())[:200]}); give a longer length") from None  # fmt: skip
+    out = [r for r in out if r.get("length", 0) <= length and r.get("outputs")]
+    if not out:
+        raise ValueError(f"lengths: {length} tokens is too short for {task} with this tokenizer "
+                         "(lm-eval made no sample that fits); give a longer length")  # fmt: skip
+    return out
+
+
+def _too_short(task: str, length: int, need: int, what: str) -> ValueError:
+    return ValueError(f"lengths: {length} tokens is too short for {task} with this tokenizer: {what} takes "
+                      f"{need} tokens; give a length of at least {need + 1}")  # fmt: skip
+
+
+def _check_room(kind: str, task: str, tokenizer, length: int) -> None:
+    """Refuse a length the generator cannot fill: lm-eval's vt, cwe and fwe generators would loop forever
+    (they shrink the haystack in a ``while True`` until it fits); niah raises by itself. The smallest prompt
+    each generator tries, measured with this tokenizer, must fit with the answer's ``tokens_to_generate``."""
+    def size(text: str) -> int:
+        return len(tokenizer(text).input_ids)
+
+    state = random.getstate()
+    try:
+        if kind == "vt":
+            from lm_eval.tasks.ruler import vt_utils
+
+            icl, _ = vt_utils.generate_input_output(5, 1, 4, is_icl=True)  # its few-shot example: 500 tokens at most
+            if size(icl) + 30 > 500:
+                raise ValueError(f"task {task} cannot run with this tokenizer: lm-eval builds its few-shot example "
+                                 f"within 500 tokens, and the smallest one takes {size(icl) + 30}")  # fmt: skip
+            text, _ = vt_utils.generate_input_output(10, 1, 4)
+            need = size(text) + 2 * size(icl) + 30  # + the example (prompt and answer) + the answer
+            if need > length:
+                raise _too_short(task, length, need, "the smallest prompt (10 noise lines), its example and answer")
+        elif kind == "cwe":
+            from lm_eval.tasks.ruler import cwe_utils
+
+            example, text, answer = cwe_utils.generate_input_output(10, length)  # as its search loop measures
+            need = size(example + "\n" + text + " " + " ".join(f"{i + 1}. {w}" for i, w in enumerate(answer))) + 120
+            if need > length:  # lm-eval would go on with 0 words: prompts with nothing to find
+                raise _too_short(task, length, need, "the smallest prompt (10 words, with its example) and the answer")
+        elif kind == "fwe":
+            from lm_eval.tasks.ruler import fwe_utils
+
+            need = size(fwe_utils.TEMPLATE.format(context="", query="")) + 50 + length // 6 // 4
+            if need > length:
+                raise _too_short(task, length, need, "the prompt without words, a few words and the answer")
+    finally:
+        random.setstate(state)
+
+
+def _fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{type(tokenizer).__name__}\n{text}".encode()).hexdigest()
+
+
+def _dataset(records: list[dict], **_metadata):
+    """lm-eval's custom_dataset: our records as the test split (lm-eval passes the task's metadata: unused)."""
+    import datasets
+
+    return {"test": datasets.Dataset.from_list(records, split=datasets.Split.TEST)}
+
+
+def _score(record: dict, key: str) -> float:
+    value = record.get(key)
+    if value is None:
+        raise RuntimeError(f"lm-eval's sample record has no metric {key!r}; keys: {sorted(record)[:12]}")
+    return float(value)
+
+
+def mean_and_stderr(scores: Sequence[float]) -> tuple[float, float | None]:
+    """(mean, standard error = sample std (n-1) / sqrt(n)); the error is None for a single score."""
+    n = len(scores)
+    mean = sum(scores) / n
+    if n < 2:
+        return mean, None
+    var = sum((s - mean) ** 2 for s in scores) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def _task_configs(manager, tasks: list[str], records: dict[str, list[dict]], length: int) -> list[dict]:
+    """lm-eval's own config of each task (its YAML, includes resolved), our data set, one metric: str(length)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+    from lm_eval.tasks.ruler import common_utils
+
+    out = []
+    for task in tasks:
+        cfg = load_yaml(manager.task_index[task].yaml_path, resolve_func=True)
+        for key in ("tag", "group"):
+            cfg.pop(key, None)
+        cfg["custom_dataset"] = partial(_dataset, records[task])
+        cfg["metric_list"] = [{"metric": str(length), "aggregation": common_utils.aggregate_metrics,
+                               "higher_is_better": True}]  # fmt: skip
+        out.append(cfg)
+    return out
+
+
+def ruler_scores(lm, tokenizer, tasks: list[str], length: int, samples: int, *, seed: int, cache: dict,
+                 manager) -> dict:  # fmt: skip
+    """{task: {"score", "stderr", "samples", "records"}} of one lm-eval model at one length."""
+    import lm_eval
+
+    key = _fingerprint(tokenizer)
+    records = {}
+    for task in tasks:
+        cell = (key, task, length, samples, seed)
+        if cell not in cache:
+            cache[cell] = generate(task, tokenizer, length, samples, seed)
+        records[task] = cache[cell]
+    result = lm_eval.simple_evaluate(model=lm, tasks=_task_configs(manager, tasks, records, length),
+                                     task_manager=manager, log_samples=True, bootstrap_iters=0, random_seed=seed,
+                                     numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)  # fmt: skip
+    out = {}
+    for task in tasks:
+        logged = sorted(result["samples"][task], key=lambda r: r["doc_id"])
+        scores = [_score(r, str(length)) for r in logged]
+        mean, stderr = mean_and_stderr(scores)
+        out[task] = {
+            "score": mean, "stderr": stderr, "samples": len(scores),
+            "records": [{"index": r["doc"].get("index"), "tokens": r["doc"].get("length"), "answers": r["doc"]["outputs"],
+                         "output": (r.get("filtered_resps") or r.get("resps") or [""])[0], "score": s}
+                        for r, s in zip(logged, scores)],
+        }  # fmt: skip
+    return out
+
+
+def _cell_text(score: float | None, stderr: float | None) -> str:
+    if score is None:
+        return "-"
+    return f"{score:.2f}" + (f" ± {stderr:.2f}" if stderr is not None else "")
+
+
+def run_ruler(
+    models: Sequence[str | tuple] = (),
+    *,
+    lengths: Sequence[int] | str = (8192, 16384, 32768, 65536),
+    tasks: Sequence[str] | str = tuple(TASKS),
+    samples: int = 10,
+    batch_size: int = 1,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str | None = None,
+    out_dir: str = "runs/eval",
+    name: str = "ruler",
+    plot: bool = True,
+) -> dict:
+    """RULER's offline tasks through lm-evaluation-harness: score by task x length, with standard errors.
+
+    Needs lm-eval (pip install -e '.[ruler]'); runs with HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1, the data made
+    locally by lm-eval's RULER generators with each model's own tokenizer. Writes <name>.json, <name>.md and
+    the heatmap <name>.png (task x length, one panel per model) in out_dir. The essay-haystack and QA tasks
+    need downloads and are skipped (the JSON says why).
+
+    Args:
+        models: model specs [NAME=]PATH[:METHOD[:K=V,...]] (see clex.eval.specs), or (name, model, tokenizer) triples
+        lengths: prompt lengths in tokens (the RULER sequence length, prompt + answer), e.g. 8192,16384
+        tasks: offline RULER tasks of lm-eval: niah_single_1, niah_multikey_2, niah_multikey_3, ruler_vt, ruler_cwe, ruler_fwe
+        samples: samples per (task, length) cell, >= 1 (standard error ~ 0.5 / sqrt(samples) at worst)
+        batch_size: prompts generated together (lm-eval's batch_size; left-padded)
+        seed: seed of the samples (the same for every model with the same tokenizer)
+        device: cpu, cuda, cuda:N or mps
+        dtype: float32, bfloat16 or float16 (default: as saved)
+        out_dir: folder of the results (<name>.json, <name>.md, the heatmap <name>.png)
+        name: file stem of the results
+        plot: draw the heatmap <name>.png
+    """
+    version = _lm_eval_version()
+    tasks = _check_tasks(tasks)
+    lengths = parse_ints(lengths, "lengths")
+    check_count("samples", samples)
+    check_count("batch_size", batch_size)
+    device, dtype = check_device(device), check_dtype(dtype)
+    specs = check_models(models)
+    config = {"lengths": lengths, "tasks": tasks, "samples": samples, "batch_size": batch_size, "device": device,
+              "dtype": dtype, "lm_eval": version, "metric": "RULER string match (lm-eval), mean over samples"}  # fmt: skip
+    out, cache = {}, {}
+    with tempfile.TemporaryDirectory(prefix="clex-ruler-") as tmp, _offline(Path(tmp)):
+        import lm_eval.tasks
+        from lm_eval.tasks import TaskManager
+
+        from .harness import clex_lm
+
+        # lm-eval's RULER folder only: indexing all of lm-eval's tasks would take ~15 s
+        manager = TaskManager(include_defaults=False, include_path=str(Path(lm_eval.tasks.__file__).parent / "ruler"))
+        for loaded in each_model(specs, seed=seed, device=device, dtype=dtype):  # one model in memory at a time
+            results: dict[str, dict] = {task: {} for task in tasks}
+            for n in lengths:
+                lm = clex_lm(loaded.model, loaded.tokenizer, max_length=n + _SLACK, batch_size=batch_size)
+                for task, cell in ruler_scores(lm, loaded.tokenizer, tasks, n, samples, seed=seed, cache=cache,
+                                               manager=manager).items():  # fmt: skip
+                    results[task][n] = cell
+                del lm
+            means = {}
+            for n in lengths:
+                cells = [results[t][n] for t in tasks]
+                errors = [c["stderr"] for c in cells]
+                means[n] = {"score": sum(c["score"] for c in cells) / len(cells),
+                            "stderr": None if None in errors else math.sqrt(sum(e * e for e in errors)) / len(cells)}  # fmt: skip
+            out[loaded.name] = {"spec": loaded.spec, "train_length": loaded.train_length, "results": results,
+                                "mean": means}  # fmt: skip
+            del loaded
+    payload = {"task": "ruler", "config": config, "seed": seed, "models": out, "skipped": SKIPPED}
+    rows = [
+        {"model": m, "length": n, **{t: _cell_text(v["results"][t][n]["score"], v["results"][t][n]["stderr"])
+                                     for t in tasks}, "mean": _cell_text(v["mean"][n]["score"], v["mean"][n]["stderr"])}
+        for m, v in out.items() for n in lengths
+    ]  # fmt: skip
+    skipped = "; ".join(f"{t}" for t in SKIPPED)
+    notes = (f"Cells: mean RULER string-match score ± its standard error over {samples} samples (lm-eval {version}); "
+             "mean: over the tasks. Skipped (they need downloads): "
+             f"{skipped}. Why, task by task: the JSON's `skipped`.")  # fmt: skip
+    return finish_run(out_dir, name, payload, rows, title=f"RULER through lm-eval ({samples} samples a cell)",
+                      notes=notes, plot=_plot_ruler if plot else None)  # fmt: skip
+
+
+def _plot_ruler(payload: dict, png):
+    from .plot import plot_ruler
+
+    return plot_ruler(payload, png)

@@ -89,7 +89,7 @@ stage_c() {
     for m in clex-rec yarn8 pi8; do  # the equal-budget models end first
         while [ ! -f "$W/$m/final/config.json" ] && [ "$(left)" -gt 300 ]; do sleep 5; done
     done
-    (cd "$S/snap" && timeout $(( $(left) - 10 )) bash scripts/gpu_ruler.sh "$S/c/ruler" base="$BASE" \
+    (timeout $(( $(left) - 10 )) bash scripts/gpu_ruler.sh "$S/c/ruler" base="$BASE" \
         clex-rec="$W/clex-rec/final" yarn8="$W/yarn8/final" pi8="$W/pi8/final" > "$S/c/ruler.log" 2>&1) &
     ruler=$!
     ppl() {

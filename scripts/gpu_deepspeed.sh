@@ -25,7 +25,7 @@ $py -c "import deepspeed, pydantic, hjson, torch; print('deepspeed', deepspeed._
     || { echo "deepspeed does not import: nothing run"; exit 1; }
 
 if [ "${CPU_CHECK:-0}" = 1 ]; then  # the trainer uses accelerate's cpu=True where it finds no accelerator: lift that
-    recipe=recipes/tiny-clex.yaml; args=(model="$BASE")
+    recipe=recipes/tiny-clex.yaml; read -r -a args <<< "model=$BASE ${DS_EXTRA:-}"   # DS_EXTRA="train=lora": LoRA
     entry=("$OUT/ds_cpu.py")
     printf 'import sys\nimport clex.train.loop as loop\nloop._has_accelerator = lambda: True\nsys.exit(loop.cli())\n' > "$OUT/ds_cpu.py"
 else

@@ -39,6 +39,7 @@ from ..core.rotary import CLEXRotaryEmbedding
 from ..hf.lookup import find_rotary
 from ..hf.methods import METHODS, original_length, pose_position_ids, prepare_model
 from ..sources.presets import build_model, count_parameters
+from . import lora
 from .checkpoints import list_checkpoints, resume_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import prepare_data, rows_at
@@ -72,13 +73,8 @@ def _select_trainable(model, config: TrainConfig):
     if isinstance(rot, CLEXRotaryEmbedding):
         clex_params = list(rot.dynamics.parameters())
     if config.train == "lora":
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError:
-            raise ValueError("TrainConfig.train='lora' needs peft: pip install peft") from None
-        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=list(config.lora_targets), task_type="CAUSAL_LM")  # fmt: skip
-        model = get_peft_model(model, lora)
+        model = lora.wrap(model, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                          targets=config.lora_targets)  # fmt: skip
     elif config.train == "clex":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -330,6 +326,9 @@ def run(config: TrainConfig) -> Path:
         state["step"], state["tokens"] = step, state["tokens"] + tokens_per_step
         state["draws"] = rotary.draws if rotary is not None else 0
         step_loss = float(accelerator.reduce(torch.stack(step_losses).mean(), reduction="mean"))
+        if not math.isfinite(step_loss):  # every later step would be nan too: stop, keep the checkpoints
+            raise RuntimeError(f"step {step}: the training loss is {step_loss} ({accelerator.distributed_type.value}, "
+                               f"dtype {config.dtype}, train={config.train}); stopped, the checkpoints in {out_dir} are kept")  # fmt: skip
         window_loss.append(step_loss)
         window_steps += 1
         postfix = {"loss": f"{step_loss:.3f}"}
@@ -367,8 +366,15 @@ def run(config: TrainConfig) -> Path:
     # --- the final model: plain transformers folder (CLEX: rope_parameters type "clex") + tokenizer ---
     final = out_dir / "final"
     accelerator.wait_for_everyone()
+    from accelerate.utils import DistributedType
+
     unwrapped = accelerator.unwrap_model(model)
-    if config.train == "lora":
+    if config.train == "lora" and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # sharded weights cannot be merged in place: gather them, merge the state dict (clex.train.lora)
+        full = accelerator.get_state_dict(model)
+        state_dict = lora.merge_state_dict(full, rank=config.lora_rank, alpha=config.lora_alpha) if main_proc else None
+        unwrapped = unwrapped.get_base_model()
+    elif config.train == "lora":
         unwrapped = unwrapped.merge_and_unload()
         state_dict = None if world == 1 else accelerator.get_state_dict(unwrapped)
     else:

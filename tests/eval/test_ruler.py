@@ -107,3 +107,29 @@ def test_the_cli_refuses_a_task_in_one_line(capsys):
     err = capsys.readouterr().err
     assert err.startswith("clex: error: task 'niah_multivalue' cannot run offline") and err.count("\n") == 1
     assert set(TASKS) == {"niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe"}
+
+
+def test_cells_done_before_a_crash_are_kept_in_a_partial_json(tmp_path, monkeypatch):
+    import clex.eval.ruler as ruler
+
+    real, calls = ruler.ruler_scores, []
+
+    def dies_at_the_second_length(lm, tokenizer, tasks, n, *args, **kwargs):
+        calls.append(n)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(lm, tokenizer, tasks, n, *args, **kwargs)
+
+    monkeypatch.setattr(ruler, "ruler_scores", dies_at_the_second_length)
+    oracle = Oracle(tiny_model("llama", vocab_size=V).config).eval()
+    with pytest.raises(RuntimeError, match="killed"):
+        run_ruler([("oracle", oracle, byte_tokenizer())], lengths="600,700", tasks="niah_single_1", samples=1,
+                  out_dir=str(tmp_path))  # fmt: skip
+    saved = json.loads((tmp_path / "ruler.partial.json").read_text())
+    assert saved["models"]["oracle"]["results"]["niah_single_1"]["600"]["score"] == 1.0
+    assert "700" not in saved["models"]["oracle"]["results"]["niah_single_1"]
+    assert not (tmp_path / "ruler.json").exists()
+    monkeypatch.setattr(ruler, "ruler_scores", real)  # a whole run leaves the final files only
+    run_ruler([("oracle", oracle, byte_tokenizer())], lengths="600", tasks="niah_single_1", samples=1,
+              out_dir=str(tmp_path), plot=False)  # fmt: skip
+    assert (tmp_path / "ruler.json").exists() and not (tmp_path / "ruler.partial.json").exists()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 import random
@@ -34,6 +35,7 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
+from ..core.io import atomic_write_text
 from .report import finish_run
 from .specs import check_count, check_device, check_dtype, check_models, each_model, parse_ints
 
@@ -327,6 +329,7 @@ def run_ruler(
     config = {"lengths": lengths, "tasks": tasks, "samples": samples, "batch_size": batch_size, "device": device,
               "dtype": dtype, "lm_eval": version, "metric": "RULER string match (lm-eval), mean over samples"}  # fmt: skip
     out, cache = {}, {}
+    progress = Path(out_dir) / f"{name}.partial.json"
     with tempfile.TemporaryDirectory(prefix="clex-ruler-") as tmp, _offline(Path(tmp)):
         import lm_eval.tasks
         from lm_eval.tasks import TaskManager
@@ -343,6 +346,11 @@ def run_ruler(
                                                manager=manager).items():  # fmt: skip
                     results[task][n] = cell
                 del lm
+                # what is done so far survives a time limit or a crash: <name>.partial.json, removed at the end
+                done = {**out, loaded.name: {"spec": loaded.spec, "results": results}}
+                progress.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(progress, json.dumps({"task": "ruler", "config": config, "seed": seed, "models": done},
+                                                      default=str) + "\n")  # fmt: skip
             means = {}
             for n in lengths:
                 cells = [results[t][n] for t in tasks]
@@ -362,8 +370,10 @@ def run_ruler(
     notes = (f"Cells: mean RULER string-match score ± its standard error over {samples} samples (lm-eval {version}); "
              "mean: over the tasks. Skipped (they need downloads): "
              f"{skipped}. Why, task by task: the JSON's `skipped`.")  # fmt: skip
-    return finish_run(out_dir, name, payload, rows, title=f"RULER through lm-eval ({samples} samples a cell)",
-                      notes=notes, plot=_plot_ruler if plot else None)  # fmt: skip
+    result = finish_run(out_dir, name, payload, rows, title=f"RULER through lm-eval ({samples} samples a cell)",
+                        notes=notes, plot=_plot_ruler if plot else None)  # fmt: skip
+    progress.unlink(missing_ok=True)
+    return result
 
 
 def _plot_ruler(payload: dict, png):

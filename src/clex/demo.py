@@ -38,6 +38,8 @@ VARIANTS: dict[str, tuple] = {
                     "CLEX-16K, recommended recipe (integer positions over L0·t)"),
     "clex-rec-lin-4x": ("clex", 4, 16, {"clex": {"position_span": "original", "train_t": "integer-linear", **RECOMMENDED}},
                         "CLEX-16K, recommended recipe with P(t) ∝ t"),
+    "clex-rec-quad-4x": ("clex", 4, 16, {"clex": {"position_span": "original", "train_t": "integer-quadratic", **RECOMMENDED}},
+                         "CLEX-16K, recommended recipe with P(t) ∝ t²"),
     "clex-1x": ("clex", 1, 16, {}, "CLEX-4K: trained at the original length"),
     "clex-pose-1x": ("clex", 1, 16, {"pose": True}, "CLEX-4K with PoSE positions instead of the paper's"),
     "clex-4x": ("clex", 4, 16, {"clex": {"position_span": "original"}},

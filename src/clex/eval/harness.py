@@ -43,16 +43,19 @@ from .specs import ModelSpec, check_device, check_dtype, fixed_clex_t, load_spec
 MODEL_NAME = "clex"
 
 
+def missing_lm_eval(what: str, error: ImportError) -> OSError:
+    """The error for a missing lm-eval: ``what`` needs it, why the import failed, and how to install it."""
+    return OSError(f"{what} needs lm-evaluation-harness (lm_eval), which cannot be imported here ({error}); "
+                   "install it with: pip install -c constraints.txt -e '.[ruler]'")  # fmt: skip
+
+
 def _lm_eval():
     """lm_eval's HFLM and register_model, or an OSError saying how to install lm-eval."""
     try:
         from lm_eval.api.registry import register_model
         from lm_eval.models.huggingface import HFLM
     except ImportError as e:
-        raise OSError(
-            f"this needs lm-evaluation-harness (lm_eval), which cannot be imported here ({e}); "
-            "install it with: pip install -c constraints.txt -e '.[ruler]'"
-        ) from None
+        raise missing_lm_eval("this", e) from None
     return HFLM, register_model
 
 

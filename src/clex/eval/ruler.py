@@ -36,8 +36,16 @@ from functools import partial
 from pathlib import Path
 
 from ..core.io import atomic_write_text
+from .harness import clex_lm, missing_lm_eval
 from .report import finish_run
-from .specs import check_count, check_device, check_dtype, check_models, each_model, parse_ints
+from .specs import (
+    check_count,
+    check_device,
+    check_dtype,
+    check_models,
+    each_model,
+    parse_ints,
+)
 
 #: The offline RULER tasks: lm-eval task name -> (generator, its settings as in lm-eval's ruler/*_utils.py).
 TASKS = {
@@ -80,10 +88,7 @@ def _lm_eval_version() -> str:
     try:
         import lm_eval
     except ImportError as e:
-        raise OSError(
-            f"clex eval ruler needs lm-evaluation-harness (lm_eval), which cannot be imported here ({e}); "
-            "install it with: pip install -c constraints.txt -e '.[ruler]'"
-        ) from None
+        raise missing_lm_eval("clex eval ruler", e) from None
     return lm_eval.__version__
 
 
@@ -333,8 +338,6 @@ def run_ruler(
     with tempfile.TemporaryDirectory(prefix="clex-ruler-") as tmp, _offline(Path(tmp)):
         import lm_eval.tasks
         from lm_eval.tasks import TaskManager
-
-        from .harness import clex_lm
 
         # lm-eval's RULER folder only: indexing all of lm-eval's tasks would take ~15 s
         manager = TaskManager(include_defaults=False, include_path=str(Path(lm_eval.tasks.__file__).parent / "ruler"))

@@ -36,6 +36,7 @@ COMMANDS = {
     "eval passkey": "eval.retrieval:run_passkey",
     "eval needle": "eval.retrieval:run_needle",
     "eval ruler": "eval.ruler:run_ruler",
+    "eval ruler-merge": "eval.ruler:merge_ruler",
     "plot freqs": "eval.plot:plot_freqs",
     "models smollm2": "sources.smollm2:main",
     "export": "hf.export:run",

@@ -73,7 +73,8 @@ _SLACK = 256
 
 
 def _check_tasks(tasks) -> list[str]:
-    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t and t.strip()]
+    items = [tasks] if isinstance(tasks, str) else list(tasks)  # "a,b", ["a", "b"] and ["a,b"] alike
+    names = [t.strip() for item in items for t in str(item).split(",") if t.strip()]
     if not names:
         raise ValueError(f"tasks: give at least one of {', '.join(TASKS)}, got none")
     for name in names:
@@ -142,10 +143,13 @@ def generate(task: str, tokenizer, length: int, samples: int, seed: int) -> list
         elif kind == "vt":
             from lm_eval.tasks.ruler import vt_utils
 
-            icl = vt_utils.sys_vartrack_w_noise_random(tokenizer=tokenizer, num_samples=1, max_seq_length=500,
-                                                       incremental=5)[0]  # fmt: skip
-            out = vt_utils.sys_vartrack_w_noise_random(tokenizer=tokenizer, num_samples=samples,
-                                                       max_seq_length=length, icl_example=icl)  # fmt: skip
+            def vt():
+                icl = vt_utils.sys_vartrack_w_noise_random(tokenizer=tokenizer, num_samples=1, max_seq_length=500,
+                                                           incremental=5)[0]  # fmt: skip
+                return vt_utils.sys_vartrack_w_noise_random(tokenizer=tokenizer, num_samples=samples,
+                                                            max_seq_length=length, icl_example=icl)  # fmt: skip
+
+            out = _vt_reseeded(vt, cell_seed, task, length)
         elif kind == "cwe":
             from lm_eval.tasks.ruler import cwe_utils
 
@@ -166,6 +170,29 @@ def generate(task: str, tokenizer, length: int, samples: int, seed: int) -> list
     return out
 
 
+#: attempts of a vt cell before it fails (see _vt_reseeded)
+_VT_ATTEMPTS = 8
+
+
+def _vt_reseeded(make, seed: int, task: str, length: int):
+    """``make()`` of lm-eval's variable-tracking generator, reseeded until it works: lm-eval 0.4.13's
+    ``generate_chains`` raises IndexError whenever its random variable names repeat (it appends more names,
+    so the list no longer splits into chains; about 1 seed in 1,700 for its 3-letter few-shot names). Attempt
+    k seeds Python's and NumPy's generators with (seed + k): deterministic, and each cell still depends on
+    (seed, task, n) only. A RuntimeError naming the task and the length after _VT_ATTEMPTS attempts."""
+    import numpy as np
+
+    for attempt in range(_VT_ATTEMPTS):
+        random.seed((seed + attempt) % 2**32)
+        np.random.seed((seed + attempt) % 2**32)
+        try:
+            return make()
+        except IndexError:
+            continue
+    raise RuntimeError(f"lm-eval's {task} generator failed {_VT_ATTEMPTS} times at {length} tokens (IndexError in its "
+                       "generate_chains, reseeded each time)")  # fmt: skip
+
+
 def _too_short(task: str, length: int, need: int, what: str) -> ValueError:
     return ValueError(f"lengths: {length} tokens is too short for {task} with this tokenizer: {what} takes "
                       f"{need} tokens; give a length of at least {need + 1}")  # fmt: skip
@@ -183,11 +210,11 @@ def _check_room(kind: str, task: str, tokenizer, length: int) -> None:
         if kind == "vt":
             from lm_eval.tasks.ruler import vt_utils
 
-            icl, _ = vt_utils.generate_input_output(5, 1, 4, is_icl=True)  # its few-shot example: 500 tokens at most
-            if size(icl) + 30 > 500:
+            icl, _ = _vt_reseeded(lambda: vt_utils.generate_input_output(5, 1, 4, is_icl=True), 0, task, length)
+            if size(icl) + 30 > 500:  # its few-shot example: 500 tokens at most
                 raise ValueError(f"task {task} cannot run with this tokenizer: lm-eval builds its few-shot example "
                                  f"within 500 tokens, and the smallest one takes {size(icl) + 30}")  # fmt: skip
-            text, _ = vt_utils.generate_input_output(10, 1, 4)
+            text, _ = _vt_reseeded(lambda: vt_utils.generate_input_output(10, 1, 4), 0, task, length)
             need = size(text) + 2 * size(icl) + 30  # + the example (prompt and answer) + the answer
             if need > length:
                 raise _too_short(task, length, need, "the smallest prompt (10 noise lines), its example and answer")
@@ -364,19 +391,72 @@ def run_ruler(
                                 "mean": means}  # fmt: skip
             del loaded
     payload = {"task": "ruler", "config": config, "seed": seed, "models": out, "skipped": SKIPPED}
-    rows = [
-        {"model": m, "length": n, **{t: _cell_text(v["results"][t][n]["score"], v["results"][t][n]["stderr"])
-                                     for t in tasks}, "mean": _cell_text(v["mean"][n]["score"], v["mean"][n]["stderr"])}
-        for m, v in out.items() for n in lengths
-    ]  # fmt: skip
-    skipped = "; ".join(f"{t}" for t in SKIPPED)
-    notes = (f"Cells: mean RULER string-match score ± its standard error over {samples} samples (lm-eval {version}); "
-             "mean: over the tasks. Skipped (they need downloads): "
-             f"{skipped}. Why, task by task: the JSON's `skipped`.")  # fmt: skip
-    result = finish_run(out_dir, name, payload, rows, title=f"RULER through lm-eval ({samples} samples a cell)",
-                        notes=notes, plot=_plot_ruler if plot else None)  # fmt: skip
+    result = _write(payload, out_dir, name, plot)
     progress.unlink(missing_ok=True)
     return result
+
+
+def _write(payload: dict, out_dir, name: str, plot: bool) -> dict:
+    """<name>.json, .md (a row per model and length) and the heatmap .png of a RULER payload."""
+    config = payload["config"]
+
+    def cell(cells: dict, n) -> dict:  # lengths are ints in memory, strings once read back from JSON
+        return cells.get(n, cells.get(str(n)))
+
+    rows = [
+        {"model": m, "length": n,
+         **{t: _cell_text(cell(v["results"][t], n)["score"], cell(v["results"][t], n)["stderr"]) for t in config["tasks"]},
+         "mean": _cell_text(cell(v["mean"], n)["score"], cell(v["mean"], n)["stderr"])}
+        for m, v in payload["models"].items() for n in config["lengths"]
+    ]  # fmt: skip
+    notes = (f"Cells: mean RULER string-match score ± its standard error over {config['samples']} samples (lm-eval "
+             f"{config['lm_eval']}); mean: over the tasks. Skipped (they need downloads): {'; '.join(SKIPPED)}. "
+             "Why, task by task: the JSON's `skipped`.")  # fmt: skip
+    return finish_run(out_dir, name, payload, rows, title=f"RULER through lm-eval ({config['samples']} samples a cell)",
+                      notes=notes, plot=_plot_ruler if plot else None)  # fmt: skip
+
+
+#: what must agree between RULER results for them to share one table
+_SAME = ("lengths", "tasks", "samples", "lm_eval", "metric")
+
+
+def merge_ruler(results: Sequence[str] = (), out_dir: str = "runs/eval", name: str = "ruler", plot: bool = True) -> dict:
+    """Merge RULER results of separate runs (e.g. one process a model on one GPU) into one table.
+    The runs must agree on lengths, tasks, samples, lm-eval version and seed; each model name may appear once.
+
+    Args:
+        results: the <name>.json files of `clex eval ruler` runs
+        out_dir: folder of the merged results (<name>.json, <name>.md, the heatmap <name>.png)
+        name: file stem of the merged results
+        plot: draw the heatmap <name>.png
+    """
+    if isinstance(results, str):
+        results = [results]
+    if not results:
+        raise ValueError("results: give at least one ruler.json of `clex eval ruler`, got none")
+    merged = None
+    for path in results:
+        try:
+            payload = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"results: cannot read {path} as the JSON of `clex eval ruler` ({e})") from None
+        if not isinstance(payload, dict) or payload.get("task") != "ruler" or not isinstance(payload.get("models"), dict):
+            raise ValueError(f"results: {path} is not the JSON of `clex eval ruler` (no task 'ruler' with models)")
+        if merged is None:
+            merged = {**payload, "models": {}, "config": dict(payload["config"]), "merged_from": []}
+        for key in _SAME:
+            if payload["config"].get(key) != merged["config"].get(key):
+                raise ValueError(f"results: {path} has {key}={payload['config'].get(key)!r}, the first file "
+                                 f"{merged['config'].get(key)!r}: only runs with the same {', '.join(_SAME)} merge")  # fmt: skip
+        if payload.get("seed") != merged.get("seed"):
+            raise ValueError(f"results: {path} has seed={payload.get('seed')!r}, the first file {merged.get('seed')!r}")
+        for model, entry in payload["models"].items():
+            if model in merged["models"]:
+                raise ValueError(f"results: model {model!r} appears twice (again in {path}); rename one run")
+            merged["models"][model] = entry
+        merged["merged_from"].append(str(path))
+    merged.pop("paths", None)
+    return _write(merged, out_dir, name, plot)
 
 
 def _plot_ruler(payload: dict, png):

@@ -1,0 +1,62 @@
+"""`clex eval ruler-merge`: runs made apart become one table, and only runs that can share one table merge."""
+
+import json
+
+import pytest
+
+from clex.cli import main
+from clex.eval.ruler import merge_ruler
+
+TASKS = ["niah_single_1", "ruler_cwe"]
+
+
+def _run(path, models, **config):
+    cfg = {"lengths": [600, 700], "tasks": TASKS, "samples": 2, "batch_size": 1, "device": "cpu", "dtype": None,
+           "lm_eval": "0.4.13", "metric": "RULER string match (lm-eval), mean over samples", **config}
+    payload = {"task": "ruler", "config": cfg, "seed": 0, "models": {}, "skipped": {}}
+    for name, score in models.items():
+        cell = {"score": score, "stderr": 0.1, "samples": 2, "records": []}
+        payload["models"][name] = {
+            "spec": name, "results": {t: {str(n): dict(cell) for n in cfg["lengths"]} for t in TASKS},
+            "mean": {str(n): {"score": score, "stderr": 0.07} for n in cfg["lengths"]},
+        }
+    path.write_text(json.dumps(payload))
+    return str(path)
+
+
+def test_runs_made_apart_merge_into_one_table(tmp_path):
+    a = _run(tmp_path / "a.json", {"clex": 0.75})
+    b = _run(tmp_path / "b.json", {"yarn": 0.25, "pi": 0.0})
+    out = merge_ruler([a, b], out_dir=str(tmp_path / "out"), plot=False)
+    assert list(out["models"]) == ["clex", "yarn", "pi"] and out["merged_from"] == [a, b]
+    saved = json.loads((tmp_path / "out" / "ruler.json").read_text())
+    assert saved["models"]["yarn"] == json.loads((tmp_path / "b.json").read_text())["models"]["yarn"]
+    md = (tmp_path / "out" / "ruler.md").read_text()
+    assert "| clex | 700 | 0.75 ± 0.10 | 0.75 ± 0.10 | 0.75 ± 0.07 |" in md and "| pi | 600 | 0.00 ± 0.10" in md
+
+
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [
+        ({"models": {"clex": 0.5}}, r"model 'clex' appears twice"),
+        ({"models": {"yarn": 0.5}, "samples": 4}, r"has samples=4, the first file 2: only runs with the same lengths"),
+        ({"models": {"yarn": 0.5}, "lengths": [600]}, r"has lengths=\[600\], the first file \[600, 700\]"),
+    ],
+)
+def test_runs_that_cannot_share_a_table_are_refused(tmp_path, second, message):
+    a = _run(tmp_path / "a.json", {"clex": 0.75})
+    models = second.pop("models")
+    b = _run(tmp_path / "b.json", models, **second)
+    with pytest.raises(ValueError, match=message):
+        merge_ruler([a, b], out_dir=str(tmp_path / "out"), plot=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_that_is_not_a_ruler_result_is_named_in_one_line(tmp_path, capsys):
+    other = tmp_path / "ppl.json"
+    other.write_text(json.dumps({"task": "ppl", "models": {}}))
+    assert main(["eval", "ruler-merge", "--results", str(other), "--out-dir", str(tmp_path / "o"), "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"clex: error: results: {other} is not the JSON of `clex eval ruler` (no task 'ruler' with models)\n"
+    assert main(["eval", "ruler-merge", "--results", str(tmp_path / "missing.json")]) == 2
+    assert "results: cannot read" in capsys.readouterr().err

@@ -51,6 +51,7 @@ import common  # noqa: E402
 from common import LLAMA2_7B, SMOLLM2, TINY, TINYLLAMA_1B, autocast, llama, markdown_table, median, parser, sync, use_device, write_json  # noqa: E402
 
 import clex  # noqa: E402
+from clex.hf.compat import set_activation_checkpointing  # noqa: E402
 from clex.hf.methods import METHODS  # noqa: E402
 
 SHAPES = {"tiny": TINY, "smollm2-135m": SMOLLM2, "tinyllama-1b": TINYLLAMA_1B, "llama2-7b": LLAMA2_7B}
@@ -115,10 +116,7 @@ class SharedModel:
 
     def checkpointing(self, on: bool) -> None:
         self.inner.layers = self.layers  # every layer gets the flag
-        if on:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif self.model.is_gradient_checkpointing:
-            self.model.gradient_checkpointing_disable()
+        set_activation_checkpointing(self.model, on)
 
 
 def fit_layers(shape: dict, seq: int, batch: int, checkpointing: bool) -> int:

@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_model
 
 import clex
+from clex.hf.compat import set_activation_checkpointing
 from clex.hf.rotation import is_llama_rotation
 
 
@@ -22,7 +23,7 @@ def trained_grads(family, fused_rotation, *, checkpointing=False, dtype=torch.fl
     with torch.no_grad():
         clex.get_clex_rotary(model).dynamics.ode_down_proj.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model)
     x = ids(24)
     out = model(x, labels=x)
     out.loss.backward()

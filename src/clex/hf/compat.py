@@ -54,3 +54,17 @@ def _cache_name() -> str:
     from transformers import LlamaModel
 
     return cache_argument(LlamaModel.forward)
+
+
+
+def set_activation_checkpointing(model, on: bool = True) -> None:
+    """Non-reentrant activation checkpointing on ``model`` on or off: ``activation_checkpointing_enable`` /
+    ``_disable`` where the release has them (5.24 on), else ``gradient_checkpointing_*`` (their names before;
+    deprecated aliases until v6)."""
+    new = hasattr(model, "activation_checkpointing_enable")
+    if on and new:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False):
+        (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()

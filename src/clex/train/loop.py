@@ -36,6 +36,7 @@ import torch
 from ..core.io import atomic_write_text
 from ..core.policies import step_generator
 from ..core.rotary import CLEXRotaryEmbedding
+from ..hf.compat import set_activation_checkpointing
 from ..hf.lookup import find_rotary
 from ..hf.methods import METHODS, original_length, pose_position_ids, prepare_model
 from ..sources.presets import build_model, count_parameters
@@ -257,7 +258,7 @@ def run(config: TrainConfig) -> Path:
     _, rotary = find_rotary(model)
     rotary = rotary if isinstance(rotary, CLEXRotaryEmbedding) else None
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model)
         model.config.use_cache = False
     model.train()
     model, groups = _select_trainable(model, config)

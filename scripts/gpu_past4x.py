@@ -253,16 +253,53 @@ def summarize(a) -> None:
         pass
 
 
+def seeds(a) -> None:
+    """Mean (min-max) over the runs of each group: --groups NAME=EVAL_JSON,EVAL_JSON,... -> OUT/seeds.{json,md}."""
+    lengths = [int(x) for x in a.lengths.split(",")]
+    groups = {}
+    for item in a.groups:
+        name, _, files = item.partition("=")
+        groups[name] = [json.loads(Path(f).read_text()) for f in files.split(",")]
+    docs = sorted({d for runs in groups.values() for r in runs for d in r["docs"]})
+    table, lines = {}, []
+    for doc in docs:
+        lines += [f"### {doc} (mean over runs; min-max where it exceeds 0.1, for the ratio 0.01)", "",
+                  "| group | runs | " + " | ".join(f"{n // 1024}k" for n in lengths) + " | ctx ratio 64k |",
+                  "|---|---|" + "---|" * (len(lengths) + 1)]  # fmt: skip
+        for name, runs in groups.items():
+            cells, stats = [], {}
+            for n in [*lengths, "ctx"]:
+                key, field = ("65536", "context_ratio") if n == "ctx" else (str(n), "ppl")
+                vals = [r["docs"][doc][key][field] for r in runs if field in r["docs"].get(doc, {}).get(key, {})]
+                if not vals:
+                    cells.append("–")
+                    continue
+                mean, lo, hi = sum(vals) / len(vals), min(vals), max(vals)
+                stats[str(n)] = {"mean": mean, "min": lo, "max": hi, "runs": len(vals)}
+                digits = 3 if n == "ctx" else 1
+                spread = f" ({lo:.{digits}f}–{hi:.{digits}f})" if hi - lo > (0.01 if n == "ctx" else 0.1) else ""
+                cells.append(f"{mean:.{digits}f}{spread}")
+            table.setdefault(doc, {})[name] = stats
+            lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    out = Path(a.out)
+    (out / "seeds.json").write_text(json.dumps({"groups": {k: [f for f in v] for k, v in (
+        (i.partition("=")[0], i.partition("=")[2].split(",")) for i in a.groups)}, "table": table}, indent=1) + "\n")
+    (out / "seeds.md").write_text("\n".join(lines))
+    print("\n".join(lines), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=["train", "eval", "summarize", "train-one", "eval-one"])
-    p.add_argument("--base", required=True, help="the converted SmolLM2 folder")
+    p.add_argument("stage", choices=["train", "eval", "summarize", "seeds", "train-one", "eval-one"])
+    p.add_argument("--base", default="", help="the converted SmolLM2 folder (train, eval)")
     p.add_argument("--work", default="/root/past4x", help="trained runs")
     p.add_argument("--out", default=os.environ.get("OUT", "reports/past4x"), help="results")
     p.add_argument("--runs", nargs="*", default=[])
     p.add_argument("--run", default="")
     p.add_argument("--models", nargs="*", default=[])
     p.add_argument("--model", default="")
+    p.add_argument("--groups", nargs="*", default=[], help="seeds: NAME=EVAL_JSON,EVAL_JSON,...")
     p.add_argument("--docs", nargs="*", default=[])
     p.add_argument("--lengths", default="8192,16384,32768,65536,131072")
     p.add_argument("--samples", type=int, default=2)
@@ -272,7 +309,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=8192)
     p.add_argument("--parallel", type=int, default=4)
     a = p.parse_args()
-    {"train": train, "eval": evaluate, "summarize": summarize, "train-one": train_one, "eval-one": eval_one}[a.stage](a)
+    {"train": train, "eval": evaluate, "summarize": summarize, "seeds": seeds, "train-one": train_one, "eval-one": eval_one}[a.stage](a)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@
 # Knobs (environment): RULER_LENGTHS (default "8192 16384 32768 65536"), RULER_SAMPLES (samples per task x
 # length cell, default 4), RULER_BATCH (prompts generated together, default = RULER_SAMPLES: one batch a cell),
 # RULER_TASKS (default: all six offline tasks), RULER_DTYPE (default bfloat16), RULER_DEVICE (default cuda).
+# `bash scripts/gpu_ruler.sh --install` only installs the wheels (once, before several runs side by side).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ "$#" -ge 2 ] || { echo "usage: bash scripts/gpu_ruler.sh OUT_DIR SPEC [SPEC ...]" >&2; exit 2; }
+[ "$#" -ge 2 ] || [ "${1:-}" = --install ] || { echo "usage: bash scripts/gpu_ruler.sh OUT_DIR SPEC [SPEC ...]" >&2; exit 2; }
 out="$1"
 shift
 python=python3
@@ -36,6 +37,7 @@ if [ -n "$missing" ]; then
     "$python" -m pip install -q --no-deps --no-index $missing
 fi
 echo "gpu_ruler: installed $(echo "$missing" | grep -c . || true) wheels in $((SECONDS - start)) s"
+[ "$out" = --install ] && exit 0
 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"

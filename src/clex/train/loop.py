@@ -15,8 +15,8 @@ gradient, so DDP's unused-parameter check never fires.
 
 out_dir: a fresh run into one that holds a run (final/, log.jsonl, config.yaml, checkpoint-*) is refused
 unless ``overwrite=true`` (which removes those first); ``resume=true`` needs a complete checkpoint there and
-takes the newest usable one (a damaged one is skipped with a warning); checkpoints are never unpickled
-(:mod:`clex.train.checkpoints`).
+takes the newest usable one (a damaged one is skipped with a warning) (:mod:`clex.train.rundir`); checkpoints
+are never unpickled (:mod:`clex.train.checkpoints`).
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -41,16 +39,18 @@ from ..hf.lookup import find_rotary
 from ..hf.methods import METHODS, original_length, pose_position_ids, prepare_model
 from ..sources.presets import build_model, count_parameters
 from . import lora
-from .checkpoints import list_checkpoints, resume_checkpoint, save_checkpoint
+from .checkpoints import resume_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import prepare_data, rows_at
+from .rundir import (
+    check_out_dir,
+    check_resume_config,
+    previous_run,
+    remove_previous_run,
+    trim_log,
+)
 
 __all__ = ["TrainConfig", "run", "main"]
-
-#: The config fields that shape the loss curve: a resume with other values warns.
-_CURVE_FIELDS = ("model", "method", "factor", "clex", "rope", "pose", "data", "seq_len", "held_out", "steps",
-                 "batch_size", "grad_accum", "lr", "warmup_ratio", "schedule", "weight_decay", "train", "seed")  # fmt: skip
-
 
 def lr_schedule(optimizer, kind: str, *, warmup: int, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over ``warmup`` steps, then cosine to 0 / linear to 0 / constant until ``steps``."""
@@ -153,83 +153,6 @@ def _evaluate(model, accelerator, eval_rows, config: TrainConfig) -> float:
     return float(total[0] / total[1])
 
 
-def _trim_log(log_file: Path, step: int) -> None:
-    """Drop records past ``step`` (written by a run killed after its last checkpoint). A half-written last
-    line (a kill mid-write: it follows the checkpoint) is dropped too; any other bad line is an error."""
-    if not log_file.is_file():
-        return
-    text = log_file.read_text(encoding="utf-8", errors="replace")
-    lines = text.splitlines()
-    keep = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            record_step = record["step"]
-            if isinstance(record_step, bool) or not isinstance(record_step, int):
-                raise ValueError(f"step must be an integer, got {record_step!r}")
-        except (ValueError, KeyError, TypeError) as e:
-            if number == len(lines) and not text.endswith("\n"):
-                warnings.warn(f"{log_file} line {number} is half-written (the run was killed mid-write): dropped", stacklevel=3)
-                continue
-            raise ValueError(f"{log_file} line {number} is not a log record ({type(e).__name__}: {e}); "
-                             "each line must be a JSON object with an integer step") from None  # fmt: skip
-        if record_step <= step:
-            keep.append(line)
-    atomic_write_text(log_file, "".join(line + "\n" for line in keep))
-
-
-#: What a run leaves in out_dir: a fresh run into a folder that holds any of them is refused (or, with
-#: overwrite=true, they are removed first: nothing of the old run is mixed into the new one).
-_RUN_FILES = ("final", "log.jsonl", "config.yaml")
-
-
-def _previous_run(out_dir: Path) -> list[Path]:
-    if not out_dir.is_dir():
-        return []
-    found = [out_dir / name for name in _RUN_FILES if (out_dir / name).exists()]
-    found += sorted(p for p in out_dir.iterdir() if p.name.startswith(("checkpoint-", ".tmp-checkpoint-", ".tmp-old-checkpoint-")))
-    return found
-
-
-def _check_out_dir(config: TrainConfig, out_dir: Path) -> None:
-    """Nothing lost, nothing silently replaced: a fresh run needs an empty out_dir (or overwrite=true); a
-    resume needs a checkpoint."""
-    if config.resume:
-        if not list_checkpoints(out_dir):
-            raise ValueError(f"resume=true but out_dir {out_dir} holds no complete checkpoint (checkpoint-*/trainer_state.json): "
-                             "drop --resume to start a fresh run, or point out_dir at the run to continue")  # fmt: skip
-        return
-    previous = _previous_run(out_dir)
-    if previous and not config.overwrite:
-        names = ", ".join(p.name for p in previous[:6]) + (", ..." if len(previous) > 6 else "")
-        raise ValueError(f"out_dir {out_dir} already holds a run ({names}): set resume=true (--resume) to continue it, "
-                         "overwrite=true (--overwrite) to replace it, or pick a new out_dir")  # fmt: skip
-
-
-def _remove_previous_run(out_dir: Path) -> None:
-    for p in _previous_run(out_dir):
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-
-
-def _check_resume_config(out_dir: Path, config: TrainConfig) -> None:
-    file = out_dir / "config.yaml"
-    if not file.is_file():
-        return
-    from .config import read_config_file
-
-    try:
-        old = read_config_file(file)
-    except ValueError as e:  # it names the file; the resume itself needs only the checkpoint
-        warnings.warn(f"cannot compare the resumed run with its first config: {e}", stacklevel=3)
-        return
-    new = config.to_dict()
-    changed = [k for k in _CURVE_FIELDS if k in old and old[k] != new[k]]
-    if changed:
-        warnings.warn(f"resuming {out_dir} with changed fields {changed}: the loss curve will differ from the first run's", stacklevel=3)
-
-
 def run(config: TrainConfig) -> Path:
     """Fine-tune a model as ``config`` says; returns the folder of the final model (out_dir/final)."""
     from accelerate.utils import set_seed
@@ -238,13 +161,13 @@ def run(config: TrainConfig) -> Path:
     if not isinstance(config, TrainConfig):
         raise ValueError(f"run() takes a TrainConfig, got {type(config).__name__}")
     out_dir = Path(config.out_dir)
-    _check_out_dir(config, out_dir)
+    check_out_dir(config, out_dir)
     accelerator = _accelerator(config)
     main_proc, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     if config.overwrite and not config.resume:
-        if main_proc and _previous_run(out_dir):
+        if main_proc and previous_run(out_dir):
             print(f"clex train: overwrite=true: removing the previous run in {out_dir}", flush=True)
-            _remove_previous_run(out_dir)
+            remove_previous_run(out_dir)
         accelerator.wait_for_everyone()
     set_seed(config.seed)
     if config.threads:
@@ -280,7 +203,7 @@ def run(config: TrainConfig) -> Path:
     state = {"step": 0, "data_position": 0, "draws": 0, "tokens": 0}
     ckpt = None
     if config.resume:
-        _check_resume_config(out_dir, config)
+        check_resume_config(out_dir, config)
         ckpt, state = resume_checkpoint(accelerator, out_dir, scheduler)
         if rotary is not None:
             rotary.draws = state["draws"]
@@ -288,7 +211,7 @@ def run(config: TrainConfig) -> Path:
     if main_proc:
         out_dir.mkdir(parents=True, exist_ok=True)
         dataclasses.replace(config, overwrite=False).write_yaml(out_dir / "config.yaml")  # the run, not the how
-        _trim_log(log_file, state["step"]) if ckpt is not None else atomic_write_text(log_file, "")
+        trim_log(log_file, state["step"]) if ckpt is not None else atomic_write_text(log_file, "")
         print(f"clex train: {config.model} ({sizes[0] / 1e6:.2f}M parameters, "
               f"{sizes[1] / 1e6:.3f}M trained), method {config.method}"
               f"{' + pose' if config.pose else ''}, L0 {length0}, factor {config.factor:g}, {rows.shape[0]} rows of "

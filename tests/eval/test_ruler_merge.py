@@ -41,6 +41,7 @@ def test_runs_made_apart_merge_into_one_table(tmp_path):
         ({"models": {"clex": 0.5}}, r"model 'clex' appears twice"),
         ({"models": {"yarn": 0.5}, "samples": 4}, r"has samples=4, the first file 2: only runs with the same lengths"),
         ({"models": {"yarn": 0.5}, "lengths": [600]}, r"has lengths=\[600\], the first file \[600, 700\]"),
+        ({"models": {"yarn": 0.5}, "dtype": "bfloat16"}, r"has dtype='bfloat16', the first file None"),
     ],
 )
 def test_runs_that_cannot_share_a_table_are_refused(tmp_path, second, message):
@@ -60,3 +61,12 @@ def test_a_file_that_is_not_a_ruler_result_is_named_in_one_line(tmp_path, capsys
     assert err == f"clex: error: results: {other} is not the JSON of `clex eval ruler` (no task 'ruler' with models)\n"
     assert main(["eval", "ruler-merge", "--results", str(tmp_path / "missing.json")]) == 2
     assert "results: cannot read" in capsys.readouterr().err
+
+
+def test_the_merged_table_never_overwrites_an_input(tmp_path):
+    a = _run(tmp_path / "ruler.json", {"clex": 0.75})
+    b = _run(tmp_path / "b.json", {"yarn": 0.25})
+    before = (tmp_path / "ruler.json").read_text()
+    with pytest.raises(ValueError, match=r"would overwrite its input .*ruler.json; pick another out_dir or name"):
+        merge_ruler([a, b], out_dir=str(tmp_path), plot=False)
+    assert (tmp_path / "ruler.json").read_text() == before

@@ -417,12 +417,13 @@ def _write(payload: dict, out_dir, name: str, plot: bool) -> dict:
 
 
 #: what must agree between RULER results for them to share one table
-_SAME = ("lengths", "tasks", "samples", "lm_eval", "metric")
+_SAME = ("lengths", "tasks", "samples", "lm_eval", "metric", "dtype")
 
 
 def merge_ruler(results: Sequence[str] = (), out_dir: str = "runs/eval", name: str = "ruler", plot: bool = True) -> dict:
     """Merge RULER results of separate runs (e.g. one process a model on one GPU) into one table.
-    The runs must agree on lengths, tasks, samples, lm-eval version and seed; each model name may appear once.
+    The runs must agree on lengths, tasks, samples, lm-eval version, dtype and seed; each model name may appear
+    once; an input is never overwritten (out_dir/<name>.json must not be one of them).
 
     Args:
         results: the <name>.json files of `clex eval ruler` runs
@@ -434,6 +435,9 @@ def merge_ruler(results: Sequence[str] = (), out_dir: str = "runs/eval", name: s
         results = [results]
     if not results:
         raise ValueError("results: give at least one ruler.json of `clex eval ruler`, got none")
+    target = (Path(out_dir) / f"{name}.json").resolve()
+    if any(Path(p).resolve() == target for p in results):
+        raise ValueError(f"out_dir/name: the merged table would overwrite its input {target}; pick another out_dir or name")
     merged = None
     for path in results:
         try:

@@ -176,3 +176,38 @@ def test_tasks_may_be_given_with_commas_or_spaces():
     assert _check_tasks(["niah_single_1,ruler_cwe"]) == _check_tasks(["niah_single_1, ruler_cwe", "ruler_cwe"]) == want
     with pytest.raises(ValueError, match=r"task must be one of .*, got 'nope'"):
         _check_tasks(["niah_single_1,nope"])
+
+
+def test_an_exported_folder_runs_in_lm_evals_own_hf_model_type_without_clex(tmp_path):
+    """What the README promises for `clex export` folders: `lm_eval --model hf` loads them as they are (clex not
+    importable), runs the longrope model past L, and scores with the stock model's own log-probabilities."""
+    import subprocess
+    import sys
+
+    from clex.hf.export import export
+
+    model = clex.apply_clex(tiny_model("llama", vocab_size=V), max_factor=8, exact_cache=False)
+    with torch.no_grad():
+        clex.get_clex_rotary(model).dynamics.ode_down_proj.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
+    out = tmp_path / "served"
+    export(model, out, length=64)
+    byte_tokenizer().save_pretrained(out)
+    code = f"""
+import sys, torch
+sys.modules["clex"] = None  # importing clex now fails
+from lm_eval.models.huggingface import HFLM
+from transformers import AutoModelForCausalLM
+lm = HFLM(pretrained={str(out)!r}, device="cpu", max_length=64, batch_size=1)
+text = "Shall I compare thee to a summer's day? Thou art more"
+(score,) = lm.loglikelihood_rolling([type("R", (), {{"args": (text,)}})()], disable_tqdm=True)
+stock = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()
+ids = torch.tensor([[lm.prefix_token_id, *lm.tok_encode(text)]])
+with torch.no_grad():
+    logp = stock(ids).logits.log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None]).sum()
+print(float(score), float(logp), stock.config.rope_parameters["rope_type"], ids.shape[1], abs(float(score) - float(logp)))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    score, logp, rope, n, diff = done.stdout.split()[-5:]
+    assert rope == "longrope" and int(n) > 16  # past L = 16: the longrope factors at work
+    assert float(score) < -10 and float(diff) < 1e-4 * abs(float(logp))  # a real score, the stock model's own

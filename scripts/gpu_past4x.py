@@ -256,10 +256,8 @@ def summarize(a) -> None:
 def seeds(a) -> None:
     """Mean (min-max) over the runs of each group: --groups NAME=EVAL_JSON,EVAL_JSON,... -> OUT/seeds.{json,md}."""
     lengths = [int(x) for x in a.lengths.split(",")]
-    groups = {}
-    for item in a.groups:
-        name, _, files = item.partition("=")
-        groups[name] = [json.loads(Path(f).read_text()) for f in files.split(",")]
+    files = {name: paths.split(",") for name, _, paths in (item.partition("=") for item in a.groups)}
+    groups = {name: [json.loads(Path(f).read_text()) for f in paths] for name, paths in files.items()}
     docs = sorted({d for runs in groups.values() for r in runs for d in r["docs"]})
     table, lines = {}, []
     for doc in docs:
@@ -283,8 +281,7 @@ def seeds(a) -> None:
             lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
         lines.append("")
     out = Path(a.out)
-    (out / "seeds.json").write_text(json.dumps({"groups": {k: [f for f in v] for k, v in (
-        (i.partition("=")[0], i.partition("=")[2].split(",")) for i in a.groups)}, "table": table}, indent=1) + "\n")
+    (out / "seeds.json").write_text(json.dumps({"groups": files, "table": table}, indent=1) + "\n")
     (out / "seeds.md").write_text("\n".join(lines))
     print("\n".join(lines), flush=True)
 

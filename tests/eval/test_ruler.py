@@ -147,8 +147,9 @@ def test_without_lm_eval_the_error_says_how_to_install_it(monkeypatch):
 def test_variable_tracking_is_reseeded_past_lm_evals_repeated_name_failure():
     import random
 
-    from clex.eval import ruler
     from lm_eval.tasks.ruler import vt_utils
+
+    from clex.eval import ruler_tasks
 
     seeds = []
 
@@ -158,24 +159,24 @@ def test_variable_tracking_is_reseeded_past_lm_evals_repeated_name_failure():
             raise IndexError("list index out of range")
         return "made"
 
-    assert ruler._vt_reseeded(fails_twice, 7, "ruler_vt", 4096) == "made"
+    assert ruler_tasks._vt_reseeded(fails_twice, 7, "ruler_vt", 4096) == "made"
     random.seed(9)
     assert seeds[2] == random.random()  # attempt k is seeded with seed + k
     with pytest.raises(RuntimeError, match=r"ruler_vt generator failed 8 times at 4096 tokens"):
-        ruler._vt_reseeded(lambda: [][0], 0, "ruler_vt", 4096)
+        ruler_tasks._vt_reseeded(lambda: [][0], 0, "ruler_vt", 4096)
     # seed 35: lm-eval 0.4.13's few-shot chain draws a repeated 3-letter name and raises IndexError
-    names, chains = ruler._vt_reseeded(lambda: vt_utils.generate_chains(1, 4, is_icl=True), 35, "ruler_vt", 4096)
+    names, chains = ruler_tasks._vt_reseeded(lambda: vt_utils.generate_chains(1, 4, is_icl=True), 35, "ruler_vt", 4096)
     assert len(names) == 1 and len(names[0]) == 5 and len(chains[0]) == 5
 
 
 def test_tasks_may_be_given_with_commas_or_spaces():
-    from clex.eval.ruler import _check_tasks
+    from clex.eval.ruler_tasks import check_tasks
 
     want = ["niah_single_1", "ruler_cwe"]
-    assert _check_tasks("niah_single_1,ruler_cwe") == _check_tasks(["niah_single_1", "ruler_cwe"]) == want
-    assert _check_tasks(["niah_single_1,ruler_cwe"]) == _check_tasks(["niah_single_1, ruler_cwe", "ruler_cwe"]) == want
+    assert check_tasks("niah_single_1,ruler_cwe") == check_tasks(["niah_single_1", "ruler_cwe"]) == want
+    assert check_tasks(["niah_single_1,ruler_cwe"]) == check_tasks(["niah_single_1, ruler_cwe", "ruler_cwe"]) == want
     with pytest.raises(ValueError, match=r"task must be one of .*, got 'nope'"):
-        _check_tasks(["niah_single_1,nope"])
+        check_tasks(["niah_single_1,nope"])
 
 
 def test_an_exported_folder_runs_in_lm_evals_own_hf_model_type_without_clex(tmp_path):

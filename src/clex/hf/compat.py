@@ -56,7 +56,6 @@ def _cache_name() -> str:
     return cache_argument(LlamaModel.forward)
 
 
-
 def set_activation_checkpointing(model, on: bool = True) -> None:
     """Non-reentrant activation checkpointing on ``model`` on or off: ``activation_checkpointing_enable`` /
     ``_disable`` where the release has them (5.24 on), else ``gradient_checkpointing_*`` (their names before;

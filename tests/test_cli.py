@@ -134,7 +134,7 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
         main(["eval", "ppl", "--models", str(tmp_path / "missing"), "--out-dir", str(tmp_path)])
 
 
-def test_quick_demo_writes_the_table_plot_json_and_models(tmp_path):
+def test_quick_demo_writes_the_table_plot_json_and_models(tmp_path, monkeypatch, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out-dir", str(out)]) == 0
     summary = json.loads((out / "demo.json").read_text())
@@ -142,3 +142,11 @@ def test_quick_demo_writes_the_table_plot_json_and_models(tmp_path):
     assert all(all(v > 1 for v in r["ppl"].values()) for r in summary["table"])
     assert (out / "demo.png").stat().st_size > 1000 and "| clex-1x |" in (out / "demo.md").read_text()
     assert (out / "models" / "clex-1x" / "final" / "config.json").is_file()
+    # a rerun reuses every stage; a stage trained under another definition of its variant is refused, not reused
+    import clex.demo as demo
+
+    assert main(["demo", "--quick", "--out-dir", str(out)]) == 0
+    assert capsys.readouterr().out.count("already trained") == 5  # the base and the four variants
+    monkeypatch.setitem(demo.VARIANTS, "clex-rec-1x", demo.VARIANTS["clex-rec-gaps-1x"])
+    assert "clex-rec-1x holds a clex-rec-1x (clex, rows of 1 x L0) trained with other settings (pose differ)" in cli_error(
+        capsys, ["demo", "--quick", "--out-dir", str(out)])  # fmt: skip

@@ -27,19 +27,24 @@ from pathlib import Path
 
 from .core.io import atomic_write_text
 
-#: The recommended CLEX recipe (README "CLEX past 4x"): YaRN's NTK-by-parts as the prior the ODE learns a residual
-#: of, YaRN's temperature, the angle cap, and the prior's shape past max_factor.
+#: The recommended CLEX dynamics (README "CLEX past 4x"): YaRN's NTK-by-parts as the prior the ODE learns a residual
+#: of, YaRN's temperature, the angle cap, and the prior's shape past max_factor. The recommended recipe adds PoSE
+#: positions (``pose``, a training field), as recipes/smollm2-clex-rec.yaml does.
 RECOMMENDED = {"prior": "yarn", "mscale": "yarn", "angle_cap": True, "past_max": "prior"}
 
 #: name -> (method, rows of k x L0, factor, extra TrainConfig fields, the paper's row it mirrors)
 VARIANTS: dict[str, tuple] = {
-    "clex-rec-1x": ("clex", 1, 16, {"clex": RECOMMENDED}, "CLEX-4K, recommended recipe"),
-    "clex-rec-4x": ("clex", 4, 16, {"clex": {"position_span": "original", **RECOMMENDED}},
-                    "CLEX-16K, recommended recipe (integer positions over L0·t)"),
+    "clex-rec-1x": ("clex", 1, 16, {"pose": True, "clex": RECOMMENDED},
+                    "CLEX-4K, recommended recipe (PoSE positions, as recipes/smollm2-clex-rec.yaml)"),
+    "clex-rec-4x": ("clex", 4, 16, {"pose": True, "clex": {"position_span": "original", **RECOMMENDED}},
+                    "CLEX-16K, recommended recipe (PoSE positions over L0·t)"),
+    "clex-rec-gaps-1x": ("clex", 1, 16, {"clex": RECOMMENDED}, "CLEX-4K, recommended dynamics, the paper's random positions"),
+    "clex-rec-gaps-4x": ("clex", 4, 16, {"clex": {"position_span": "original", **RECOMMENDED}},
+                         "CLEX-16K, recommended dynamics, the paper's random positions over L0·t"),
     "clex-rec-lin-4x": ("clex", 4, 16, {"clex": {"position_span": "original", "train_t": "integer-linear", **RECOMMENDED}},
-                        "CLEX-16K, recommended recipe with P(t) ∝ t"),
+                        "clex-rec-gaps-4x with P(t) ∝ t"),
     "clex-rec-quad-4x": ("clex", 4, 16, {"clex": {"position_span": "original", "train_t": "integer-quadratic", **RECOMMENDED}},
-                         "CLEX-16K, recommended recipe with P(t) ∝ t²"),
+                         "clex-rec-gaps-4x with P(t) ∝ t²"),
     "clex-1x": ("clex", 1, 16, {}, "CLEX-4K: trained at the original length"),
     "clex-pose-1x": ("clex", 1, 16, {"pose": True}, "CLEX-4K with PoSE positions instead of the paper's"),
     "clex-4x": ("clex", 4, 16, {"clex": {"position_span": "original"}},
@@ -85,12 +90,18 @@ SCALES = {
 
 
 def _train(cfg: dict, out: Path, label: str) -> tuple[Path, float]:
-    """One TrainConfig run into ``out`` (skipped when out/final exists; resumed when checkpoints exist)."""
+    """One TrainConfig run into ``out`` (skipped when out/final exists; resumed when checkpoints exist). A run
+    already there that was trained with other settings (e.g. a variant whose definition changed) is refused."""
     from .train.checkpoints import list_checkpoints
     from .train.config import TrainConfig
     from .train.loop import run as train_run
+    from .train.rundir import changed_fields
 
     final = out / "final"
+    changed = changed_fields(out, TrainConfig.from_dict({**cfg, "out_dir": str(out)}))
+    if changed:
+        raise ValueError(f"{out} holds a {label} trained with other settings ({', '.join(changed)} differ): rerun with "
+                         "--fresh (which deletes the demo's out_dir first) or give another --out-dir")  # fmt: skip
     if (final / "config.json").is_file():
         print(f"[demo] {label}: already trained ({final})")
         return final, 0.0

@@ -81,18 +81,23 @@ def remove_previous_run(out_dir: Path) -> None:
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
-def check_resume_config(out_dir: Path, config: TrainConfig) -> None:
+def changed_fields(out_dir: Path, config: TrainConfig) -> list[str]:
+    """The loss-curve fields whose value in ``out_dir/config.yaml`` (the run there) differs from ``config``'s;
+    [] when out_dir holds no config.yaml. A ValueError naming the file when it cannot be read."""
     file = out_dir / "config.yaml"
     if not file.is_file():
-        return
+        return []
     from .config import read_config_file
 
+    old, new = read_config_file(file), config.to_dict()
+    return [k for k in _CURVE_FIELDS if k in old and old[k] != new[k]]
+
+
+def check_resume_config(out_dir: Path, config: TrainConfig) -> None:
     try:
-        old = read_config_file(file)
+        changed = changed_fields(out_dir, config)
     except ValueError as e:  # it names the file; the resume itself needs only the checkpoint
         warnings.warn(f"cannot compare the resumed run with its first config: {e}", stacklevel=3)
         return
-    new = config.to_dict()
-    changed = [k for k in _CURVE_FIELDS if k in old and old[k] != new[k]]
     if changed:
         warnings.warn(f"resuming {out_dir} with changed fields {changed}: the loss curve will differ from the first run's", stacklevel=3)

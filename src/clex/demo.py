@@ -98,7 +98,8 @@ def _train(cfg: dict, out: Path, label: str) -> tuple[Path, float]:
     from .train.rundir import changed_fields
 
     final = out / "final"
-    changed = changed_fields(out, TrainConfig.from_dict({**cfg, "out_dir": str(out)}))
+    config = TrainConfig.from_dict({**cfg, "out_dir": str(out), "resume": bool(list_checkpoints(out))})
+    changed = changed_fields(out, config)
     if changed:
         raise ValueError(f"{out} holds a {label} trained with other settings ({', '.join(changed)} differ): rerun with "
                          "--fresh (which deletes the demo's out_dir first) or give another --out-dir")  # fmt: skip
@@ -106,7 +107,7 @@ def _train(cfg: dict, out: Path, label: str) -> tuple[Path, float]:
         print(f"[demo] {label}: already trained ({final})")
         return final, 0.0
     start = time.perf_counter()
-    train_run(TrainConfig.from_dict({**cfg, "out_dir": str(out), "resume": bool(list_checkpoints(out))}))
+    train_run(config)
     seconds = time.perf_counter() - start
     losses = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     last = [r for r in losses if "loss" in r][-1:] or [{}]

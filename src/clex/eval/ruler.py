@@ -246,14 +246,10 @@ def run_ruler(
 def _write(payload: dict, out_dir, name: str, plot: bool) -> dict:
     """<name>.json, .md (a row per model and length) and the heatmap .png of a RULER payload."""
     config = payload["config"]
-
-    def cell(cells: dict, n) -> dict:  # lengths are ints in memory, strings once read back from JSON
-        return cells.get(n, cells.get(str(n)))
-
     rows = [
         {"model": m, "length": n,
-         **{t: _cell_text(cell(v["results"][t], n)["score"], cell(v["results"][t], n)["stderr"]) for t in config["tasks"]},
-         "mean": _cell_text(cell(v["mean"], n)["score"], cell(v["mean"], n)["stderr"])}
+         **{t: _cell_text(v["results"][t][n]["score"], v["results"][t][n]["stderr"]) for t in config["tasks"]},
+         "mean": _cell_text(v["mean"][n]["score"], v["mean"][n]["stderr"])}
         for m, v in payload["models"].items() for n in config["lengths"]
     ]  # fmt: skip
     notes = (f"Cells: mean RULER string-match score ± its standard error over {config['samples']} samples (lm-eval "
@@ -304,7 +300,10 @@ def merge_ruler(results: Sequence[str] = (), out_dir: str = "runs/eval", name: s
         for model, entry in payload["models"].items():
             if model in merged["models"]:
                 raise ValueError(f"results: model {model!r} appears twice (again in {path}); rename one run")
-            merged["models"][model] = entry
+            # lengths back to ints, as run_ruler holds them (JSON keys are strings)
+            merged["models"][model] = {**entry, "mean": {int(n): c for n, c in entry["mean"].items()},
+                                       "results": {t: {int(n): c for n, c in cells.items()}
+                                                   for t, cells in entry["results"].items()}}  # fmt: skip
         merged["merged_from"].append(str(path))
     merged.pop("paths", None)
     return _write(merged, out_dir, name, plot)

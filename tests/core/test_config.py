@@ -17,7 +17,7 @@ from clex import CLEXConfig
         ("act", "relu", "act must be one of 'tanh', 'silu', got 'relu'"),
         ("method", "rk5", "method must be one of 'rk4-fused', "),
         ("formulation", "fast", "formulation must be one of 'residual', 'reference'"),
-        ("train_t", "normal", "train_t must be one of 'integer', 'integer-linear', 'integer-quadratic', 'uniform', 'log-uniform'"),
+        ("train_t", "normal", "train_t must be one of 'integer', 'integer-linear', 'integer-quadratic', 'integer-mixed', 'uniform', 'log-uniform'"),
         ("position_sampler", "skip", "position_sampler must be one of 'random', 'pose'"),
         ("position_span", "all", "position_span must be one of 'sequence', 'original'"),
         ("solve_device", "gpu", "solve_device must be one of 'cpu', 'model', got 'gpu'"),

@@ -133,14 +133,21 @@ def test_a_model_saved_with_the_new_fields_loads_them_back(tmp_path):
     assert torch.equal(a.inv_freq_at(5.0), b.inv_freq_at(5.0))
 
 
-@pytest.mark.parametrize("name, power", [("integer-linear", 1), ("integer-quadratic", 2)])
-def test_weighted_integer_t_draws_each_t_in_proportion_to_its_power(name, power):
+def _power(p):
+    return {k: k**p / sum(j**p for j in range(1, 5)) for k in range(1, 5)}
+
+
+@pytest.mark.parametrize("name, probs", [
+    ("integer-linear", _power(1)),  # P(t) = t / Σj
+    ("integer-quadratic", _power(2)),  # P(t) = t² / Σj²
+    ("integer-mixed", {k: 0.5 / 4 + 0.5 * _power(2)[k] for k in range(1, 5)}),  # ½ uniform + ½ quadratic
+])  # fmt: skip
+def test_weighted_integer_t_draws_each_t_with_its_probability(name, probs):
     from collections import Counter
 
     from clex.core.policies import T_SAMPLERS, step_generator
 
     draws = Counter(T_SAMPLERS[name](step_generator(0, k), 4.0) for k in range(20000))
     assert set(draws) == {1.0, 2.0, 3.0, 4.0}
-    total = sum(k**power for k in range(1, 5))
-    for t, n in draws.items():  # P(t) = t^power / sum
-        assert abs(n / 20000 - t**power / total) < 0.015
+    for t, n in draws.items():
+        assert abs(n / 20000 - probs[int(t)]) < 0.012

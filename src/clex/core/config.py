@@ -79,7 +79,8 @@ class CLEXConfig:
                                # d/2-wide solve is a few hundred tiny kernels on a GPU, launch-bound) or model
 
     # --- training: what one step draws ---
-    train_t: str = "integer"  # t sampler: integer (paper), integer-linear (P(t) ∝ t), integer-quadratic (∝ t²), uniform, log-uniform
+    train_t: str = "integer"  # t sampler: integer (paper), integer-linear (P(t) ∝ t), integer-quadratic (∝ t²),
+                              # integer-mixed (½ integer + ½ integer-quadratic), uniform, log-uniform
     position_sampler: str = "random"  # extrapolated positions: random (paper) or pose
     position_span: str = "sequence"  # positions span n·t (sequence: the paper) or max(n, L)·t (original: rows
                                      # shorter than L still see positions up to L·t)

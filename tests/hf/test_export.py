@@ -27,7 +27,11 @@ def ids(n):
     return torch.randint(3, 97, (1, n), generator=torch.Generator().manual_seed(n))
 
 
-@pytest.mark.parametrize("options", [{}, {"prior": "yarn", "mscale": "yarn", "angle_cap": True, "past_max": "prior"}])
+REC = {"prior": "yarn", "mscale": "yarn", "angle_cap": True, "past_max": "prior"}
+FAR = {"prior": "yarn", "log_scale": True, "angle_cap": True, "past_max": "prior", "train_t": "integer-quadratic"}
+
+
+@pytest.mark.parametrize("options", [{}, REC, FAR], ids=["paper", "rec", "far"])
 def test_the_export_is_clex_at_fixed_t_past_L_and_the_plain_model_up_to_L(tmp_path, options):
     model = trained(**options)
     export(model, tmp_path / "out", length=N)
@@ -35,7 +39,7 @@ def test_the_export_is_clex_at_fixed_t_past_L_and_the_plain_model_up_to_L(tmp_pa
     assert stock.config.rope_parameters["rope_type"] == "longrope"
     with torch.no_grad():
         long = ids(40)
-        with fixed_t(model, N / L):
+        with fixed_t(model, N / L, log_scale_length=N):  # log_scale: pinned at N, as the export holds it
             want = model(long).logits
         assert (stock(long).logits - want).abs().max() <= 1e-5
         if not options:  # up to L: the plain model (CLEX's t = 1); with mscale the temperature stays (docstring)
@@ -66,8 +70,6 @@ def test_bad_exports_are_refused_with_the_reason(tmp_path):
         export(model, tmp_path / "a", length=8)
     with pytest.raises(ValueError, match="format must be one of 'hf', 'gguf', got 'onnx'"):
         export(model, tmp_path / "a", length=N, format="onnx")
-    with pytest.raises(ValueError, match="log_scale=True scales queries"):
-        export(clex.apply_clex(tiny_model("llama"), log_scale=True), tmp_path / "a", length=N)
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "mine.txt").write_text("keep")
     with pytest.raises(ValueError, match="is not empty"):
@@ -93,3 +95,25 @@ def test_the_export_holds_the_theta_of_fixed_t_not_a_separate_solve(tmp_path):
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad(), fixed_t(model, N / L):
         assert (stock(ids(N)).logits - model(ids(N)).logits).abs().max() <= 1e-5
+
+
+def test_a_log_scale_export_holds_the_scale_of_N_and_says_so_below_L(tmp_path):
+    import math
+
+    export(trained(log_scale=True), tmp_path / "out", length=N)
+    params = json.loads((tmp_path / "out" / "config.json").read_text())["rope_parameters"]
+    assert params["attention_factor"] == pytest.approx(math.sqrt(math.log(N) / math.log(L)))  # q·k × log N / log L
+    note = json.loads((tmp_path / "out" / "clex_export.json").read_text())
+    assert note["below_L"] == "the plain model with the log scale of N"
+
+
+def test_generate_fixed_t_pins_the_log_scale_to_the_final_length():
+    from clex.hf.generation import generate_fixed_t
+
+    model = trained(log_scale=True)
+    out = generate_fixed_t(model, ids(20), max_new_tokens=N - 20, do_sample=False, output_logits=True,
+                           return_dict_in_generate=True)  # fmt: skip
+    got = torch.stack(out.logits, dim=1)  # [1, N - 20, vocab]: each step's next-token logits
+    with torch.no_grad(), fixed_t(model, N / L, log_scale_length=N):
+        want = model(out.sequences[:, :-1]).logits[:, 19:]  # one forward over the whole generation, scale of N
+    assert (got - want).abs().max() <= 1e-5

@@ -56,13 +56,14 @@ WIDE = {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1} 
 
 
 @pytest.mark.parametrize("overrides, options", [({}, {}), (WIDE, {}),
-                         ({}, {"prior": "yarn", "mscale": "yarn", "angle_cap": True, "past_max": "prior"})])  # fmt: skip
+                         ({}, {"prior": "yarn", "mscale": "yarn", "angle_cap": True, "past_max": "prior"}),
+                         ({}, {"prior": "yarn", "log_scale": True, "angle_cap": True, "past_max": "prior"})])  # fmt: skip
 def test_the_gguf_is_clex_at_fixed_t_at_every_length(tmp_path, overrides, options):
     model = trained(model_overrides=overrides, **options)
     tiny_tokenizer(tmp_path)
     file = export(model, tmp_path / "m.gguf", length=N, format="gguf", tokenizer_from=tmp_path)
     stock = model_from_gguf(file)
-    with torch.no_grad(), fixed_t(model, N / L):
+    with torch.no_grad(), fixed_t(model, N / L, log_scale_length=N):  # log_scale: pinned at N, as the file holds it
         for n in (12, 40, N):  # below L too: llama.cpp's rope_freqs have no switch at L
             assert (stock(ids(n)).logits - model(ids(n)).logits).abs().max() <= 1e-5
 
@@ -107,8 +108,6 @@ def test_what_gguf_cannot_hold_is_refused(tmp_path):
         export(clex.apply_clex(tiny_model("llama", vocab_size=VOCAB, attention_bias=True)), tmp_path / "a.gguf", **kw)
     with pytest.raises(ValueError, match="length must be an integer >= L = 16"):
         export(trained(), tmp_path / "a.gguf", **{**kw, "length": 8})
-    with pytest.raises(ValueError, match="log_scale=True"):
-        export(trained(log_scale=True), tmp_path / "a.gguf", **kw)
     with pytest.raises(ValueError, match="ending in .gguf"):
         export(trained(), tmp_path / "a", **kw)
     with pytest.raises(ValueError, match="needs the model's tokenizer"):

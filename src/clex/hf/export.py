@@ -14,8 +14,9 @@ and the folder is plain RoPE up to L and CLEX at t = N/L past it — what :func:
 generation that ends at N. ``mscale="yarn"`` scales q·k by mscale(t)², which ``attention_factor = mscale(t)``
 on cos and sin reproduces past L; transformers has one attention factor for both regimes, so below L such an
 export is the plain model with that temperature (said in the folder's ``clex_export.json``). vLLM reads
-``short_mscale`` / ``long_mscale`` instead of ``attention_factor`` (both are written). ``log_scale`` (a query
-scale that grows with every forward's own length) has no fixed-length equivalent and is refused.
+``short_mscale`` / ``long_mscale`` instead of ``attention_factor`` (both are written). ``log_scale`` scales q·k
+by log(n)/log(L) for a forward over n > L keys; the export pins it at n = N, as it pins t (and as ``clex eval``
+and :func:`clex.generate_fixed_t` do), so ``attention_factor`` also carries sqrt(log N / log L).
 
 ``format="gguf"`` writes one LLaMA-family GGUF file instead (:mod:`clex.hf.to_gguf`): llama.cpp applies its
 per-pair ``rope_freqs`` at every position, so that file is CLEX at t = N/L everywhere, below L too.
@@ -24,6 +25,7 @@ per-pair ``rope_freqs`` at every position, so that file is CLEX at t = N/L every
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -45,9 +47,6 @@ def longrope_parameters(model, length: int) -> dict:
     c, L = rotary.config, rotary.original_length
     if isinstance(length, bool) or not isinstance(length, int) or length < L:
         raise ValueError(f"length must be an integer >= L = {L} (the model's original length), got {length!r}")
-    if c.log_scale:
-        raise ValueError("log_scale=True scales queries by each forward's own length: no fixed longrope factor holds "
-                         "it; export a model with log_scale=False")  # fmt: skip
     t = length / L
     # The θ a forward inside fixed_t(model, t) uses: the ODE solved on fixed_t's own t grid (its table when t is
     # on the grid). A separate solve (inv_freq_at) or the continuous policy's finer grid gives θ that differ by up
@@ -56,6 +55,8 @@ def longrope_parameters(model, length: int) -> dict:
         theta = rotary.frequencies(torch.tensor([t], dtype=torch.float64))[0].double().cpu()
     theta0 = rotary.inv_freq.double().cpu()
     factor = rotary.attention_scaling * (yarn_mscale(t) if c.mscale == "yarn" else 1.0)
+    if c.log_scale:  # q·k × log(N)/log(L): the square root on each of cos and sin
+        factor *= math.sqrt(max(1.0, math.log(length) / math.log(L)))
     plain = dict(getattr(text_config(model), "rope_parameters", None) or {})
     params = {k: v for k, v in plain.items() if k in ("rope_theta", "partial_rotary_factor")}
     return {
@@ -98,9 +99,15 @@ def export(model, out: str | Path, *, length: int, format: str = "hf", overwrite
                 shutil.copyfile(Path(tokenizer_from) / name, out / name)
     c = get_clex_rotary(model).config
     note = {"exported_by": "clex", "length": int(length), "t": length / params["original_max_position_embeddings"],
-            "clex": c.to_dict(), "below_L": "the plain model" + (" with YaRN's temperature" if c.mscale == "yarn" else "")}
+            "clex": c.to_dict(), "below_L": "the plain model" + _below_L_scale(c)}
     atomic_write_text(out / "clex_export.json", json.dumps(note, indent=2) + "\n")  # fmt: skip
     return out
+
+
+def _below_L_scale(c) -> str:
+    """What the one attention factor adds below L (transformers' longrope has one for both regimes)."""
+    parts = (["YaRN's temperature"] if c.mscale == "yarn" else []) + (["the log scale of N"] if c.log_scale else [])
+    return f" with {' and '.join(parts)}" if parts else ""
 
 
 def _export_gguf(model, out: Path, *, length: int, overwrite: bool, tokenizer_from, tokenizer_pre: str) -> Path:

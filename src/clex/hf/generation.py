@@ -149,8 +149,10 @@ def generate_fixed_t(
 ):
     """``model.generate`` with t fixed once from the longest prompt + max_new_tokens (:func:`fixed_t_for`).
 
-    θ never changes during the generation, so no key is ever re-rotated; works with every cache type.
+    θ never changes during the generation, so no key is ever re-rotated; works with every cache type. With
+    ``log_scale`` the query scale is pinned to that final length too (what an export at that length holds).
     """
     prompt = int(attention_mask.sum(dim=-1).max()) if attention_mask is not None else input_ids.shape[-1]
-    with fixed_t(model, fixed_t_for(model, prompt, max_new_tokens)):
+    final = int(prompt) + int(max_new_tokens)
+    with fixed_t(model, fixed_t_for(model, prompt, max_new_tokens), log_scale_length=max(1, final)):
         return model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **kwargs)

@@ -14,7 +14,7 @@ position). So the file written here is CLEX at t = N/L everywhere, short prompts
 that ends at N:
 
     rope_freqs_j = θ⁰_j / θ_j(N/L)      (the longrope export's long_factor)
-    llama.rope.scaling.attn_factor = mscale(N/L)   (1 without ``mscale``)
+    llama.rope.scaling.attn_factor = mscale(N/L) · sqrt(log N / log L with ``log_scale``)   (1 without either)
 
 The attention factor: ``llama_context`` sets ``cparams.yarn_attn_factor`` (1 unless the rope scaling type is
 ``yarn``) and multiplies it by ``hparams.rope_attn_factor``, read from ``<arch>.rope.scaling.attn_factor``; the
@@ -28,7 +28,7 @@ tokenizer comes from the model folder's ``tokenizer.json`` (BPE: tokens, merges,
 ``add_bos_token`` and the chat template from ``tokenizer_config.json``); ``tokenizer_pre`` names llama.cpp's
 pre-tokenizer (``tokenizer.ggml.pre``: ``smollm`` for SmolLM2, ``llama-bpe`` for Llama 3; ``default`` is
 llama.cpp's generic GPT-2 regex). What the format cannot hold is refused: a family other than LLaMA/Mistral,
-partial rotary, biases, Mistral's sliding window, ``log_scale`` and N < L.
+partial rotary, biases, Mistral's sliding window and N < L.
 """
 
 from __future__ import annotations

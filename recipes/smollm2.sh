@@ -8,7 +8,7 @@
 #   STEPS=2 PPL_LENGTHS=1024 PPL_LONG_LENGTHS=2048 PASSKEY_LENGTHS=1024 OUT=/tmp/smoke bash recipes/smollm2.sh  # smoke run
 #
 # Knobs (environment; defaults by PROFILE, which is "gpu" when torch sees CUDA, else "cpu"):
-#   OUT, METHODS ("clex clex-rec pi yarn"), SEQ_LEN, BATCH, STEPS, DTYPE (training: float32 | bfloat16),
+#   OUT, METHODS ("clex clex-rec pi yarn"; clex-far too), SEQ_LEN, BATCH, STEPS, DTYPE (training: float32 | bfloat16),
 #   DEVICE (evaluation: cpu | cuda), EVAL_DTYPE, PPL_LENGTHS, PPL_DOCS (held-out plays per length),
 #   PPL_LONG_LENGTHS + PPL_LONG_DOCS (lengths measured on fewer documents: a 32k CPU forward takes ~6 min),
 #   PASSKEY_LENGTHS, PASSKEY_DEPTHS, PASSKEY_TRIALS, EXTRA (more key=value overrides for every training run).

@@ -32,12 +32,20 @@ from .core.io import atomic_write_text
 #: positions (``pose``, a training field), as recipes/smollm2-clex-rec.yaml does.
 RECOMMENDED = {"prior": "yarn", "mscale": "yarn", "angle_cap": True, "past_max": "prior"}
 
+#: The far recipe (README "CLEX past 4x", session 6): P(t) ∝ t² and the log-length query scale in place of YaRN's
+#: temperature; trained with max_factor 16 (the demo's CLEX factor) for use up to 16x.
+FAR = {"prior": "yarn", "mscale": "none", "log_scale": True, "angle_cap": True, "past_max": "prior",
+       "train_t": "integer-quadratic"}
+
 #: name -> (method, rows of k x L0, factor, extra TrainConfig fields, the paper's row it mirrors)
 VARIANTS: dict[str, tuple] = {
     "clex-rec-1x": ("clex", 1, 16, {"pose": True, "clex": RECOMMENDED},
                     "CLEX-4K, recommended recipe (PoSE positions, as recipes/smollm2-clex-rec.yaml)"),
     "clex-rec-4x": ("clex", 4, 16, {"pose": True, "clex": {"position_span": "original", **RECOMMENDED}},
                     "CLEX-16K, recommended recipe (PoSE positions over L0·t)"),
+    "clex-far-1x": ("clex", 1, 16, {"pose": True, "clex": FAR}, "CLEX-4K, the far recipe (recipes/smollm2-clex-far.yaml)"),
+    "clex-far-4x": ("clex", 4, 16, {"pose": True, "clex": {"position_span": "original", **FAR}},
+                    "CLEX-16K, the far recipe (PoSE positions over L0·t)"),
     "clex-rec-gaps-1x": ("clex", 1, 16, {"clex": RECOMMENDED}, "CLEX-4K, recommended dynamics, the paper's random positions"),
     "clex-rec-gaps-4x": ("clex", 4, 16, {"clex": {"position_span": "original", **RECOMMENDED}},
                          "CLEX-16K, recommended dynamics, the paper's random positions over L0·t"),

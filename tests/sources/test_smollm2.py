@@ -196,6 +196,12 @@ def test_recipes_share_one_budget():
         assert {k: v for k, v in config.items() if k not in own} == budget, method
     assert budget["factor"] * 8192 == 65536 and budget["pose"] is True
     assert configs["clex"]["clex_lr"] == 2e-5  # the ODE weights at the paper's rate, not LoRA's
+    for name, extra in (("clex-rec", set()), ("clex-far", {"factor"})):  # the CLEX recipes of README "past 4x"
+        config = TrainConfig.from_file(RECIPES / f"smollm2-{name}.yaml").to_dict()
+        assert config["out_dir"] == f"results/smollm2/{name}" and config["method"] == "clex"
+        assert {k: v for k, v in config.items() if k not in own | extra} == {k: v for k, v in budget.items() if k not in extra}
+    far = TrainConfig.from_file(RECIPES / "smollm2-clex-far.yaml")
+    assert (far.factor, far.clex["train_t"], far.clex["log_scale"], far.clex["mscale"]) == (16, "integer-quadratic", True, "none")
 
 
 def test_pipeline_script_parses():

@@ -48,7 +48,7 @@ def check(work: Path, name: str, kv_f32: bool, **clex_options) -> dict:
         llm.reset()
         llm.eval(ids)
         got = np.asarray(llm.scores[:n], dtype=np.float64)  # [n, V] logits at every position
-        with torch.no_grad(), fixed_t(model, N / L):
+        with torch.no_grad(), fixed_t(model, N / L, log_scale_length=N):  # log_scale: the file holds the scale of N
             want = model(torch.tensor([ids])).logits[0].double().numpy()
         d = np.abs(got - want)
         lp = lambda x: x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)  # noqa: E731

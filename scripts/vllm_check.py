@@ -1,6 +1,7 @@
 """vLLM for real: serve a tiny exported CLEX model with vLLM's OpenAI server and check its log-probabilities.
 
-    python scripts/vllm_check.py --vllm-python /work/venvs/vllm/bin/python --out reports/serve/vllm.json
+    python scripts/vllm_check.py --vllm-python /work/venvs/vllm/bin/python --out reports/serve/vllm.json \
+        [--clex-options log_scale=true,prior=yarn,angle_cap=true,past_max=prior]
 
 In THIS python (clex's): a tiny random LLaMA (float32, head_dim 64, L = 32) gets CLEX with a random ODE, a
 byte-level BPE tokenizer is trained on a few lines, and ``clex.export(..., length=N)`` writes a longrope folder.
@@ -161,8 +162,21 @@ def report(result: dict, out: str | None) -> None:
         Path(out).write_text(text + "\n")
 
 
+def clex_options(text: str) -> dict:
+    """``key=value,...`` -> CLEXConfig fields (values read as JSON where they parse: true, 8, "yarn" as is)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def main(argv=None) -> int:
-    args = arguments(__doc__.split("\n\n")[0], argv)
+    args = arguments(__doc__.split("\n\n")[0], argv, **{"--clex-options": (
+        clex_options, {}, "CLEXConfig fields of the tiny model, key=value,... (e.g. log_scale=true,prior=yarn)")})
     wall = time.perf_counter()
     import torch
     from transformers import AutoModelForCausalLM
@@ -172,7 +186,7 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="clex-vllm-"))
-    model = tiny_clex_model()
+    model = tiny_clex_model(**args.clex_options)
     tiny_tokenizer(work / "tok")
     folder = clex.export(model, work / "export", length=N, tokenizer_from=work / "tok")
     stock = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -182,7 +196,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for name, ids in prompts.items():
             x = torch.tensor([ids])
-            with fixed_t(model, N / L):
+            with fixed_t(model, N / L, log_scale_length=N):  # log_scale: the export holds the scale of N
                 clex_lp = token_logprobs(model(x).logits, ids)
             want[name] = {"transformers": token_logprobs(stock(x).logits, ids), "clex_fixed_t": clex_lp}
 
@@ -197,7 +211,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     with open(log_path, "w") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    result = {"command": " ".join(command), "L": L, "N": N, "prompt_lengths": {k: len(v) for k, v in prompts.items()}}
+    result = {"command": " ".join(command), "L": L, "N": N, "clex_options": args.clex_options,
+              "prompt_lengths": {k: len(v) for k, v in prompts.items()}}  # fmt: skip
     try:
         base = f"http://127.0.0.1:{port}"
         wait_ready(f"{base}/health", server, args.start_timeout)

@@ -46,6 +46,8 @@ VARIANTS: dict[str, tuple] = {
     "clex-far-1x": ("clex", 1, 16, {"pose": True, "clex": FAR}, "CLEX-4K, the far recipe (recipes/smollm2-clex-far.yaml)"),
     "clex-far-4x": ("clex", 4, 16, {"pose": True, "clex": {"position_span": "original", **FAR}},
                     "CLEX-16K, the far recipe (PoSE positions over L0·t)"),
+    "clex-far8-4x": ("clex", 4, 8, {"pose": True, "clex": {"position_span": "original", **FAR}},
+                     "clex-far-4x with max_factor 8: P(t) ∝ t² on 1..8, the prior's shape past 8"),
     "clex-rec-gaps-1x": ("clex", 1, 16, {"clex": RECOMMENDED}, "CLEX-4K, recommended dynamics, the paper's random positions"),
     "clex-rec-gaps-4x": ("clex", 4, 16, {"clex": {"position_span": "original", **RECOMMENDED}},
                          "CLEX-16K, recommended dynamics, the paper's random positions over L0·t"),

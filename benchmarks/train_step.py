@@ -22,6 +22,8 @@ Variants (any subset, plain always first):
               backpropagation through every step, stock rotation
 - ours-solve-on-model-device   ours with solve_device="model"
 - ours-recommended   ours with the recommended recipe's options (prior, mscale, angle_cap, past_max)
+- ours-far    ours with the far recipe's options (log_scale instead of mscale, t drawn P(t) ∝ t²: its own
+              t draws, so its ODE solves reach larger t than the other variants')
 
 All variants share ONE model (the same weights, one AdamW over everything): a variant is a rotary module
 swapped in, so that a 7B-shaped model fits once, not once per variant. Every CLEX variant draws the same t
@@ -66,6 +68,9 @@ VARIANTS = {
     "ours-solve-on-model-device": ("clex", dict(solve_device="model"), None),
     # the recommended recipe (README "CLEX past 4x"): yarn prior, yarn temperature, angle cap, prior past max
     "ours-recommended": ("clex", dict(prior="yarn", mscale="yarn", angle_cap=True, past_max="prior"), None),
+    # the far recipe (README "CLEX past 4x", session 6): log scale instead of the temperature, t drawn P(t) ∝ t²
+    "ours-far": ("clex", dict(prior="yarn", log_scale=True, angle_cap=True, past_max="prior",
+                              train_t="integer-quadratic"), None),
 }
 
 

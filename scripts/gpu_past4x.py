@@ -39,17 +39,6 @@ from pathlib import Path
 RECIPE_BUDGET = ("seq_len", "batch_size", "steps")
 
 
-def _kv(text: str) -> dict:
-    out = {}
-    for item in filter(None, text.split(",")):
-        k, _, v = item.partition("=")
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
 def _parallel(jobs: list[list[str]], parallel: int, logs: Path) -> None:
     """Run each argv in ``jobs`` as a subprocess, ``parallel`` at a time; fail loudly if any fails."""
     logs.mkdir(parents=True, exist_ok=True)
@@ -133,11 +122,12 @@ def _load(a, spec: str):
     from transformers import AutoTokenizer
 
     import clex
+    from clex.eval.specs import parse_params
     from clex.hf.methods import prepare_model
 
     name, _, rest = spec.partition("=")
     source, _, params = rest.partition(":")
-    params = _kv(params)
+    params = parse_params(params, f"--models {spec!r}")
     folder = Path(a.base) if source == "base" else Path(a.work) / source / "final"
     ode, ode_from = params.pop("ode", None), params.pop("ode_from", None)
     fresh, yarn = params.pop("clex", None), params.pop("yarn", None)

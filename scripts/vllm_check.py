@@ -163,15 +163,10 @@ def report(result: dict, out: str | None) -> None:
 
 
 def clex_options(text: str) -> dict:
-    """``key=value,...`` -> CLEXConfig fields (values read as JSON where they parse: true, 8, "yarn" as is)."""
-    out = {}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    """``--clex-options key=value,...`` -> CLEXConfig fields (values read as JSON where they parse)."""
+    from clex.eval.specs import parse_params
+
+    return parse_params(text, "--clex-options")
 
 
 def main(argv=None) -> int:

@@ -58,6 +58,18 @@ def _value(text: str) -> Any:
         return text
 
 
+def parse_params(text: str, where: str) -> dict:
+    """``KEY=VALUE,...`` -> dict, each value read as JSON where it parses (true, 8, 0.5), else kept as a string;
+    ``where`` names the input in the error for an item without ``=``."""
+    params = {}
+    for item in filter(None, text.split(",")):
+        key, eq, val = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"{where}: parameters must be KEY=VALUE, got {item!r}")
+        params[key.strip()] = _value(val.strip())
+    return params
+
+
 @dataclass
 class ModelSpec:
     """One model to evaluate: a folder, an optional RoPE method with its parameters, a display name."""
@@ -78,12 +90,7 @@ class ModelSpec:
             name, _, head = head.partition("=")
         parts = rest.split(":", 1) if sep else []
         method = method_name(parts[0]) if parts and parts[0] else None
-        params = {}
-        for item in filter(None, (parts[1].split(",") if len(parts) > 1 else [])):
-            key, eq, val = item.partition("=")
-            if not eq or not key.strip():
-                raise ValueError(f"model spec {text!r}: parameters must be KEY=VALUE, got {item!r}")
-            params[key.strip()] = _value(val.strip())
+        params = parse_params(parts[1] if len(parts) > 1 else "", f"model spec {text!r}")
         if not head:
             raise ValueError(f"model spec {text!r} has no model path; expected [NAME=]PATH[:METHOD[:KEY=VALUE,...]]")
         return cls(path=head, method=method, params=params, name=name or None)

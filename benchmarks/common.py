@@ -18,17 +18,49 @@ from pathlib import Path
 import torch
 
 #: The tiny demo-sized LLaMA (byte vocabulary + 1, L = 128): a 2.4M-parameter model.
-TINY = dict(vocab_size=257, hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=128)  # fmt: skip
+TINY = dict(
+    vocab_size=257,
+    hidden_size=192,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=128,
+)
 #: SmolLM2-135M's shape (random init, no weights are loaded): 30 layers, head_dim 64, L = 8192.
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-               num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True)  # fmt: skip
+SMOLLM2 = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+)
 #: a ~1.1B TinyLlama-like shape: 22 layers, 16 heads of 128 (4 key/value heads: GQA), L = 2048
-TINYLLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=16,
-                    num_key_value_heads=4, max_position_embeddings=2048, rope_theta=10000.0)  # fmt: skip
+TINYLLAMA_1B = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    rope_theta=10000.0,
+)
 #: LLaMA-2-7B's shape: 32 layers, 32 heads of 128, L = 4096 (benchmarks run fewer layers: the cost is per layer)
-LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, max_position_embeddings=4096, rope_theta=10000.0)  # fmt: skip
+LLAMA2_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+    rope_theta=10000.0,
+)
 
 
 #: where models and inputs live; set from --device by use_device()
@@ -128,5 +160,7 @@ def parser(name: str, doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=f"results/bench/{name}.json", help="JSON output (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="forward precision (bfloat16: autocast)")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="forward precision (bfloat16: autocast)"
+    )
     return p

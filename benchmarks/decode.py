@@ -54,8 +54,14 @@ def build_models(args) -> dict:
     if args.model == "smollm2":
         shape = SMOLLM2
     else:
-        shape = dict(hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3, num_hidden_layers=args.layers,
-                     num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=args.L)  # fmt: skip
+        shape = dict(
+            hidden_size=args.hidden,
+            intermediate_size=args.hidden * 8 // 3,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            num_key_value_heads=args.heads,
+            max_position_embeddings=args.L,
+        )
     config = transformers.LlamaConfig(vocab_size=512, attn_implementation="sdpa", **shape)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
@@ -117,11 +123,21 @@ def measure(models: dict, args) -> list[dict]:
             paired = statistics.median(ratios)
             r1, _, r3 = statistics.quantiles(ratios, n=4)
             changes = (_rerotations(models[name]) - before[name]) / args.rounds
-            rows.append(dict(
-                factor=factor, context=n, variant=name, ms_per_token=med * 1e3, iqr_ms=(q3 - q1) * 1e3,
-                ratio_vs_plain=med / base, paired_ratio_vs_plain=paired, paired_ratio_iqr=[r1, r3],
-                rerotations_per_round=changes, rounds=len(ts), ms_per_token_rounds=[t * 1e3 for t in ts],
-            ))  # fmt: skip
+            rows.append(
+                dict(
+                    factor=factor,
+                    context=n,
+                    variant=name,
+                    ms_per_token=med * 1e3,
+                    iqr_ms=(q3 - q1) * 1e3,
+                    ratio_vs_plain=med / base,
+                    paired_ratio_vs_plain=paired,
+                    paired_ratio_iqr=[r1, r3],
+                    rerotations_per_round=changes,
+                    rounds=len(ts),
+                    ms_per_token_rounds=[t * 1e3 for t in ts],
+                )
+            )
             line = f"{med * 1e3:7.3f} ms/token  x{med / base:.4f} (paired x{paired:.4f})"
             print(f"  {factor:g}x L ({n} keys) {name:>10}: {line}", file=sys.stderr)
     return rows
@@ -163,7 +179,9 @@ def markdown(rows: list[dict], args) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("results/bench/decode.json"))
-    p.add_argument("--model", default="tiny", choices=["tiny", "smollm2"], help="smollm2: SmolLM2-135M's shape, L = 8192")
+    p.add_argument(
+        "--model", default="tiny", choices=["tiny", "smollm2"], help="smollm2: SmolLM2-135M's shape, L = 8192"
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cuda needs --clock wall)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and cache dtype")
     p.add_argument("--L", type=int, default=512, help="original context length of the tiny model (smollm2: 8192)")
@@ -193,12 +211,17 @@ def main(argv=None) -> dict:
     table = markdown(rows, args)
     print(table)
     result = dict(
-        benchmark="decode", args={k: str(v) if isinstance(v, (Path, torch.device)) else v for k, v in vars(args).items()},
+        benchmark="decode",
+        args={k: str(v) if isinstance(v, (Path, torch.device)) else v for k, v in vars(args).items()},
         rows=rows,
-        markdown=table, torch=torch.__version__, transformers=transformers.__version__,
+        markdown=table,
+        torch=torch.__version__,
+        transformers=transformers.__version__,
         python=platform.python_version(),
-        machine=platform.machine(), processor=platform.processor(), command=" ".join(sys.argv),
-    )  # fmt: skip
+        machine=platform.machine(),
+        processor=platform.processor(),
+        command=" ".join(sys.argv),
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -104,31 +104,71 @@ def main(argv=None):
     for n in lengths:
         ids = torch.randint(0, shape["vocab_size"], (1, n), generator=torch.Generator().manual_seed(n))
         ids = ids.to(common.DEVICE)
-        fns = {v: (lambda m=m: prefill(m, ids, args.dtype)) for v, m in models.items()}
+        fns = {v: (lambda m=m, ids=ids: prefill(m, ids, args.dtype)) for v, m in models.items()}
         times = interleaved(fns, rounds=args.rounds, warmup=2)
         base = median(times["plain"])
         f = n / L
         for v in models:
             paired = median([a / b for a, b in zip(times[v], times["plain"])])
-            entry = {"factor": f, "tokens": n, "variant": v, **summary(times[v]), "ratio": median(times[v]) / base,
-                     "median_paired_ratio": paired}  # fmt: skip
+            entry = {
+                "factor": f,
+                "tokens": n,
+                "variant": v,
+                **summary(times[v]),
+                "ratio": median(times[v]) / base,
+                "median_paired_ratio": paired,
+            }
             if not args.no_memory:
-                cmd = [sys.executable, __file__, "--threads", str(args.threads), "--device", args.device, "--dtype",
-                       args.dtype, "--model", args.model, "--child", v, str(n)]  # fmt: skip
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--threads",
+                    str(args.threads),
+                    "--device",
+                    args.device,
+                    "--dtype",
+                    args.dtype,
+                    "--model",
+                    args.model,
+                    "--child",
+                    v,
+                    str(n),
+                ]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 entry.update(json.loads(out.stdout.strip().splitlines()[-1]))
             results.append(entry)
-            rows.append([f"{f:g}x", n, v, entry["median_s"] * 1e3, f"{entry['ratio']:.3f}x", f"{paired:.3f}x",
-                         f"{entry.get('peak_mib', float('nan')):.0f}", f"{entry.get('extra_peak_mib', float('nan')):.1f}"])  # fmt: skip
+            rows.append(
+                [
+                    f"{f:g}x",
+                    n,
+                    v,
+                    entry["median_s"] * 1e3,
+                    f"{entry['ratio']:.3f}x",
+                    f"{paired:.3f}x",
+                    f"{entry.get('peak_mib', float('nan')):.0f}",
+                    f"{entry.get('extra_peak_mib', float('nan')):.1f}",
+                ]
+            )
         print(f"{n} tokens done", file=sys.stderr, flush=True)
     header = ["length", "tokens", "variant", "median ms", "vs plain", "paired", "peak MiB", "prefill extra peak MiB"]
     table = markdown_table(header, rows)
     build_rows = [[v, s * 1e3] for v, s in builds.items()]
     build_table = markdown_table(["θ table (t = 1 .. 16 by 1/16), one solve", "ms"], build_rows)
-    print(f"Prefill, {args.model} LLaMA (L = {L}), {args.device}, {args.dtype}, batch 1, threads {torch.get_num_threads()}, medians of {args.rounds} "
-          f"interleaved rounds\n\n{table}\n\n{build_table}")  # fmt: skip
-    write_json(args.out, {"benchmark": "prefill", "args": vars(args), "results": results,
-                          "table_build_s": builds, "table": table, "build_table": build_table})  # fmt: skip
+    print(
+        f"Prefill, {args.model} LLaMA (L = {L}), {args.device}, {args.dtype}, batch 1, threads {torch.get_num_threads()}, medians of {args.rounds} "
+        f"interleaved rounds\n\n{table}\n\n{build_table}"
+    )
+    write_json(
+        args.out,
+        {
+            "benchmark": "prefill",
+            "args": vars(args),
+            "results": results,
+            "table_build_s": builds,
+            "table": table,
+            "build_table": build_table,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import common  # noqa: E402
 from common import markdown_table, parser, use_device, write_json  # noqa: E402
 
 from clex.core.equations import rope_angles  # noqa: E402
-from clex.core.rotation import fused_rotate, rotate  # noqa: E402
+from clex.core.fused_rotation import fused_rotate, rotate  # noqa: E402
 
 
 def make(tokens, heads, kv_heads, dim, q_dtype, seed=0):
@@ -50,6 +50,7 @@ def step(kind, q, k, theta, pos, gq, gk):
 
 def check(q, k, theta, pos, gq, gk, kind) -> float:
     """max relative error of (dq, dk, dθ) against stock autograd in float64."""
+
     def grads(kind, cast):
         qq, kk, th = (t.detach().to(cast).requires_grad_() for t in (q, k, theta))
         step(kind, qq, kk, th, pos.to(cast), gq.to(cast), gk.to(cast))
@@ -99,13 +100,25 @@ def main(argv=None):
                     times[kind].append(time.perf_counter() - t0)
         for kind in kinds:
             med = statistics.median(times[kind])
-            rows.append([tokens, kind, med * 1e3, f"{min(times[kind]) * 1e3:.4g}-{max(times[kind]) * 1e3:.4g}",
-                         f"{med / statistics.median(times['plain']):.2f}x", f"{errors.get(kind, 0):.1e}" if kind != "plain" else ""])  # fmt: skip
+            rows.append(
+                [
+                    tokens,
+                    kind,
+                    med * 1e3,
+                    f"{min(times[kind]) * 1e3:.4g}-{max(times[kind]) * 1e3:.4g}",
+                    f"{med / statistics.median(times['plain']):.2f}x",
+                    f"{errors.get(kind, 0):.1e}" if kind != "plain" else "",
+                ]
+            )
         results.append({"tokens": tokens, "times_s": times, "relative_error_vs_float64": errors})
         print(f"tokens {tokens} done", file=sys.stderr, flush=True)
-    table = markdown_table(["tokens", "variant", "median ms", "min-max ms", "/ plain", "rel. error (float64 ref)"], rows)
-    print(f"One layer's rotation, forward + backward, {args.device}, heads {args.heads}/{args.kv_heads}, d {args.head_dim}, "
-          f"q {str(q_dtype).removeprefix('torch.')}, cos/sin float32\n\n{table}")  # fmt: skip
+    table = markdown_table(
+        ["tokens", "variant", "median ms", "min-max ms", "/ plain", "rel. error (float64 ref)"], rows
+    )
+    print(
+        f"One layer's rotation, forward + backward, {args.device}, heads {args.heads}/{args.kv_heads}, d {args.head_dim}, "
+        f"q {str(q_dtype).removeprefix('torch.')}, cos/sin float32\n\n{table}"
+    )
     write_json(args.out, {"benchmark": "rotation", "args": vars(args), "results": results, "table": table})
 
 

@@ -71,8 +71,14 @@ def adjoint_solve(inv0, up, down, t, *, act, dt=0.25):
     log0 = torch.log(inv0)
     func = partial(residual_rhs, log_inv_freq0=log0, w_up=up, w_down=down, act=act, prior_base=1e4)
     span = torch.tensor([1.0, t], dtype=inv0.dtype, device=inv0.device)
-    z = odeint_adjoint(lambda s, y: func(s, y), torch.zeros_like(log0), span, method="rk4",
-                       options=dict(step_size=dt), adjoint_params=(up, down))[-1]  # fmt: skip
+    z = odeint_adjoint(
+        lambda s, y: func(s, y),
+        torch.zeros_like(log0),
+        span,
+        method="rk4",
+        options=dict(step_size=dt),
+        adjoint_params=(up, down),
+    )[-1]
     return log0 + ntk_log_shift(t, 2 * inv0.numel(), dtype=inv0.dtype) + z
 
 
@@ -110,8 +116,18 @@ def main(argv=None):
     for t in args.times:
         # references (float64): θ by a fine solve, gradients by the reference's own computation
         with torch.no_grad():
-            theta_ref = solve_log_freqs(inv0.double(), up.double(), down.double(), [1.0, t], act=args.act, prior_base=1e4,
-                                        method="rk4", time_dt=0.002, log_dt=None, formulation="reference")[1].exp()  # fmt: skip
+            theta_ref = solve_log_freqs(
+                inv0.double(),
+                up.double(),
+                down.double(),
+                [1.0, t],
+                act=args.act,
+                prior_base=1e4,
+                method="rk4",
+                time_dt=0.002,
+                log_dt=None,
+                formulation="reference",
+            )[1].exp()
         u64, d64 = up.double().requires_grad_(True), down.double().requires_grad_(True)
         x = solve_log_freqs(inv0.double(), u64, d64, [1.0, t], act=args.act, prior_base=1e4, **VARIANTS["reference"])[1]
         g_ref = torch.autograd.grad((x * w).sum(), (u64, d64))
@@ -127,10 +143,10 @@ def main(argv=None):
                 "grad_rel_err": max(float((g.double() - r).abs().max() / r.abs().max()) for g, r in zip(grads, g_ref)),
             }
 
-            def fwd(solve=solve, u=u, dn=dn):
+            def fwd(solve=solve, u=u, dn=dn, t=t):
                 return solve(inv0, u, dn, t)
 
-            def fwd_bwd(solve=solve, u=u, dn=dn):
+            def fwd_bwd(solve=solve, u=u, dn=dn, t=t):
                 (solve(inv0, u, dn, t) * w.float()).sum().backward()
 
             fns[(name, "fwd")], fns[(name, "fwd+bwd")] = fwd, fwd_bwd
@@ -138,15 +154,33 @@ def main(argv=None):
         ref_fb = median(times[("reference", "fwd+bwd")]) if "reference" in args.variants else None
         for name in args.variants:
             fb = median(times[(name, "fwd+bwd")])
-            entry = {"t": t, "variant": name, "steps": steps_of(name, t), **acc[name],
-                     "fwd": summary(times[(name, "fwd")]), "fwd_bwd": summary(times[(name, "fwd+bwd")]),
-                     "speedup_vs_reference": (ref_fb / fb) if ref_fb else None}  # fmt: skip
+            entry = {
+                "t": t,
+                "variant": name,
+                "steps": steps_of(name, t),
+                **acc[name],
+                "fwd": summary(times[(name, "fwd")]),
+                "fwd_bwd": summary(times[(name, "fwd+bwd")]),
+                "speedup_vs_reference": (ref_fb / fb) if ref_fb else None,
+            }
             results.append(entry)
-            rows.append([t, name, entry["steps"], f"{acc[name]['theta_rel_err']:.1e}", f"{acc[name]['grad_rel_err']:.1e}",
-                         median(times[(name, "fwd")]) * 1e3, fb * 1e3, f"{ref_fb / fb:.1f}x" if ref_fb else "-"])  # fmt: skip
+            rows.append(
+                [
+                    t,
+                    name,
+                    entry["steps"],
+                    f"{acc[name]['theta_rel_err']:.1e}",
+                    f"{acc[name]['grad_rel_err']:.1e}",
+                    median(times[(name, "fwd")]) * 1e3,
+                    fb * 1e3,
+                    f"{ref_fb / fb:.1f}x" if ref_fb else "-",
+                ]
+            )
         print(f"t={t:g} done", file=sys.stderr, flush=True)
 
-    table = markdown_table(["t", "variant", "steps", "θ rel err", "grad rel err", "fwd ms", "fwd+bwd ms", "vs reference"], rows)
+    table = markdown_table(
+        ["t", "variant", "steps", "θ rel err", "grad rel err", "fwd ms", "fwd+bwd ms", "vs reference"], rows
+    )
     print(f"ODE solve alone, d={d}, act={args.act}, {dev}, medians of {args.rounds} interleaved rounds\n\n{table}")
     write_json(args.out, {"benchmark": "solve", "args": vars(args), "results": results, "table": table})
 

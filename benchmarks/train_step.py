@@ -7,7 +7,7 @@ per-layer cost.
 
     # the GPU run at LLaMA-2-7B's and a ~1B shape (one H200, about 4-6 minutes):
     python benchmarks/train_step.py --device cuda --dtype bfloat16 --threads 0 --shapes llama2-7b tinyllama-1b \\
-        --seq 4096 16384 --layers 2 max --checkpointing off on --rounds 5 --out reports/bench-7b/train_step.json
+        --seq 4096 16384 --layers 2 max --checkpointing off on --rounds 5 --out experiments/speed/llama-7b-shape/train_step.json
 
 Variants (any subset, plain always first):
 - plain       the model's own RoPE
@@ -15,7 +15,7 @@ Variants (any subset, plain always first):
 - ours-stock-rotation   CLEX with CLEXConfig's defaults, each layer's rotation by stock autograd
                         (apply_clex(fused_rotation="off")): the backward into cos/sin costs two products and
                         two reductions over the heads per tensor per layer
-- ours        CLEX with the defaults of CLEXConfig and apply_clex: the fused rotation (clex.core.rotation;
+- ours        CLEX with the defaults of CLEXConfig and apply_clex: the fused rotation (clex.core.fused_rotation;
               one Triton kernel per layer on a GPU, eager torch on a CPU)
 - ours-fused-torch      the fused rotation's eager-torch backward (on a GPU too)
 - reference   CLEX as the authors compute it: rk4 at uniform steps of 0.01 on the full right-hand side,
@@ -50,7 +50,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from common import LLAMA2_7B, SMOLLM2, TINY, TINYLLAMA_1B, autocast, llama, markdown_table, median, parser, sync, use_device, write_json  # noqa: E402
+from common import (
+    LLAMA2_7B,
+    SMOLLM2,
+    TINY,
+    TINYLLAMA_1B,
+    autocast,
+    llama,
+    markdown_table,
+    median,
+    parser,
+    sync,
+    use_device,
+    write_json,
+)  # noqa: E402
 
 import clex  # noqa: E402
 from clex.hf.compat import set_activation_checkpointing  # noqa: E402
@@ -69,8 +82,11 @@ VARIANTS = {
     # the recommended recipe (README "CLEX past 4x"): yarn prior, yarn temperature, angle cap, prior past max
     "ours-recommended": ("clex", dict(prior="yarn", mscale="yarn", angle_cap=True, past_max="prior"), None),
     # the far recipe (README "CLEX past 4x", session 6): log scale instead of the temperature, t drawn P(t) ∝ t²
-    "ours-far": ("clex", dict(prior="yarn", log_scale=True, angle_cap=True, past_max="prior",
-                              train_t="integer-quadratic"), None),
+    "ours-far": (
+        "clex",
+        dict(prior="yarn", log_scale=True, angle_cap=True, past_max="prior", train_t="integer-quadratic"),
+        None,
+    ),
 }
 
 
@@ -100,8 +116,11 @@ class SharedModel:
                 clex.apply_clex(self.model, clex.CLEXConfig(max_factor=max_factor, seed=seed, **overrides), **kwargs)
             self.rotaries[v] = self.inner.rotary_emb
             if kind == "clex":  # where the fused rotation runs (none: transformers' function is not LLaMA's)
-                print(f"{v}: fused rotation {self.rotaries[v].fused_rotation!r} in "
-                      f"{getattr(self.rotaries[v], 'fused_rotation_modules', ())}", file=sys.stderr)  # fmt: skip
+                print(
+                    f"{v}: fused rotation {self.rotaries[v].fused_rotation!r} in "
+                    f"{getattr(self.rotaries[v], 'fused_rotation_modules', ())}",
+                    file=sys.stderr,
+                )
         self.base_scaling = base_scaling
         self.inner.rotary_emb = plain
         self.ids = None
@@ -153,15 +172,28 @@ def make_step(bench: SharedModel, opt, variant: str, layers: int, ids, dtype: st
     return step
 
 
-def run_case(bench: SharedModel, name: str, seq: int, checkpointing: bool, layer_counts: list, *, batch: int,
-             rounds: int, warmup: int, variants: list[str], dtype: str) -> dict:  # fmt: skip
+def run_case(
+    bench: SharedModel,
+    name: str,
+    seq: int,
+    checkpointing: bool,
+    layer_counts: list,
+    *,
+    batch: int,
+    rounds: int,
+    warmup: int,
+    variants: list[str],
+    dtype: str,
+) -> dict:
     shape = bench.shape
     depth = len(bench.layers)
     small = int(layer_counts[0]) if layer_counts[0] != "max" else 1
     big = layer_counts[-1]
     big = min(depth, fit_layers(shape, seq, batch, checkpointing) if big == "max" else int(big))
     counts = sorted({min(small, big), big})
-    ids = torch.randint(0, shape["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0)).to(common.DEVICE)
+    ids = torch.randint(0, shape["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0)).to(
+        common.DEVICE
+    )
     bench.checkpointing(checkpointing)
     if common.DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats(common.DEVICE)
@@ -177,7 +209,11 @@ def run_case(bench: SharedModel, name: str, seq: int, checkpointing: bool, layer
             if counts[-1] <= counts[0] + 1:
                 raise
             next_big = max(counts[0] + 1, int(counts[-1] * 0.8))
-            print(f"{name} seq {seq}: out of memory at {counts[-1]} layers, trying {next_big}", file=sys.stderr, flush=True)
+            print(
+                f"{name} seq {seq}: out of memory at {counts[-1]} layers, trying {next_big}",
+                file=sys.stderr,
+                flush=True,
+            )
             counts = sorted({counts[0], next_big})
             del opt, fns
             bench.model.zero_grad(set_to_none=True)
@@ -187,18 +223,39 @@ def run_case(bench: SharedModel, name: str, seq: int, checkpointing: bool, layer
                 torch.cuda.empty_cache()
     peak = torch.cuda.max_memory_allocated(common.DEVICE) / 2**30 if common.DEVICE.type == "cuda" else None
     del opt
-    fused = {v: [r.fused_rotation, list(getattr(r, "fused_rotation_modules", ()))] for v, r in bench.rotaries.items() if hasattr(r, "fused_rotation")}
-    out = {"model": name, "seq": seq, "batch": batch, "checkpointing": checkpointing, "layers": counts, "fused_rotation": fused,
-           "full_depth": shape["num_hidden_layers"], "rounds": rounds, "dtype": dtype, "peak_gib": peak,
-           "variants": {}}  # fmt: skip
+    fused = {
+        v: [r.fused_rotation, list(getattr(r, "fused_rotation_modules", ()))]
+        for v, r in bench.rotaries.items()
+        if hasattr(r, "fused_rotation")
+    }
+    out = {
+        "model": name,
+        "seq": seq,
+        "batch": batch,
+        "checkpointing": checkpointing,
+        "layers": counts,
+        "fused_rotation": fused,
+        "full_depth": shape["num_hidden_layers"],
+        "rounds": rounds,
+        "dtype": dtype,
+        "peak_gib": peak,
+        "variants": {},
+    }
     for v in variants:
         by_n = {}
         for n in counts:
             ts, base = times[(v, n)], times[("plain", n)]
             paired = [a / b for a, b in zip(ts, base)]  # per round: this variant / plain
-            by_n[n] = {"median_s": median(ts), "min_s": min(ts), "max_s": max(ts), "mean_s": statistics.fmean(ts),
-                       "ratio_of_medians": median(ts) / median(base), "median_paired_ratio": median(paired),
-                       "paired_ratio_min": min(paired), "paired_ratio_max": max(paired)}  # fmt: skip
+            by_n[n] = {
+                "median_s": median(ts),
+                "min_s": min(ts),
+                "max_s": max(ts),
+                "mean_s": statistics.fmean(ts),
+                "ratio_of_medians": median(ts) / median(base),
+                "median_paired_ratio": median(paired),
+                "paired_ratio_min": min(paired),
+                "paired_ratio_max": max(paired),
+            }
         entry = {"by_layers": by_n}
         if len(counts) == 2:
             (a, ta), (b, tb) = ((n, by_n[n]["median_s"]) for n in counts)
@@ -208,10 +265,12 @@ def run_case(bench: SharedModel, name: str, seq: int, checkpointing: bool, layer
     if len(counts) == 2:
         plain = out["variants"]["plain"]
         full = shape["num_hidden_layers"]
-        for v, e in out["variants"].items():
+        for e in out["variants"].values():
             e["extra_per_layer_s"] = e["per_layer_s"] - plain["per_layer_s"]
             e["extra_per_step_s"] = e["per_step_s"] - plain["per_step_s"]
-            e["projected_full_depth_ratio"] = (e["per_step_s"] + full * e["per_layer_s"]) / (plain["per_step_s"] + full * plain["per_layer_s"])
+            e["projected_full_depth_ratio"] = (e["per_step_s"] + full * e["per_layer_s"]) / (
+                plain["per_step_s"] + full * plain["per_layer_s"]
+            )
     return out
 
 
@@ -221,24 +280,54 @@ def table(results: list[dict]) -> str:
         for v, e in r["variants"].items():
             for n, s in e["by_layers"].items():
                 last = n == max(e["by_layers"])
-                rows.append([r["model"], r["seq"], "on" if r["checkpointing"] else "off", n, v, s["median_s"] * 1e3,
-                             f"{s['min_s'] * 1e3:.4g}-{s['max_s'] * 1e3:.4g}", f"{s['median_paired_ratio']:.3f}x",
-                             f"{s['paired_ratio_min']:.3f}-{s['paired_ratio_max']:.3f}",
-                             f"{e['extra_per_layer_s'] * 1e3:+.3f}" if last and "extra_per_layer_s" in e else "",
-                             f"{e['extra_per_step_s'] * 1e3:+.2f}" if last and "extra_per_step_s" in e else "",
-                             f"{e['projected_full_depth_ratio']:.3f}x" if last and "projected_full_depth_ratio" in e else ""])  # fmt: skip
-    return markdown_table(["model", "tokens", "ckpt", "layers", "variant", "median ms", "min-max ms",
-                           "median of paired ratios", "paired min-max", "extra ms / layer", "extra ms / step",
-                           "projected at full depth"], rows)  # fmt: skip
+                rows.append(
+                    [
+                        r["model"],
+                        r["seq"],
+                        "on" if r["checkpointing"] else "off",
+                        n,
+                        v,
+                        s["median_s"] * 1e3,
+                        f"{s['min_s'] * 1e3:.4g}-{s['max_s'] * 1e3:.4g}",
+                        f"{s['median_paired_ratio']:.3f}x",
+                        f"{s['paired_ratio_min']:.3f}-{s['paired_ratio_max']:.3f}",
+                        f"{e['extra_per_layer_s'] * 1e3:+.3f}" if last and "extra_per_layer_s" in e else "",
+                        f"{e['extra_per_step_s'] * 1e3:+.2f}" if last and "extra_per_step_s" in e else "",
+                        f"{e['projected_full_depth_ratio']:.3f}x" if last and "projected_full_depth_ratio" in e else "",
+                    ]
+                )
+    return markdown_table(
+        [
+            "model",
+            "tokens",
+            "ckpt",
+            "layers",
+            "variant",
+            "median ms",
+            "min-max ms",
+            "median of paired ratios",
+            "paired min-max",
+            "extra ms / layer",
+            "extra ms / step",
+            "projected at full depth",
+        ],
+        rows,
+    )
 
 
 def main(argv=None):
     p = parser("train_step", __doc__)
     p.add_argument("--shapes", nargs="+", default=["tiny"], choices=list(SHAPES), help="model shapes (random init)")
     p.add_argument("--seq", type=int, nargs="+", default=[128, 512], help="tokens per row")
-    p.add_argument("--layers", nargs="+", default=None,
-                   help="two layer counts (per-layer slope between them) or one; 'max': as many as fit; default: the shape's own depth")
-    p.add_argument("--checkpointing", nargs="+", default=["off"], choices=["off", "on"], help="gradient checkpointing, each")
+    p.add_argument(
+        "--layers",
+        nargs="+",
+        default=None,
+        help="two layer counts (per-layer slope between them) or one; 'max': as many as fit; default: the shape's own depth",
+    )
+    p.add_argument(
+        "--checkpointing", nargs="+", default=["off"], choices=["off", "on"], help="gradient checkpointing, each"
+    )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=32, help="timed rounds (each variant and layer count once per round)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds (the first also warms every step once)")
@@ -256,9 +345,11 @@ def main(argv=None):
         if c != "max" and not (c.isdigit() and int(c) >= 1):
             raise SystemExit(f"--layers takes positive integers or 'max', got {c!r}")
     results, started = [], time.perf_counter()
-    header = (f"Training step (forward + backward + AdamW), {args.device}, {args.dtype}, "
-              f"{'compiled layers, ' * args.compile}batch {args.batch}, threads {torch.get_num_threads()}, "
-              f"t ~ Uniform{{1..{args.max_factor:g}}} (YaRN factor {args.max_factor:g}), interleaved rounds")  # fmt: skip
+    header = (
+        f"Training step (forward + backward + AdamW), {args.device}, {args.dtype}, "
+        f"{'compiled layers, ' * args.compile}batch {args.batch}, threads {torch.get_num_threads()}, "
+        f"t ~ Uniform{{1..{args.max_factor:g}}} (YaRN factor {args.max_factor:g}), interleaved rounds"
+    )
     for name in args.shapes:
         shape = SHAPES[name]
         depth = shape["num_hidden_layers"]
@@ -270,12 +361,26 @@ def main(argv=None):
                 layer.compile()
         for seq in args.seq:
             for ckpt in args.checkpointing:
-                r = run_case(bench, name, seq, ckpt == "on", layer_counts, batch=args.batch, rounds=args.rounds,
-                             warmup=args.warmup, variants=variants, dtype=args.dtype)  # fmt: skip
+                r = run_case(
+                    bench,
+                    name,
+                    seq,
+                    ckpt == "on",
+                    layer_counts,
+                    batch=args.batch,
+                    rounds=args.rounds,
+                    warmup=args.warmup,
+                    variants=variants,
+                    dtype=args.dtype,
+                )
                 r["last_t"] = [bench.rotaries[v].last_t[0].item() for v in variants if VARIANTS[v][0] == "clex"][:1]
                 results.append(r)
-                print(f"{name} seq {seq} checkpointing {ckpt} layers {r['layers']} done "
-                      f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"{name} seq {seq} checkpointing {ckpt} layers {r['layers']} done "
+                    f"({time.perf_counter() - started:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 md = f"{header}\n\n{table(results)}\n"
                 write_json(args.out, {"benchmark": "train_step", "args": vars(args), "results": results, "table": md})
                 Path(args.out).with_suffix(".md").write_text(md)

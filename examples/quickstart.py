@@ -7,8 +7,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import clex
 
-config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=128)  # fmt: skip
+config = LlamaConfig(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+)
 model = clex.apply_clex(LlamaForCausalLM(config).eval(), clex.CLEXConfig(max_factor=16))
 rotary = clex.get_clex_rotary(model)
 for t in (1, 2, 4, 16):

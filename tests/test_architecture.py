@@ -9,7 +9,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "clex"
 #: floor of each subpackage (top-level modules: cli, demo on top); a module may import only lower floors or
 #: its own subpackage; train and eval share a floor and never import each other.
-FLOORS = {"_version": 0, "core": 1, "hf": 2, "sources": 3, "train": 4, "eval": 4, "demo": 5, "cli": 6}
+FLOORS = {"_version": 0, "core": 1, "hf": 2, "data": 3, "train": 4, "eval": 4, "demo": 5, "cli": 6}
 
 
 def _part(module: str) -> str:
@@ -81,7 +81,13 @@ def test_no_import_circle():
 def test_the_core_imports_torch_only():
     for file in (SRC / "core").rglob("*.py"):
         for node in ast.walk(ast.parse(file.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             assert not any(n.split(".")[0] == "transformers" for n in names), f"{file.name} imports transformers"
 
 
@@ -99,10 +105,12 @@ def test_cli_help_imports_no_pipeline_nor_torch():
         "import sys; from clex import cli; cli.build_parser([]); cli.build_parser(['eval', '--help']); "
         "cli.build_parser(['--help']); "
         "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'clex.train', 'clex.eval', "
-        "'clex.demo', 'clex.sources', 'transformers'))); assert not bad, bad"
+        "'clex.demo', 'clex.data', 'transformers'))); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-    out = subprocess.run([sys.executable, "-m", "clex.cli", "eval", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "clex.cli", "eval", "--help"], capture_output=True, text=True, check=True
+    )
     assert "Perplexity against length" in out.stdout and "Passkey retrieval" in out.stdout
 
 

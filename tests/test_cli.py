@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_model
 
 from clex.cli import COMMANDS, build_parser, main, summary
-from clex.sources.tokenizer import byte_tokenizer
+from clex.data.tokenizer import byte_tokenizer
 
 
 def leaf_parser(command: str) -> argparse.ArgumentParser:
@@ -45,7 +45,9 @@ def test_every_flag_has_a_help_line_from_the_docstring():
 
 
 def test_console_script_help_lists_the_commands():
-    out = subprocess.run([sys.executable, "-m", "clex.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "clex.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for word in ("demo", "train", "eval", "plot", "models", "--debug"):
         assert word in out
 
@@ -82,8 +84,21 @@ def doc(tmp_path):
 
 def test_models_takes_several_specs(folder, doc, tmp_path):
     out = tmp_path / "o"
-    argv = ["eval", "ppl", "--models", f"a={folder}", f"b={folder}:yarn:factor=4", "--lengths", "20", "40",
-            "--documents", str(doc), "--out-dir", str(out), "--no-plot"]  # fmt: skip
+    argv = [
+        "eval",
+        "ppl",
+        "--models",
+        f"a={folder}",
+        f"b={folder}:yarn:factor=4",
+        "--lengths",
+        "20",
+        "40",
+        "--documents",
+        str(doc),
+        "--out-dir",
+        str(out),
+        "--no-plot",
+    ]
     assert main(argv) == 0
     saved = json.loads((out / "ppl.json").read_text())
     assert list(saved["models"]) == ["a", "b"] and saved["config"]["lengths"] == [20, 40]
@@ -91,14 +106,27 @@ def test_models_takes_several_specs(folder, doc, tmp_path):
 
 def test_bad_input_is_one_line_without_a_traceback(capsys, folder, doc, tmp_path):
     assert "--models" in cli_error(capsys, ["eval", "ppl", "--out-dir", str(tmp_path)])
-    assert "missing" in cli_error(capsys, ["eval", "ppl", "--models", str(tmp_path / "missing"), "--out-dir", str(tmp_path)])
+    assert "missing" in cli_error(
+        capsys, ["eval", "ppl", "--models", str(tmp_path / "missing"), "--out-dir", str(tmp_path)]
+    )
     assert "scale must be one of quick, default, large, got 'huge'" in cli_error(
         capsys, ["demo", "--scale", "huge", "--out-dir", str(tmp_path)]
     )
     assert "variants: unknown ['clex-9x']; allowed: clex-rec-1x" in cli_error(
         capsys, ["demo", "--variants", "clex-9x", "--out-dir", str(tmp_path)]
     )
-    ppl = ["eval", "ppl", "--models", str(folder), "--lengths", "20", "--documents", str(doc), "--out-dir", str(tmp_path)]
+    ppl = [
+        "eval",
+        "ppl",
+        "--models",
+        str(folder),
+        "--lengths",
+        "20",
+        "--documents",
+        str(doc),
+        "--out-dir",
+        str(tmp_path),
+    ]
     err = cli_error(capsys, [*ppl, "--dtype", "foo"])
     assert "dtype" in err and "'foo'" in err and "float32, bfloat16, float16" in err
     err = cli_error(capsys, [*ppl, "--device", "foo"])
@@ -109,7 +137,9 @@ def test_bad_input_is_one_line_without_a_traceback(capsys, folder, doc, tmp_path
     assert "lengths must be integers >= 2" in cli_error(capsys, [*ppl[:-4], "--lengths", "1", *ppl[-4:]])
     assert "invalid int value: 'x'" in cli_error(capsys, [*ppl, "--stride", "x"])
     assert "unknown method 'rerope'" in cli_error(capsys, [*ppl[:3], f"{folder}:rerope:factor=4", *ppl[4:]])
-    assert "unknown rope parameter(s) ['beta_fats']" in cli_error(capsys, [*ppl[:3], f"{folder}:yarn:factor=4,beta_fats=2", *ppl[4:]])
+    assert "unknown rope parameter(s) ['beta_fats']" in cli_error(
+        capsys, [*ppl[:3], f"{folder}:yarn:factor=4,beta_fats=2", *ppl[4:]]
+    )
     assert "maxfactor" in cli_error(capsys, [*ppl[:3], f"{folder}:clex:maxfactor=4", *ppl[4:]])
     passkey = ["eval", "passkey", "--models", str(folder), "--lengths", "300", "--out-dir", str(tmp_path)]
     assert "depths must be finite fractions in [0, 1]" in cli_error(capsys, [*passkey, "--depths", "nan"])
@@ -148,5 +178,7 @@ def test_quick_demo_writes_the_table_plot_json_and_models(tmp_path, monkeypatch,
     assert main(["demo", "--quick", "--out-dir", str(out)]) == 0
     assert capsys.readouterr().out.count("already trained") == 5  # the base and the four variants
     monkeypatch.setitem(demo.VARIANTS, "clex-rec-1x", demo.VARIANTS["clex-rec-gaps-1x"])
-    assert "clex-rec-1x holds a clex-rec-1x (clex, rows of 1 x L0) trained with other settings (pose differ)" in cli_error(
-        capsys, ["demo", "--quick", "--out-dir", str(out)])  # fmt: skip
+    assert (
+        "clex-rec-1x holds a clex-rec-1x (clex, rows of 1 x L0) trained with other settings (pose differ)"
+        in cli_error(capsys, ["demo", "--quick", "--out-dir", str(out)])
+    )

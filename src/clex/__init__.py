@@ -16,8 +16,8 @@ from ._version import __version__
 #: nor transformers and changes nothing in them
 _LAZY = {
     "CLEXConfig": "core.config",
-    "CLEXDynamics": "core.rotary",
-    "CLEXRotaryEmbedding": "core.rotary",
+    "CLEXDynamics": "core.rotary_embedding",
+    "CLEXRotaryEmbedding": "core.rotary_embedding",
     "apply_clex": "hf.patch",
     "get_clex_rotary": "hf.lookup",
     "load_model": "hf.loading",
@@ -26,7 +26,7 @@ _LAZY = {
     "generate_fixed_t": "hf.generation",
     "fixed_t_for": "hf.generation",
     "export": ("hf.export", "export"),
-    "load_smollm2": "sources.smollm2",
+    "load_smollm2": "data.smollm2",
     "TrainConfig": "train.config",
     "finetune": ("train.loop", "run"),
     "ModelSpec": "eval.specs",

@@ -37,8 +37,9 @@ COMMANDS = {
     "eval needle": "eval.retrieval:run_needle",
     "eval ruler": "eval.ruler:run_ruler",
     "eval ruler-merge": "eval.ruler:merge_ruler",
+    "eval compare": "eval.compare:run_compare",
     "plot freqs": "eval.plot:plot_freqs",
-    "models smollm2": "sources.smollm2:main",
+    "models smollm2": "data.smollm2:main",
     "export": "hf.export:run",
 }
 PACKAGE = Path(__file__).resolve().parent
@@ -93,8 +94,15 @@ def _add_arguments(parser: argparse.ArgumentParser, func) -> None:
         elif hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=param.default, help=text)
         elif origin in SEQUENCES or hint in SEQUENCES:
-            parser.add_argument(flag, nargs="+", type=_scalar(args[0] if args else str), default=param.default,
-                                required=required or param.default in ((), []), metavar=name.upper(), help=text)  # fmt: skip
+            parser.add_argument(
+                flag,
+                nargs="+",
+                type=_scalar(args[0] if args else str),
+                default=param.default,
+                required=required or param.default in ((), []),
+                metavar=name.upper(),
+                help=text,
+            )
         elif origin is dict or hint is dict:
             parser.add_argument(flag, type=json.loads, default=param.default, required=required, help=text + " (JSON)")
         else:

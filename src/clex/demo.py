@@ -34,31 +34,89 @@ RECOMMENDED = {"prior": "yarn", "mscale": "yarn", "angle_cap": True, "past_max":
 
 #: The far recipe (README "CLEX past 4x", session 6): P(t) ∝ t² and the log-length query scale in place of YaRN's
 #: temperature; trained with max_factor 16 (the demo's CLEX factor) for use up to 16x.
-FAR = {"prior": "yarn", "mscale": "none", "log_scale": True, "angle_cap": True, "past_max": "prior",
-       "train_t": "integer-quadratic"}
+FAR = {
+    "prior": "yarn",
+    "mscale": "none",
+    "log_scale": True,
+    "angle_cap": True,
+    "past_max": "prior",
+    "train_t": "integer-quadratic",
+}
 
 #: name -> (method, rows of k x L0, factor, extra TrainConfig fields, the paper's row it mirrors)
 VARIANTS: dict[str, tuple] = {
-    "clex-rec-1x": ("clex", 1, 16, {"pose": True, "clex": RECOMMENDED},
-                    "CLEX-4K, recommended recipe (PoSE positions, as recipes/smollm2-clex-rec.yaml)"),
-    "clex-rec-4x": ("clex", 4, 16, {"pose": True, "clex": {"position_span": "original", **RECOMMENDED}},
-                    "CLEX-16K, recommended recipe (PoSE positions over L0·t)"),
-    "clex-far-1x": ("clex", 1, 16, {"pose": True, "clex": FAR}, "CLEX-4K, the far recipe (recipes/smollm2-clex-far.yaml)"),
-    "clex-far-4x": ("clex", 4, 16, {"pose": True, "clex": {"position_span": "original", **FAR}},
-                    "CLEX-16K, the far recipe (PoSE positions over L0·t)"),
-    "clex-far8-4x": ("clex", 4, 8, {"pose": True, "clex": {"position_span": "original", **FAR}},
-                     "clex-far-4x with max_factor 8: P(t) ∝ t² on 1..8, the prior's shape past 8"),
-    "clex-rec-gaps-1x": ("clex", 1, 16, {"clex": RECOMMENDED}, "CLEX-4K, recommended dynamics, the paper's random positions"),
-    "clex-rec-gaps-4x": ("clex", 4, 16, {"clex": {"position_span": "original", **RECOMMENDED}},
-                         "CLEX-16K, recommended dynamics, the paper's random positions over L0·t"),
-    "clex-rec-lin-4x": ("clex", 4, 16, {"clex": {"position_span": "original", "train_t": "integer-linear", **RECOMMENDED}},
-                        "clex-rec-gaps-4x with P(t) ∝ t"),
-    "clex-rec-quad-4x": ("clex", 4, 16, {"clex": {"position_span": "original", "train_t": "integer-quadratic", **RECOMMENDED}},
-                         "clex-rec-gaps-4x with P(t) ∝ t²"),
+    "clex-rec-1x": (
+        "clex",
+        1,
+        16,
+        {"pose": True, "clex": RECOMMENDED},
+        "CLEX-4K, recommended recipe (PoSE positions, as recipes/smollm2-clex-rec.yaml)",
+    ),
+    "clex-rec-4x": (
+        "clex",
+        4,
+        16,
+        {"pose": True, "clex": {"position_span": "original", **RECOMMENDED}},
+        "CLEX-16K, recommended recipe (PoSE positions over L0·t)",
+    ),
+    "clex-far-1x": (
+        "clex",
+        1,
+        16,
+        {"pose": True, "clex": FAR},
+        "CLEX-4K, the far recipe (recipes/smollm2-clex-far.yaml)",
+    ),
+    "clex-far-4x": (
+        "clex",
+        4,
+        16,
+        {"pose": True, "clex": {"position_span": "original", **FAR}},
+        "CLEX-16K, the far recipe (PoSE positions over L0·t)",
+    ),
+    "clex-far8-4x": (
+        "clex",
+        4,
+        8,
+        {"pose": True, "clex": {"position_span": "original", **FAR}},
+        "clex-far-4x with max_factor 8: P(t) ∝ t² on 1..8, the prior's shape past 8",
+    ),
+    "clex-rec-gaps-1x": (
+        "clex",
+        1,
+        16,
+        {"clex": RECOMMENDED},
+        "CLEX-4K, recommended dynamics, the paper's random positions",
+    ),
+    "clex-rec-gaps-4x": (
+        "clex",
+        4,
+        16,
+        {"clex": {"position_span": "original", **RECOMMENDED}},
+        "CLEX-16K, recommended dynamics, the paper's random positions over L0·t",
+    ),
+    "clex-rec-lin-4x": (
+        "clex",
+        4,
+        16,
+        {"clex": {"position_span": "original", "train_t": "integer-linear", **RECOMMENDED}},
+        "clex-rec-gaps-4x with P(t) ∝ t",
+    ),
+    "clex-rec-quad-4x": (
+        "clex",
+        4,
+        16,
+        {"clex": {"position_span": "original", "train_t": "integer-quadratic", **RECOMMENDED}},
+        "clex-rec-gaps-4x with P(t) ∝ t²",
+    ),
     "clex-1x": ("clex", 1, 16, {}, "CLEX-4K: trained at the original length"),
     "clex-pose-1x": ("clex", 1, 16, {"pose": True}, "CLEX-4K with PoSE positions instead of the paper's"),
-    "clex-4x": ("clex", 4, 16, {"clex": {"position_span": "original"}},
-                "CLEX-16K: trained at 4x the original length (integer positions over L0·t)"),
+    "clex-4x": (
+        "clex",
+        4,
+        16,
+        {"clex": {"position_span": "original"}},
+        "CLEX-16K: trained at 4x the original length (integer positions over L0·t)",
+    ),
     "clex-4x-paper": ("clex", 4, 16, {}, "CLEX-16K with the paper's positions (divided by n // L0)"),
     "pi-4x": ("pi", 4, 4, {}, "PI s=4 at 4x (paper: PI 16k)"),
     "yarn4-4x": ("yarn", 4, 4, {}, "YaRN s=4 at 4x (paper: YaRN s=16)"),
@@ -89,14 +147,32 @@ class DemoScale:
 
 SCALES = {
     # CI smoke run: seconds of training, a couple of minutes in all; checks the plumbing, not the claim.
-    "quick": DemoScale("micro-llama", 40, 8, 3e-3, 8, 8, 1e-3, lengths=(1, 2, 4), eval_samples=1,
-                       variants=("clex-1x", "clex-rec-1x", "pi-4x", "yarn4-4x")),
+    "quick": DemoScale(
+        "micro-llama",
+        40,
+        8,
+        3e-3,
+        8,
+        8,
+        1e-3,
+        lengths=(1, 2, 4),
+        eval_samples=1,
+        variants=("clex-1x", "clex-rec-1x", "pi-4x", "yarn4-4x"),
+    ),
     # The default: the paper's rows and the recommended recipe against the baselines (~10-14 min on 2 cores).
-    "default": DemoScale("tiny-llama", 1200, 16, 2e-3, 400, 16, 5e-4,
-                         variants=("clex-1x", "clex-rec-1x", "clex-4x", "clex-rec-4x", "pi-4x", "yarn8-4x", "ntk-4x")),
+    "default": DemoScale(
+        "tiny-llama",
+        1200,
+        16,
+        2e-3,
+        400,
+        16,
+        5e-4,
+        variants=("clex-1x", "clex-rec-1x", "clex-4x", "clex-rec-4x", "pi-4x", "yarn8-4x", "ntk-4x"),
+    ),
     # A larger CPU (or a longer wait): a bigger model, longer training.
     "large": DemoScale("small-llama", 4000, 32, 1e-3, 1000, 32, 3e-4, eval_samples=8),
-}  # fmt: skip
+}
 
 
 def _train(cfg: dict, out: Path, label: str) -> tuple[Path, float]:
@@ -111,8 +187,10 @@ def _train(cfg: dict, out: Path, label: str) -> tuple[Path, float]:
     config = TrainConfig.from_dict({**cfg, "out_dir": str(out), "resume": bool(list_checkpoints(out))})
     changed = changed_fields(out, config)
     if changed:
-        raise ValueError(f"{out} holds a {label} trained with other settings ({', '.join(changed)} differ): rerun with "
-                         "--fresh (which deletes the demo's out_dir first) or give another --out-dir")  # fmt: skip
+        raise ValueError(
+            f"{out} holds a {label} trained with other settings ({', '.join(changed)} differ): rerun with "
+            "--fresh (which deletes the demo's out_dir first) or give another --out-dir"
+        )
     if (final / "config.json").is_file():
         print(f"[demo] {label}: already trained ({final})")
         return final, 0.0
@@ -122,13 +200,21 @@ def _train(cfg: dict, out: Path, label: str) -> tuple[Path, float]:
     losses = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     last = [r for r in losses if "loss" in r][-1:] or [{}]
     evals = [r["eval_loss"] for r in losses if "eval_loss" in r]
-    print(f"[demo] {label}: {seconds:.0f} s, final train loss {last[0].get('loss', float('nan')):.3f}"
-          + (f", held-out loss {evals[-1]:.3f}" if evals else ""))  # fmt: skip
+    print(
+        f"[demo] {label}: {seconds:.0f} s, final train loss {last[0].get('loss', float('nan')):.3f}"
+        + (f", held-out loss {evals[-1]:.3f}" if evals else "")
+    )
     return final, seconds
 
 
-def run(out_dir: str = "results/demo", quick: bool = False, scale: str = "default", seed: int = 0,
-        fresh: bool = False, variants: list[str] | None = None) -> dict:  # fmt: skip
+def run(
+    out_dir: str = "results/demo",
+    quick: bool = False,
+    scale: str = "default",
+    seed: int = 0,
+    fresh: bool = False,
+    variants: list[str] | None = None,
+) -> dict:
     """Reproduce the paper's table in miniature: pre-train, fine-tune CLEX and baselines, perplexity vs length.
 
     Args:
@@ -139,8 +225,8 @@ def run(out_dir: str = "results/demo", quick: bool = False, scale: str = "defaul
         fresh: delete out_dir first instead of reusing finished stages
         variants: the fine-tunes to run (default: the scale's), names from demo.VARIANTS, e.g. clex-4x yarn8-4x
     """
+    from .data.presets import MODEL_PRESETS
     from .eval.perplexity import run_ppl
-    from .sources.presets import MODEL_PRESETS
 
     scale = "quick" if quick else scale
     if scale not in SCALES:
@@ -158,13 +244,33 @@ def run(out_dir: str = "results/demo", quick: bool = False, scale: str = "defaul
     L0 = int(MODEL_PRESETS[s.preset]["max_position_embeddings"])
     t0 = time.perf_counter()
     times = {}
-    common = dict(seed=seed, threads=s.threads, save_every=max(1, s.finetune_steps // 2), log_every=max(1, s.finetune_steps // 10),
-                  eval_every=0, held_out=0.02, warmup_ratio=0.03, schedule="cosine", weight_decay=0.0)  # fmt: skip
+    common = dict(
+        seed=seed,
+        threads=s.threads,
+        save_every=max(1, s.finetune_steps // 2),
+        log_every=max(1, s.finetune_steps // 10),
+        eval_every=0,
+        held_out=0.02,
+        warmup_ratio=0.03,
+        schedule="cosine",
+        weight_decay=0.0,
+    )
 
-    print(f"[demo] scale {scale}: {s.preset}, L0 = {L0}; pre-training {s.pretrain_steps} steps x {s.pretrain_batch} x {L0} tokens")
-    base_cfg = dict(common, model=s.preset, method="none", factor=1, seq_len=L0, steps=s.pretrain_steps,
-                    batch_size=s.pretrain_batch, lr=s.pretrain_lr, save_every=max(1, s.pretrain_steps // 4),
-                    log_every=max(1, s.pretrain_steps // 20))  # fmt: skip
+    print(
+        f"[demo] scale {scale}: {s.preset}, L0 = {L0}; pre-training {s.pretrain_steps} steps x {s.pretrain_batch} x {L0} tokens"
+    )
+    base_cfg = dict(
+        common,
+        model=s.preset,
+        method="none",
+        factor=1,
+        seq_len=L0,
+        steps=s.pretrain_steps,
+        batch_size=s.pretrain_batch,
+        lr=s.pretrain_lr,
+        save_every=max(1, s.pretrain_steps // 4),
+        log_every=max(1, s.pretrain_steps // 20),
+    )
     base, times["pretrain"] = _train(base_cfg, models / "base", "pre-training (plain RoPE)")
 
     budget = s.finetune_steps * s.finetune_rows * L0
@@ -172,8 +278,17 @@ def run(out_dir: str = "results/demo", quick: bool = False, scale: str = "defaul
     finals = {"base": base}
     for name in s.variants:
         method, k, factor, extra, _ = VARIANTS[name]
-        cfg = dict(common, model=str(base), method=method, factor=factor, seq_len=k * L0, steps=s.finetune_steps,
-                   batch_size=max(1, s.finetune_rows // k), lr=s.finetune_lr, **extra)  # fmt: skip
+        cfg = dict(
+            common,
+            model=str(base),
+            method=method,
+            factor=factor,
+            seq_len=k * L0,
+            steps=s.finetune_steps,
+            batch_size=max(1, s.finetune_rows // k),
+            lr=s.finetune_lr,
+            **extra,
+        )
         if method == "clex":
             cfg["clex_lr"] = s.clex_lr
         finals[name], times[name] = _train(cfg, models / name, f"{name} ({method}, rows of {k} x L0)")
@@ -181,14 +296,27 @@ def run(out_dir: str = "results/demo", quick: bool = False, scale: str = "defaul
     lengths = [L0 * k for k in s.lengths]
     start = time.perf_counter()
     payload = run_ppl(
-        [f"{n}={p}" for n, p in finals.items()], lengths=lengths, protocol="chunked", samples=s.eval_samples,
-        seed=seed, out_dir=str(out), name="ppl", plot=True,
-    )  # fmt: skip
+        [f"{n}={p}" for n, p in finals.items()],
+        lengths=lengths,
+        protocol="chunked",
+        samples=s.eval_samples,
+        seed=seed,
+        out_dir=str(out),
+        name="ppl",
+        plot=True,
+    )
     times["evaluation"] = time.perf_counter() - start
     table = _paper_table(payload, s, L0)
     wall = time.perf_counter() - t0
-    summary = {"scale": asdict(s), "L0": L0, "token_budget": budget, "seconds": times, "wall_seconds": wall,
-               "table": table, "ppl": payload["paths"]}  # fmt: skip
+    summary = {
+        "scale": asdict(s),
+        "L0": L0,
+        "token_budget": budget,
+        "seconds": times,
+        "wall_seconds": wall,
+        "table": table,
+        "ppl": payload["paths"],
+    }
     atomic_write_text(out / "demo.json", json.dumps(summary, indent=2) + "\n")
     md = _markdown(table, lengths, L0, wall, scale)
     atomic_write_text(out / "demo.md", md)
@@ -202,18 +330,25 @@ def _paper_table(payload: dict, s: DemoScale, L0: int) -> list[dict]:
     for name, v in payload["models"].items():
         method, k, factor, _, mirrors = VARIANTS.get(name, ("none", 1, 1, {}, "the pre-trained model, untouched"))
         ppl = {int(n): r["ppl"] for n, r in v["results"].items()}
-        rows.append({"model": name, "trained at": f"{k} x L0" if name != "base" else "1 x L0", "mirrors": mirrors,
-                     "ppl": ppl})  # fmt: skip
+        rows.append(
+            {"model": name, "trained at": f"{k} x L0" if name != "base" else "1 x L0", "mirrors": mirrors, "ppl": ppl}
+        )
     return rows
 
 
 def _markdown(table: list[dict], lengths: list[int], L0: int, wall: float, scale: str) -> str:
     head = "| model | trained at | " + " | ".join(f"{n // L0}x ({n})" for n in lengths) + " | mirrors |"
-    lines = [f"# clex demo ({scale}): perplexity (bytes) on held-out plays, L0 = {L0}", "", head,
-             "|" + "---|" * (len(lengths) + 3)]  # fmt: skip
+    lines = [
+        f"# clex demo ({scale}): perplexity (bytes) on held-out plays, L0 = {L0}",
+        "",
+        head,
+        "|" + "---|" * (len(lengths) + 3),
+    ]
     best = {n: min(r["ppl"][n] for r in table) for n in lengths}
     for r in table:
-        cells = [(f"**{r['ppl'][n]:.3f}**" if math.isclose(r["ppl"][n], best[n]) else f"{r['ppl'][n]:.3f}") for n in lengths]
+        cells = [
+            (f"**{r['ppl'][n]:.3f}**" if math.isclose(r["ppl"][n], best[n]) else f"{r['ppl'][n]:.3f}") for n in lengths
+        ]
         lines.append(f"| {r['model']} | {r['trained at']} | " + " | ".join(cells) + f" | {r['mirrors']} |")
     lines += ["", f"Wall time {wall / 60:.1f} min. Lower is better; bold: the best at that length.", ""]
     return "\n".join(lines)

@@ -17,7 +17,11 @@ from clex import CLEXConfig
         ("act", "relu", "act must be one of 'tanh', 'silu', got 'relu'"),
         ("method", "rk5", "method must be one of 'rk4-fused', "),
         ("formulation", "fast", "formulation must be one of 'residual', 'reference'"),
-        ("train_t", "normal", "train_t must be one of 'integer', 'integer-linear', 'integer-quadratic', 'integer-mixed', 'uniform', 'log-uniform'"),
+        (
+            "train_t",
+            "normal",
+            "train_t must be one of 'integer', 'integer-linear', 'integer-quadratic', 'integer-mixed', 'uniform', 'log-uniform'",
+        ),
         ("position_sampler", "skip", "position_sampler must be one of 'random', 'pose'"),
         ("position_span", "all", "position_span must be one of 'sequence', 'original'"),
         ("solve_device", "gpu", "solve_device must be one of 'cpu', 'model', got 'gpu'"),
@@ -69,7 +73,9 @@ def test_the_config_is_immutable_and_replace_validates():
 
 
 def test_fixed_t_needs_the_fixed_policy():
-    with pytest.raises(ValueError, match=r"fixed_t applies to inference_t='fixed' only, got fixed_t=2.0 with inference_t='continuous'"):
+    with pytest.raises(
+        ValueError, match=r"fixed_t applies to inference_t='fixed' only, got fixed_t=2.0 with inference_t='continuous'"
+    ):
         CLEXConfig(fixed_t=2.0)
     fixed = CLEXConfig(inference_t="fixed", fixed_t=2.0)
     with pytest.raises(ValueError, match="fixed_t applies to inference_t='fixed' only"):
@@ -88,7 +94,9 @@ def test_solver_methods_are_torchdiffeqs_registry_and_ours():
 
 
 def test_odd_rotary_dimension_is_refused():
-    with pytest.raises(ValueError, match=r"rotary dimension d must be even and >= 4 \(the prior divides by d-2\), got d=7"):
+    with pytest.raises(
+        ValueError, match=r"rotary dimension d must be even and >= 4 \(the prior divides by d-2\), got d=7"
+    ):
         clex.CLEXDynamics(7)
 
 

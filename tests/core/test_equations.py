@@ -20,7 +20,9 @@ def trained_like(dim=DIM, lam=1, seed=0, dtype=torch.float32):
 
 def test_rate_is_the_derivative_of_the_prior():
     t, h = torch.tensor(3.3, dtype=torch.float64), 1e-6
-    numeric = (ntk_log_freqs(t + h, DIM, 1e5, dtype=torch.float64) - ntk_log_freqs(t - h, DIM, 1e5, dtype=torch.float64)) / (2 * h)
+    numeric = (
+        ntk_log_freqs(t + h, DIM, 1e5, dtype=torch.float64) - ntk_log_freqs(t - h, DIM, 1e5, dtype=torch.float64)
+    ) / (2 * h)
     torch.testing.assert_close(numeric, ntk_log_freqs_rate(t, DIM, dtype=torch.float64), rtol=1e-8, atol=1e-9)
 
 
@@ -52,7 +54,14 @@ def test_default_solver_matches_float64_fine_reference(act):
     up, down = trained_like(seed=3)
     ours = solve_log_freqs(INV0, up, down, times, act=act, prior_base=1e4).exp()
     ref = solve_log_freqs(
-        INV0.double(), up.double(), down.double(), times, act=act, prior_base=1e4, time_dt=0.001, formulation="reference"
+        INV0.double(),
+        up.double(),
+        down.double(),
+        times,
+        act=act,
+        prior_base=1e4,
+        time_dt=0.001,
+        formulation="reference",
     ).exp()
     assert ((ours.double() - ref) / ref).abs().max() <= 1e-5
 
@@ -67,7 +76,7 @@ def test_gradcheck_through_the_solver():
     up, down = trained_like(dim=8, seed=1, dtype=torch.float64)
     up.requires_grad_(True)
     down.requires_grad_(True)
-    inv0 = (1.0 / (10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8)))
+    inv0 = 1.0 / (10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8))
 
     def f(u, d):
         return solve_log_freqs(inv0, u, d, [2.5], act="tanh", prior_base=1e4, time_dt=0.25)

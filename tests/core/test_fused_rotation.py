@@ -1,4 +1,4 @@
-"""The fused rotation (clex.core.rotation): the stock forward bit for bit, and the stock gradients of q, k and
+"""The fused rotation (clex.core.fused_rotation): the stock forward bit for bit, and the stock gradients of q, k and
 of whatever reaches cos/sin through an angle (θ, the ODE weights), in float64 to rounding; the Triton kernels
 (under TRITON_INTERPRET=1, on the CPU) against the eager backward."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from clex.core.equations import rope_angles
-from clex.core.rotation import fused_rotate, rotate
+from clex.core.fused_rotation import fused_rotate, rotate
 from clex.core.solve import solve_log_freqs
 
 
@@ -33,7 +33,9 @@ def rotated(rotation, q, k, theta, positions, s=1.0, **kw):
 def loss_and_grads(rotation, q, k, theta, positions, s=1.0, **kw):
     q_out, k_out = rotated(rotation, q, k, theta, positions, s, **kw)
     g = torch.Generator().manual_seed(1)
-    loss = (q_out * torch.randn(q_out.shape, generator=g, dtype=q_out.dtype)).sum() + (k_out * torch.randn(k_out.shape, generator=g, dtype=k_out.dtype)).sum()
+    loss = (q_out * torch.randn(q_out.shape, generator=g, dtype=q_out.dtype)).sum() + (
+        k_out * torch.randn(k_out.shape, generator=g, dtype=k_out.dtype)
+    ).sum()
     return (q_out, k_out), torch.autograd.grad(loss, [q, k, theta])
 
 
@@ -41,7 +43,12 @@ def loss_and_grads(rotation, q, k, theta, positions, s=1.0, **kw):
 def test_the_forward_is_the_stock_one_bit_for_bit(dtype):
     q, k, theta, positions = inputs(dtype)
     with torch.no_grad():
-        assert all(torch.equal(a, b) for a, b in zip(rotated(rotate, q, k, theta, positions), rotated(fused_rotate, q, k, theta, positions, backend="torch")))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(
+                rotated(rotate, q, k, theta, positions), rotated(fused_rotate, q, k, theta, positions, backend="torch")
+            )
+        )
     mixed = (q.bfloat16(), k.bfloat16(), theta.float(), positions.float())  # autocast: bfloat16 q, float32 cos
     ref, new = rotated(rotate, *mixed), rotated(fused_rotate, *mixed, backend="torch")
     assert all(torch.equal(a, b) and a.dtype == b.dtype == torch.float32 for a, b in zip(ref, new))
@@ -76,7 +83,7 @@ def test_the_ode_weights_gradients_equal_the_stock_ones_in_float64():
     for rotation, kw in [(rotate, {}), (fused_rotate, {"backend": "torch"})]:
         theta = torch.exp(solve_log_freqs(inv0, w_up, w_down, [1.0, 5.0], act="tanh", prior_base=10000.0)[1])
         q_out, k_out = rotated(rotation, q, k, theta, positions * 5, **kw)
-        loss = (q_out.sin() * 3).sum() + (k_out ** 2).sum()
+        loss = (q_out.sin() * 3).sum() + (k_out**2).sum()
         grads.append(torch.autograd.grad(loss, [w_up, w_down, q, k]))
     for a, b in zip(*grads):
         assert a.abs().sum() > 0 and torch.allclose(a, b, rtol=1e-12, atol=1e-12 * a.abs().max().item())
@@ -95,7 +102,9 @@ def test_the_triton_kernels_equal_the_eager_backward():
     """In a child process with TRITON_INTERPRET=1 (read when Triton is first imported): the kernels on the CPU."""
     pytest.importorskip("triton")
     code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_fused_rotation; test_fused_rotation.check_triton()"
-    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True
+    )
     assert done.returncode == 0 and "triton ok" in done.stdout, done.stdout + done.stderr
 
 

@@ -28,8 +28,12 @@ def test_the_untrained_yarn_prior_is_transformers_yarn_at_factor_t(factor):
     clex.apply_clex(model, prior="yarn", max_factor=16)
     ours = clex.get_clex_rotary(model).inv_freq_at(factor)
     hf = model.config
-    hf.rope_parameters = {**hf.rope_parameters, "rope_type": "yarn", "factor": factor,
-                          "original_max_position_embeddings": L}  # fmt: skip
+    hf.rope_parameters = {
+        **hf.rope_parameters,
+        "rope_type": "yarn",
+        "factor": factor,
+        "original_max_position_embeddings": L,
+    }
     theirs, _ = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
     assert torch.allclose(ours, theirs, rtol=1e-6, atol=0)
 
@@ -61,8 +65,9 @@ def test_the_angle_cap_keeps_never_turned_pairs_inside_their_pretraining_angles(
     clex.apply_clex(model, angle_cap=True, max_factor=16)
     rotary = clex.get_clex_rotary(model)
     trained_like(rotary)
-    free = clex.get_clex_rotary(clex.apply_clex(tiny_model("llama", hidden_size=128, num_attention_heads=2,
-                                                           rope_theta=1e5), max_factor=16))  # fmt: skip
+    free = clex.get_clex_rotary(
+        clex.apply_clex(tiny_model("llama", hidden_size=128, num_attention_heads=2, rope_theta=1e5), max_factor=16)
+    )
     free.dynamics.load_state_dict(rotary.dynamics.state_dict())
     log0 = rotary.inv_freq.log()
     never = L * rotary.inv_freq < 2 * math.pi
@@ -137,11 +142,14 @@ def _power(p):
     return {k: k**p / sum(j**p for j in range(1, 5)) for k in range(1, 5)}
 
 
-@pytest.mark.parametrize("name, probs", [
-    ("integer-linear", _power(1)),  # P(t) = t / Σj
-    ("integer-quadratic", _power(2)),  # P(t) = t² / Σj²
-    ("integer-mixed", {k: 0.5 / 4 + 0.5 * _power(2)[k] for k in range(1, 5)}),  # ½ uniform + ½ quadratic
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, probs",
+    [
+        ("integer-linear", _power(1)),  # P(t) = t / Σj
+        ("integer-quadratic", _power(2)),  # P(t) = t² / Σj²
+        ("integer-mixed", {k: 0.5 / 4 + 0.5 * _power(2)[k] for k in range(1, 5)}),  # ½ uniform + ½ quadratic
+    ],
+)
 def test_weighted_integer_t_draws_each_t_with_its_probability(name, probs):
     from collections import Counter
 

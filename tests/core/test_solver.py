@@ -51,8 +51,18 @@ def reference_rk4(inv0, up, down, times, act, dt=0.01):
 def test_the_written_out_reference_is_torchdiffeqs_rk4():
     up, down = trained_like(seed=3, dtype=torch.float64)
     a = reference_rk4(INV0.double(), up, down, [1.5, 2.0], "silu")
-    b = solve_log_freqs(INV0.double(), up, down, [1.5, 2.0], act="silu", prior_base=1e4, method="rk4",
-                        time_dt=0.01, log_dt=None, formulation="reference")  # fmt: skip
+    b = solve_log_freqs(
+        INV0.double(),
+        up,
+        down,
+        [1.5, 2.0],
+        act="silu",
+        prior_base=1e4,
+        method="rk4",
+        time_dt=0.01,
+        log_dt=None,
+        formulation="reference",
+    )
     torch.testing.assert_close(a, b, rtol=0, atol=1e-9)  # same steps; round-off in the stage times only
 
 
@@ -156,6 +166,8 @@ def test_solver_settings_are_validated():
         clex.CLEXConfig(formulation="reference")
     clex.CLEXConfig(formulation="reference", method="rk4")  # the reference path takes either
     with pytest.raises(ValueError, match="solves formulation 'residual' only"):
-        solve_log_freqs(INV0, *trained_like(), [2.0], act="tanh", prior_base=1e4, method="rk4-fused", formulation="reference")
+        solve_log_freqs(
+            INV0, *trained_like(), [2.0], act="tanh", prior_base=1e4, method="rk4-fused", formulation="reference"
+        )
     with pytest.raises(ValueError, match="time_dt and log_dt must be > 0"):
         solve_log_freqs(INV0, *trained_like(), [2.0], act="tanh", prior_base=1e4, time_dt=0)

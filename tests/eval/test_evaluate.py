@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 import clex
+from clex.data.tokenizer import byte_tokenizer
 from clex.eval import perplexity as evaluate
 from clex.eval.perplexity import nll_chunked, nll_sliding, run_ppl
 from clex.eval.specs import ModelSpec, fixed_clex_t, load_spec
 from clex.hf.methods import prepare_model
-from clex.sources.tokenizer import byte_tokenizer
 
 L = 16  # the tiny models' max_position_embeddings
 
@@ -122,9 +122,16 @@ def test_every_baseline_spec_is_the_training_method(tmp_path):
     byte_model().save_pretrained(tmp_path)
     byte_tokenizer().save_pretrained(tmp_path)
     x = ids(60)
-    for spec, method in [("pi", "pi"), ("linear", "pi"), ("ntk", "ntk"), ("dynamic", "dynamic-ntk"),
-                         ("dynamic-ntk", "dynamic-ntk"), ("yarn", "yarn"), ("longrope", "longrope"),
-                         ("llama3", "llama3")]:  # fmt: skip
+    for spec, method in [
+        ("pi", "pi"),
+        ("linear", "pi"),
+        ("ntk", "ntk"),
+        ("dynamic", "dynamic-ntk"),
+        ("dynamic-ntk", "dynamic-ntk"),
+        ("yarn", "yarn"),
+        ("longrope", "longrope"),
+        ("llama3", "llama3"),
+    ]:
         loaded = load_spec(f"{tmp_path}:{spec}:factor=4")
         assert loaded.spec["method"] == method
         trained = prepare_model(byte_model(), method, factor=4)
@@ -267,8 +274,8 @@ def test_no_models_says_models_is_required():
 
 
 def test_documents_are_read_by_the_training_reader_with_names(tmp_path):
+    from clex.data.texts import load_texts
     from clex.eval.specs import load_documents
-    from clex.sources.texts import load_texts
 
     (tmp_path / "a.txt").write_text("alpha")
     (tmp_path / "sub").mkdir()
@@ -286,9 +293,17 @@ def test_documents_are_read_by_the_training_reader_with_names(tmp_path):
 
 def test_chunk_none_is_the_training_length_and_recorded_as_none(tmp_path):
     docs = {"d": "abc " * 20}
-    out = run_ppl([("m", byte_model(), byte_tokenizer())], lengths=[40], documents=docs, out_dir=str(tmp_path), plot=False)
-    given = run_ppl([("m", byte_model(), byte_tokenizer())], lengths=[40], documents=docs, chunk=L, out_dir=str(tmp_path),
-                    plot=False)  # fmt: skip
+    out = run_ppl(
+        [("m", byte_model(), byte_tokenizer())], lengths=[40], documents=docs, out_dir=str(tmp_path), plot=False
+    )
+    given = run_ppl(
+        [("m", byte_model(), byte_tokenizer())],
+        lengths=[40],
+        documents=docs,
+        chunk=L,
+        out_dir=str(tmp_path),
+        plot=False,
+    )
     assert out["config"]["chunk"] is None and given["config"]["chunk"] == L
     assert out["models"]["m"]["results"][40]["nll"] == given["models"]["m"]["results"][40]["nll"]
 
@@ -297,8 +312,13 @@ def test_the_context_ratio_compares_the_same_last_L_tokens_with_the_whole_window
     """Content-controlled: only the context differs. Its value is recomputed here from two full forwards."""
     model = byte_model(use_clex=True)
     text = "".join(chr(97 + (i * 7) % 26) for i in range(400))
-    out = run_ppl([("clex", model, byte_tokenizer())], lengths=[32, 96], documents={"doc": text}, out_dir=str(tmp_path),
-                  plot=False)  # fmt: skip
+    out = run_ppl(
+        [("clex", model, byte_tokenizer())],
+        lengths=[32, 96],
+        documents={"doc": text},
+        out_dir=str(tmp_path),
+        plot=False,
+    )
     res = out["models"]["clex"]["results"]
     assert "context_ratio" not in res[32]  # 2 L: the short context is the whole window
     x = torch.tensor(byte_tokenizer()(text, add_special_tokens=False)["input_ids"][:96])

@@ -17,10 +17,19 @@ def is_png(path):
 
 
 def test_ppl_and_retrieval_plots_are_written(tmp_path):
-    ppl = {"config": {"protocol": "chunked"}, "models": {
-        "base": {"train_length": 128, "results": {128: {"ppl": 5.0, "ppl_std": 0.2}, 256: {"ppl": 40.0, "ppl_std": 3.0}}},
-        "clex": {"train_length": 128, "results": {"128": {"ppl": 5.1, "ppl_std": 0.2}, "256": {"ppl": 5.3, "ppl_std": None}}},
-    }}  # fmt: skip
+    ppl = {
+        "config": {"protocol": "chunked"},
+        "models": {
+            "base": {
+                "train_length": 128,
+                "results": {128: {"ppl": 5.0, "ppl_std": 0.2}, 256: {"ppl": 40.0, "ppl_std": 3.0}},
+            },
+            "clex": {
+                "train_length": 128,
+                "results": {"128": {"ppl": 5.1, "ppl_std": 0.2}, "256": {"ppl": 5.3, "ppl_std": None}},
+            },
+        },
+    }
     assert is_png(plot_ppl(ppl, tmp_path / "sub" / "ppl.png"))
     grid = {"passkey": {"128": {"0.0": 1.0, "1.0": 0.5}, "256": {"0.0": 0.0, "1.0": 0.25}}}
     payload = {

@@ -8,9 +8,9 @@ import torch
 from conftest import tiny_model
 
 import clex
+from clex.data.tokenizer import byte_tokenizer
 from clex.eval.retrieval import assemble, greedy_decode, run_needle, run_passkey
 from clex.eval.specs import fixed_clex_t
-from clex.sources.tokenizer import byte_tokenizer
 
 V = 257
 
@@ -45,8 +45,13 @@ class Random(torch.nn.Module):
 
 def test_passkey_is_solved_by_a_copier_and_not_by_a_random_model(tmp_path):
     tok = byte_tokenizer()
-    out = run_passkey([("copier", Copier(), tok), ("random", Random(), tok)], lengths=[300, 600], depths="0,0.5,1",
-                      trials=3, out_dir=str(tmp_path))  # fmt: skip
+    out = run_passkey(
+        [("copier", Copier(), tok), ("random", Random(), tok)],
+        lengths=[300, 600],
+        depths="0,0.5,1",
+        trials=3,
+        out_dir=str(tmp_path),
+    )
     assert out["models"]["copier"]["mean"] == 1.0 and out["models"]["random"]["mean"] == 0.0
     rec = out["models"]["copier"]["records"]
     assert len(rec) == 2 * 3 * 3 and len({r["answer"] for r in rec}) > 10  # fresh keys per trial
@@ -59,8 +64,15 @@ def test_passkey_is_solved_by_a_copier_and_not_by_a_random_model(tmp_path):
 
 def test_needle_in_real_text_is_solved_by_the_copier_only(tmp_path):
     tok = byte_tokenizer()
-    out = run_needle([("copier", Copier(), tok), ("random", Random(1), tok)], lengths=[400], depths=[0, 0.5, 1],
-                     trials=2, template="compact", out_dir=str(tmp_path), seed=3)  # fmt: skip
+    out = run_needle(
+        [("copier", Copier(), tok), ("random", Random(1), tok)],
+        lengths=[400],
+        depths=[0, 0.5, 1],
+        trials=2,
+        template="compact",
+        out_dir=str(tmp_path),
+        seed=3,
+    )
     assert out["models"]["copier"]["mean"] == 1.0 and out["models"]["random"]["mean"] == 0.0
     assert out["config"]["documents"] == "embedded held-out plays"
     assert (tmp_path / "needle.png").stat().st_size > 5000
@@ -68,8 +80,19 @@ def test_needle_in_real_text_is_solved_by_the_copier_only(tmp_path):
 
 def test_trials_depend_on_the_seed_only(tmp_path):
     tok = byte_tokenizer()
-    runs = [run_passkey([("c", Copier(), tok)], lengths=[200], depths=[0.5], trials=3, template="compact", seed=s, plot=False,
-                        out_dir=str(tmp_path)) for s in (0, 0, 1)]  # fmt: skip
+    runs = [
+        run_passkey(
+            [("c", Copier(), tok)],
+            lengths=[200],
+            depths=[0.5],
+            trials=3,
+            template="compact",
+            seed=s,
+            plot=False,
+            out_dir=str(tmp_path),
+        )
+        for s in (0, 0, 1)
+    ]
     keys = [[r["answer"] for r in run["models"]["c"]["records"]] for run in runs]
     assert keys[0] == keys[1] != keys[2]
 

@@ -12,8 +12,8 @@ pytest.importorskip("lm_eval", reason="lm-eval is the optional extra [ruler]")
 
 import clex  # noqa: E402
 from clex.cli import main  # noqa: E402
+from clex.data.tokenizer import byte_tokenizer  # noqa: E402
 from clex.eval.ruler import SKIPPED, TASKS, run_ruler  # noqa: E402
-from clex.sources.tokenizer import byte_tokenizer  # noqa: E402
 
 V = 257
 
@@ -44,8 +44,14 @@ def _folder(path, model):
 def test_an_oracle_scores_one_and_a_random_model_zero_through_lm_eval(tmp_path):
     oracle = Oracle(tiny_model("llama", vocab_size=V).config).eval()
     folder = _folder(tmp_path / "tiny", tiny_model("llama", vocab_size=V))
-    out = run_ruler([("oracle", oracle, byte_tokenizer()), f"random={folder}"], lengths="600", tasks="niah_single_1",
-                    samples=2, batch_size=2, out_dir=str(tmp_path / "eval"))  # fmt: skip
+    out = run_ruler(
+        [("oracle", oracle, byte_tokenizer()), f"random={folder}"],
+        lengths="600",
+        tasks="niah_single_1",
+        samples=2,
+        batch_size=2,
+        out_dir=str(tmp_path / "eval"),
+    )
     cell = out["models"]["oracle"]["results"]["niah_single_1"][600]
     assert (cell["score"], cell["stderr"], cell["samples"]) == (1.0, 0.0, 2)
     assert all(r["output"].strip() in r["answers"] for r in cell["records"])
@@ -55,8 +61,10 @@ def test_an_oracle_scores_one_and_a_random_model_zero_through_lm_eval(tmp_path):
     assert saved["config"]["tasks"] == ["niah_single_1"] and saved["seed"] == 0
     assert set(saved["skipped"]) == set(SKIPPED) and "essays" in saved["skipped"]["niah_single_2"]
     # the same prompts for both models (same tokenizer, same seed)
-    answers = [[r["answers"] for r in saved["models"][m]["results"]["niah_single_1"]["600"]["records"]]
-               for m in ("oracle", "random")]  # fmt: skip
+    answers = [
+        [r["answers"] for r in saved["models"][m]["results"]["niah_single_1"]["600"]["records"]]
+        for m in ("oracle", "random")
+    ]
     assert answers[0] == answers[1]
     md = (tmp_path / "eval" / "ruler.md").read_text()
     assert "| oracle | 600 | 1.00 ± 0.00 | 1.00 ± 0.00 |" in md and "niah_single_2" in md
@@ -123,15 +131,26 @@ def test_cells_done_before_a_crash_are_kept_in_a_partial_json(tmp_path, monkeypa
     monkeypatch.setattr(ruler, "ruler_scores", dies_at_the_second_length)
     oracle = Oracle(tiny_model("llama", vocab_size=V).config).eval()
     with pytest.raises(RuntimeError, match="killed"):
-        run_ruler([("oracle", oracle, byte_tokenizer())], lengths="600,700", tasks="niah_single_1", samples=1,
-                  out_dir=str(tmp_path))  # fmt: skip
+        run_ruler(
+            [("oracle", oracle, byte_tokenizer())],
+            lengths="600,700",
+            tasks="niah_single_1",
+            samples=1,
+            out_dir=str(tmp_path),
+        )
     saved = json.loads((tmp_path / "ruler.partial.json").read_text())
     assert saved["models"]["oracle"]["results"]["niah_single_1"]["600"]["score"] == 1.0
     assert "700" not in saved["models"]["oracle"]["results"]["niah_single_1"]
     assert not (tmp_path / "ruler.json").exists()
     monkeypatch.setattr(ruler, "ruler_scores", real)  # a whole run leaves the final files only
-    run_ruler([("oracle", oracle, byte_tokenizer())], lengths="600", tasks="niah_single_1", samples=1,
-              out_dir=str(tmp_path), plot=False)  # fmt: skip
+    run_ruler(
+        [("oracle", oracle, byte_tokenizer())],
+        lengths="600",
+        tasks="niah_single_1",
+        samples=1,
+        out_dir=str(tmp_path),
+        plot=False,
+    )
     assert (tmp_path / "ruler.json").exists() and not (tmp_path / "ruler.partial.json").exists()
 
 
@@ -139,8 +158,11 @@ def test_without_lm_eval_the_error_says_how_to_install_it(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
-    with pytest.raises(OSError, match=r"clex eval ruler needs lm-evaluation-harness \(lm_eval\), which cannot be imported "
-                                      r"here .*pip install -c constraints.txt -e '\.\[ruler\]'"):  # fmt: skip
+    with pytest.raises(
+        OSError,
+        match=r"clex eval ruler needs lm-evaluation-harness \(lm_eval\), which cannot be imported "
+        r"here .*pip install -c constraints.txt -e '\.\[ruler\]'",
+    ):
         run_ruler(["x=/nowhere"], lengths="600", tasks="niah_single_1")
 
 

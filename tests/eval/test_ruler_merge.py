@@ -11,13 +11,23 @@ TASKS = ["niah_single_1", "ruler_cwe"]
 
 
 def _run(path, models, **config):
-    cfg = {"lengths": [600, 700], "tasks": TASKS, "samples": 2, "batch_size": 1, "device": "cpu", "dtype": None,
-           "lm_eval": "0.4.13", "metric": "RULER string match (lm-eval), mean over samples", **config}
+    cfg = {
+        "lengths": [600, 700],
+        "tasks": TASKS,
+        "samples": 2,
+        "batch_size": 1,
+        "device": "cpu",
+        "dtype": None,
+        "lm_eval": "0.4.13",
+        "metric": "RULER string match (lm-eval), mean over samples",
+        **config,
+    }
     payload = {"task": "ruler", "config": cfg, "seed": 0, "models": {}, "skipped": {}}
     for name, score in models.items():
         cell = {"score": score, "stderr": 0.1, "samples": 2, "records": []}
         payload["models"][name] = {
-            "spec": name, "results": {t: {str(n): dict(cell) for n in cfg["lengths"]} for t in TASKS},
+            "spec": name,
+            "results": {t: {str(n): dict(cell) for n in cfg["lengths"]} for t in TASKS},
             "mean": {str(n): {"score": score, "stderr": 0.07} for n in cfg["lengths"]},
         }
     path.write_text(json.dumps(payload))

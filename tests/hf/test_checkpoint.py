@@ -62,8 +62,14 @@ def write_official(model, path, *, act="silu", max_factor=4, param_factor=1, log
     """A checkpoint in the layout of the authors' release: their config keys and state-dict names."""
     config = model.config.to_dict()
     config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]
-    config["rope_scaling"] = {"type": "clex", "max_factor": max_factor, "param_factor": param_factor,
-                              "act": act, "time_dt": 0.01, "factor": 1}  # fmt: skip
+    config["rope_scaling"] = {
+        "type": "clex",
+        "max_factor": max_factor,
+        "param_factor": param_factor,
+        "act": act,
+        "time_dt": 0.01,
+        "factor": 1,
+    }
     config["log_scale"] = log_scale
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_llama_clex.LlamaForCausalLM"}
     path.mkdir(parents=True, exist_ok=True)
@@ -73,7 +79,9 @@ def write_official(model, path, *, act="silu", max_factor=4, param_factor=1, log
     state = {k: v for k, v in model.state_dict().items() if "rotary" not in k}
     state["model.clex_layer.inv_freq"] = find_rotary(model)[1].inv_freq
     state["model.clex_layer.proj_func.ode_up_proj"] = torch.randn(inner // 2, param_factor * inner, generator=g) * 0.1
-    state["model.clex_layer.proj_func.ode_down_proj"] = torch.randn(param_factor * inner, inner // 2, generator=g) * 0.05
+    state["model.clex_layer.proj_func.ode_down_proj"] = (
+        torch.randn(param_factor * inner, inner // 2, generator=g) * 0.05
+    )
     torch.save(state, path / "pytorch_model.bin")
     return state
 

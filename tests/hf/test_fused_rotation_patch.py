@@ -1,4 +1,4 @@
-"""CLEX's fused rotation in transformers' attention (clex.hf.rotation): the same forward and gradients as
+"""CLEX's fused rotation in transformers' attention (clex.hf.fused_rotation): the same forward and gradients as
 stock autograd while training, transformers' own function everywhere else, patched only where it is LLaMA's."""
 
 import sys
@@ -9,7 +9,7 @@ from conftest import tiny_model
 
 import clex
 from clex.hf.compat import set_activation_checkpointing
-from clex.hf.rotation import is_llama_rotation
+from clex.hf.fused_rotation import is_llama_rotation
 
 
 def ids(n, batch=2, seed=0):
@@ -44,8 +44,8 @@ def test_a_training_step_is_the_stock_one(family):
 
 
 def test_the_patch_is_where_the_rotation_is_llamas_and_the_stock_function_runs_elsewhere(monkeypatch):
-    import clex.hf.rotation as rotation
-    from clex.core.rotation import rotate
+    import clex.hf.fused_rotation as rotation
+    from clex.core.fused_rotation import rotate
 
     calls = []
     monkeypatch.setattr(rotation, "fused_rotate", lambda *a: calls.append(a[-2:]) or rotate(*a[:4]))
@@ -53,7 +53,9 @@ def test_the_patch_is_where_the_rotation_is_llamas_and_the_stock_function_runs_e
     clex.apply_clex(model, max_factor=4, fused_rotation="auto")
     module = sys.modules[type(model.model.layers[0].self_attn).__module__]
     assert clex.get_clex_rotary(model).fused_rotation_modules == (module.__name__,)
-    assert is_llama_rotation(module.apply_rotary_pos_emb.clex_stock) and not is_llama_rotation(module.apply_rotary_pos_emb)
+    assert is_llama_rotation(module.apply_rotary_pos_emb.clex_stock) and not is_llama_rotation(
+        module.apply_rotary_pos_emb
+    )
     x = ids(20)
     model(x, labels=x).loss.backward()
     assert calls == [("auto", 1.0)] * 2  # both layers, tagged with the backend and attention_scaling

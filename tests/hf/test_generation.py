@@ -56,9 +56,14 @@ def generate(model, prompts, new=NEW, **kw):
     ids, mask = left_pad(prompts)
     with torch.no_grad():
         out = model.generate(
-            ids, attention_mask=mask, max_new_tokens=new, return_dict_in_generate=True, output_logits=True,
-            pad_token_id=0, **kw,
-        )  # fmt: skip
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=0,
+            **kw,
+        )
     rows = [p + out.sequences[b, ids.shape[1] :].tolist() for b, p in enumerate(prompts)]
     return rows, torch.stack(out.logits)
 
@@ -114,9 +119,11 @@ def reference_logits(model, family, rows, prompts, monkeypatch):
             start = 0 if end == width else end - 1
             cache.positions = positions[:, :end]
             logits = model(
-                tokens[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end],
+                tokens[:, start:end],
+                attention_mask=mask[:, :end],
+                position_ids=positions[:, start:end],
                 **cache_kwargs(cache),
-            ).logits  # fmt: skip
+            ).logits
             out.append(logits[:, -1])
     monkeypatch.undo()
     return torch.stack(out)
@@ -134,9 +141,7 @@ def test_one_layer_generation_equals_a_full_forward_at_every_step():
     assert (logits - full_forward_logits(model, rows, prompts)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize(
-    "family, sample", [("llama", False), ("llama", True), ("gpt_neox", False), ("phi3", True)]
-)  # fmt: skip
+@pytest.mark.parametrize("family, sample", [("llama", False), ("llama", True), ("gpt_neox", False), ("phi3", True)])
 def test_batched_left_padded_generation_equals_the_reference_rotation(family, sample, monkeypatch):
     model = clex_model(family)
     hooks = generation.enable_exact_cache(model)
@@ -234,7 +239,7 @@ def test_a_cache_made_inside_the_forward_gets_its_state_and_crop_is_followed():
 
 
 def test_the_rotary_decode_memo_follows_lengths_weights_and_policy():
-    """The rotary's per-token memo (clex.core.rotary._inference_frequencies) gives what a fresh lookup gives."""
+    """The rotary's per-token memo (clex.core.rotary_embedding._inference_frequencies) gives what a fresh lookup gives."""
     model = clex_model("llama")
     rotary = clex.get_clex_rotary(model)
     x = torch.zeros(2, 1, 8)

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import clex
+from clex.data.presets import build_model
 from clex.hf.lookup import find_rotary
 from clex.hf.methods import (
     HF_ROPE_TYPES,
@@ -15,7 +16,6 @@ from clex.hf.methods import (
     pose_position_ids,
     prepare_model,
 )
-from clex.sources.presets import build_model
 
 L0 = 32  # micro-llama
 
@@ -116,8 +116,12 @@ def test_aliases_and_one_meaning_per_name():
 
     assert ALIASES == {"linear": "pi", "dynamic": "dynamic-ntk"}
     assert [method_name(n) for n in ("PI", "linear", "dynamic", "ntk", "Dynamic-NTK")] == [
-        "pi", "pi", "dynamic-ntk", "ntk", "dynamic-ntk"
-    ]  # fmt: skip
+        "pi",
+        "pi",
+        "dynamic-ntk",
+        "ntk",
+        "dynamic-ntk",
+    ]
     with pytest.raises(ValueError, match=r"unknown method 'rerope'; methods: clex, pi, ntk.*aliases: linear \(= pi\)"):
         method_name("rerope")
     x = ids(2 * L0)

@@ -43,10 +43,13 @@ def model_from_gguf(file):
     freqs = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data.astype(np.float64).tolist()
     config = loaded.config
     config.rope_parameters = {
-        "rope_type": "longrope", "rope_theta": field(reader, "llama.rope.freq_base"),
+        "rope_type": "longrope",
+        "rope_theta": field(reader, "llama.rope.freq_base"),
         "original_max_position_embeddings": field(reader, "llama.rope.scaling.original_context_length"),
-        "short_factor": freqs, "long_factor": freqs, "attention_factor": field(reader, "llama.rope.scaling.attn_factor"),
-    }  # fmt: skip
+        "short_factor": freqs,
+        "long_factor": freqs,
+        "attention_factor": field(reader, "llama.rope.scaling.attn_factor"),
+    }
     stock = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     stock.load_state_dict(loaded.state_dict())
     return stock
@@ -55,9 +58,15 @@ def model_from_gguf(file):
 WIDE = {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}  # head_dim 64
 
 
-@pytest.mark.parametrize("overrides, options", [({}, {}), (WIDE, {}),
-                         ({}, {"prior": "yarn", "mscale": "yarn", "angle_cap": True, "past_max": "prior"}),
-                         ({}, {"prior": "yarn", "log_scale": True, "angle_cap": True, "past_max": "prior"})])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, options",
+    [
+        ({}, {}),
+        (WIDE, {}),
+        ({}, {"prior": "yarn", "mscale": "yarn", "angle_cap": True, "past_max": "prior"}),
+        ({}, {"prior": "yarn", "log_scale": True, "angle_cap": True, "past_max": "prior"}),
+    ],
+)
 def test_the_gguf_is_clex_at_fixed_t_at_every_length(tmp_path, overrides, options):
     model = trained(model_overrides=overrides, **options)
     tiny_tokenizer(tmp_path)
@@ -84,7 +93,9 @@ def test_the_file_holds_what_llama_cpp_reads(tmp_path):
     assert field(reader, "tokenizer.ggml.pre") == "smollm" and field(reader, "tokenizer.ggml.model") == "gpt2"
     assert field(reader, "tokenizer.ggml.tokens") == tok.convert_ids_to_tokens(list(range(VOCAB)))
     assert field(reader, "tokenizer.ggml.bos_token_id") == 0 and field(reader, "tokenizer.ggml.eos_token_id") == 1
-    assert len(field(reader, "tokenizer.ggml.merges")) == len(json.loads((tmp_path / "tokenizer.json").read_text())["model"]["merges"])
+    assert len(field(reader, "tokenizer.ggml.merges")) == len(
+        json.loads((tmp_path / "tokenizer.json").read_text())["model"]["merges"]
+    )
     assert json.loads(field(reader, "clex.export"))["t"] == N / L
     assert {t.tensor_type for t in reader.tensors} == {gguf.GGMLQuantizationType.F32}
     assert not any(".dynamics" in t.name for t in reader.tensors)
@@ -98,7 +109,9 @@ def test_interleaving_pairs_the_two_halves_of_each_head():
 def test_what_gguf_cannot_hold_is_refused(tmp_path):
     tiny_tokenizer(tmp_path / "tok")
     kw = dict(length=N, format="gguf", tokenizer_from=tmp_path / "tok")
-    with pytest.raises(ValueError, match="format gguf maps the model families 'llama', 'mistral', got model_type 'qwen2'"):
+    with pytest.raises(
+        ValueError, match="format gguf maps the model families 'llama', 'mistral', got model_type 'qwen2'"
+    ):
         export(trained("qwen2"), tmp_path / "a.gguf", **kw)
     with pytest.raises(ValueError, match="format gguf maps the model families .* got model_type 'phi3'"):
         export(trained("phi3"), tmp_path / "a.gguf", **kw)  # partial rotary: refused with its family

@@ -28,7 +28,12 @@ def test_merged_state_dict_equals_peft_merge_and_unload():
     assert any("rotary_emb.dynamics" in k for k in merged)  # the CLEX ODE weights travel with it
     for k in ref:
         assert torch.equal(merged[k], ref[k]), k
-    changed = [k for k in ref if k.endswith("q_proj.weight") and not torch.equal(ref[k], full["base_model.model." + k.replace(".weight", ".base_layer.weight")])]
+    changed = [
+        k
+        for k in ref
+        if k.endswith("q_proj.weight")
+        and not torch.equal(ref[k], full["base_model.model." + k.replace(".weight", ".base_layer.weight")])
+    ]
     assert changed  # the merge did change the adapted weights
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import clex
-from clex.sources.presets import build_model
+from clex.data.presets import build_model
 from clex.train.loop import TrainConfig, main, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -22,8 +22,20 @@ REPO = Path(__file__).resolve().parents[2]
 
 def tiny(tmp_path, text_dir, **kw):
     """A micro model, 32-token rows, cheap CLEX solves (rk4 at dt 0.1, max_factor 4)."""
-    base = dict(model="micro-llama", data=str(text_dir), seq_len=32, batch_size=8, steps=30, lr=3e-3,
-                factor=4.0, out_dir=str(tmp_path / "run"), save_every=0, log_every=1, eval_every=0, eval_batches=2)
+    base = dict(
+        model="micro-llama",
+        data=str(text_dir),
+        seq_len=32,
+        batch_size=8,
+        steps=30,
+        lr=3e-3,
+        factor=4.0,
+        out_dir=str(tmp_path / "run"),
+        save_every=0,
+        log_every=1,
+        eval_every=0,
+        eval_batches=2,
+    )
     if kw.get("method", "clex") == "clex":
         base["clex"] = {"time_dt": 0.1}
     return TrainConfig(**{**base, **kw})
@@ -142,18 +154,44 @@ def test_train_clex_only_and_lora(tmp_path, text_dir):
     assert torch.count_nonzero(after["model.rotary_emb.dynamics.ode_down_proj"]) > 0
     final = run(tiny(tmp_path / "b", text_dir, train="lora", lora_rank=4, steps=4, lr=1e-2))
     merged = clex.load_model(final).state_dict()
-    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"]
+    )
     assert torch.equal(merged["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_two_processes_draw_the_same_t(tmp_path, text_dir):
     """torchrun, 2 CPU processes (gloo, DDP): t=1 draws happen (ODE weights unused) and every rank logs the same t."""
     out = tmp_path / "ddp"
-    args = ["model=micro-llama", f"data={text_dir}", "seq_len=32", "batch_size=4", "steps=6", "factor=4",
-            "clex.time_dt=0.1", f"out_dir={out}", "log_every=2", "save_every=3", "eval_every=0", "eval_batches=1"]
+    args = [
+        "model=micro-llama",
+        f"data={text_dir}",
+        "seq_len=32",
+        "batch_size=4",
+        "steps=6",
+        "factor=4",
+        "clex.time_dt=0.1",
+        f"out_dir={out}",
+        "log_every=2",
+        "save_every=3",
+        "eval_every=0",
+        "eval_batches=1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "clex.train", *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "clex.train",
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         stdout, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -165,7 +203,9 @@ def test_two_processes_draw_the_same_t(tmp_path, text_dir):
     ranks = [row for r in logs for row in zip(*r["t_ranks"])]
     assert len(logs[0]["t_ranks"]) == 2 and all(a == b for a, b in ranks)
     assert 1.0 in [t for r in logs[:-1] for t in r["t"]]  # a t=1 step, followed by more DDP steps
-    assert (out / "final" / "config.json").is_file() and len(list((out / "checkpoint-000006").glob("random_states_*"))) == 2
+    assert (out / "final" / "config.json").is_file() and len(
+        list((out / "checkpoint-000006").glob("random_states_*"))
+    ) == 2
 
 
 def test_main_is_the_cli_entry(tmp_path, text_dir, capsys):
@@ -183,7 +223,7 @@ def test_main_is_the_cli_entry(tmp_path, text_dir, capsys):
 
 
 def test_the_ode_weights_get_their_own_learning_rate():
-    from clex.sources.presets import build_model
+    from clex.data.presets import build_model
     from clex.train.loop import _select_trainable
 
     model, _ = build_model("micro-llama")

@@ -19,9 +19,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(out_dir, text_dir, **kw):
-    base = dict(model="micro-llama", data=str(text_dir), seq_len=32, batch_size=4, steps=4, lr=3e-3, factor=4.0,
-                clex={"time_dt": 0.1}, out_dir=str(out_dir), save_every=2, keep_checkpoints=0, log_every=1,
-                eval_every=0, eval_batches=1, pose=True, warmup_ratio=0.5)  # fmt: skip
+    base = dict(
+        model="micro-llama",
+        data=str(text_dir),
+        seq_len=32,
+        batch_size=4,
+        steps=4,
+        lr=3e-3,
+        factor=4.0,
+        clex={"time_dt": 0.1},
+        out_dir=str(out_dir),
+        save_every=2,
+        keep_checkpoints=0,
+        log_every=1,
+        eval_every=0,
+        eval_batches=1,
+        pose=True,
+        warmup_ratio=0.5,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -171,9 +186,16 @@ def garbage(file):
     file.write_text("{not json")
 
 
-@pytest.mark.parametrize("name, damage", [("model.safetensors", truncate), ("trainer_state.json", garbage),
-                                          ("optimizer.bin", truncate), ("scheduler.json", garbage),
-                                          ("random_states_0.json", garbage)])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, damage",
+    [
+        ("model.safetensors", truncate),
+        ("trainer_state.json", garbage),
+        ("optimizer.bin", truncate),
+        ("scheduler.json", garbage),
+        ("random_states_0.json", garbage),
+    ],
+)
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(finished, tmp_path, text_dir, name, damage):
     out = copy_run(finished, tmp_path)
     shutil.rmtree(out / "final")
@@ -219,8 +241,9 @@ def test_a_half_written_last_log_line_is_dropped(finished, tmp_path, text_dir):
     assert [r["step"] for r in records(out)] == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("name, text", [("bad.yaml", "steps: [1\n"), ("bad.toml", "steps = = 3\n"),
-                                        ("bin.yaml", b"\xff\xfe\x00")])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, text", [("bad.yaml", "steps: [1\n"), ("bad.toml", "steps = = 3\n"), ("bin.yaml", b"\xff\xfe\x00")]
+)
 def test_bad_config_files_name_the_file(tmp_path, name, text):
     path = tmp_path / name
     path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)

@@ -61,7 +61,7 @@ class CLEXConfig:
     # Beyond the paper (defaults keep it; see README "CLEX past 4x"): what the network learns a residual of,
     # guard rails on the angles, and the attention temperature.
     prior: str = "ntk"  # closed-form part of the dynamics: ntk (the paper: NTK-aware, α = 2t-1) or yarn
-                        # (YaRN's NTK-by-parts with factor t); see clex.core.equations.PRIORS
+    # (YaRN's NTK-by-parts with factor t); see clex.core.equations.PRIORS
     angle_cap: bool = False  # pairs that never turned in L keep every angle <= L·θ⁰_j: θ_j(t) <= θ⁰_j / t
     past_max: str = "ode"  # past max_factor: ode (integrate the network on) or prior (hold its residual)
     mscale: str = "none"  # attention temperature: none, or yarn (q·k × (0.1·ln t + 1)², as YaRN)
@@ -76,14 +76,14 @@ class CLEXConfig:
     rtol: float = 1e-7  # adaptive solvers only
     atol: float = 1e-9  # adaptive solvers only
     solve_device: str = "cpu"  # where every ODE solve runs (a training step's, the inference table's): cpu (the
-                               # d/2-wide solve is a few hundred tiny kernels on a GPU, launch-bound) or model
+    # d/2-wide solve is a few hundred tiny kernels on a GPU, launch-bound) or model
 
     # --- training: what one step draws ---
     train_t: str = "integer"  # t sampler: integer (paper), integer-linear (P(t) ∝ t), integer-quadratic (∝ t²),
-                              # integer-mixed (½ integer + ½ integer-quadratic), uniform, log-uniform
+    # integer-mixed (½ integer + ½ integer-quadratic), uniform, log-uniform
     position_sampler: str = "random"  # extrapolated positions: random (paper) or pose
     position_span: str = "sequence"  # positions span n·t (sequence: the paper) or max(n, L)·t (original: rows
-                                     # shorter than L still see positions up to L·t)
+    # shorter than L still see positions up to L·t)
     seed: int = 0  # t and positions of step k depend on (seed, k) only
 
     # --- inference ---
@@ -170,7 +170,7 @@ class CLEXConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CLEXConfig":
+    def from_dict(cls, d: dict) -> CLEXConfig:
         """Every key must be a field: an unknown one is refused with the valid names (foreign keys of saved
         configs, such as rope_theta or the authors' ``type``, are mapped by :mod:`clex.hf.loading`)."""
         if not isinstance(d, dict):
@@ -178,7 +178,7 @@ class CLEXConfig:
         check_keys(d, cls.field_names())
         return cls(**d)
 
-    def replace(self, **changes) -> "CLEXConfig":
+    def replace(self, **changes) -> CLEXConfig:
         """A copy with ``changes``, validated again (the config itself is immutable)."""
         check_keys(changes, self.field_names())
         return dataclasses.replace(self, **changes)

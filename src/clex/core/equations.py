@@ -95,8 +95,16 @@ def clex_rhs(t: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, *, act: str, pr
 
 
 def residual_rhs(
-    t: Tensor, z: Tensor, log_inv_freq0: Tensor, w_up: Tensor, w_down: Tensor, *, act: str, prior_base: float,
-    prior: str = "ntk", length: int | None = None,
+    t: Tensor,
+    z: Tensor,
+    log_inv_freq0: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    *,
+    act: str,
+    prior_base: float,
+    prior: str = "ntk",
+    length: int | None = None,
 ) -> Tensor:
     """The same ODE with the prior integrated exactly: x(t) = log θ⁰ + s(t) + z(t), z(1) = 0,
 
@@ -107,8 +115,13 @@ def residual_rhs(
     network term, so large steps stay accurate, and z stays small, so float32 round-off stays small.
     z: [d/2] -> [d/2]
     """
-    c = residual_input(torch.as_tensor(t, dtype=z.dtype).reshape(1), log_inv_freq0.to(z.dtype),
-                       prior_base=prior_base, prior=prior, length=length)[0]  # fmt: skip
+    c = residual_input(
+        torch.as_tensor(t, dtype=z.dtype).reshape(1),
+        log_inv_freq0.to(z.dtype),
+        prior_base=prior_base,
+        prior=prior,
+        length=length,
+    )[0]
     return network(c + z, w_up.to(z.dtype), w_down.to(z.dtype), act)
 
 
@@ -178,8 +191,9 @@ def prior_shift(prior: str, t: float | Tensor, log_inv_freq0: Tensor, *, length:
     """s(t) of the named prior (:data:`PRIORS`).  t: scalar or [n, 1]; log_inv_freq0: [d/2] -> [d/2] or [n, d/2]"""
     if prior not in PRIORS:
         raise ValueError(f"prior must be one of {', '.join(map(repr, PRIORS))}, got {prior!r}")
-    return PRIORS[prior](torch.as_tensor(t, dtype=log_inv_freq0.dtype, device=log_inv_freq0.device), log_inv_freq0,
-                         length=length)  # fmt: skip
+    return PRIORS[prior](
+        torch.as_tensor(t, dtype=log_inv_freq0.dtype, device=log_inv_freq0.device), log_inv_freq0, length=length
+    )
 
 
 def yarn_mscale(t: float | Tensor) -> float | Tensor:

@@ -70,8 +70,14 @@ def _t_integer_mixed(gen: torch.Generator, max_factor: float) -> float:
     return float(torch.multinomial(weights, 1, generator=gen).item() + 1)
 
 
-T_SAMPLERS = {"integer": _t_integer, "integer-linear": _t_integer_linear, "integer-quadratic": _t_integer_quadratic,
-              "integer-mixed": _t_integer_mixed, "uniform": _t_uniform, "log-uniform": _t_log_uniform}  # fmt: skip
+T_SAMPLERS = {
+    "integer": _t_integer,
+    "integer-linear": _t_integer_linear,
+    "integer-quadratic": _t_integer_quadratic,
+    "integer-mixed": _t_integer_mixed,
+    "uniform": _t_uniform,
+    "log-uniform": _t_log_uniform,
+}
 
 
 # --- training: the positions of one sequence ---------------------------------------------------------

@@ -44,7 +44,10 @@ from .equations import (
 #: torchdiffeq's fixed-grid methods (they take the grid of :func:`fine_grid`), from its own registry.
 FIXED_GRID_METHODS = tuple(m for m, s in TORCHDIFFEQ_SOLVERS.items() if issubclass(s, FixedGridODESolver))
 #: The solver's defaults are CLEXConfig's (one place; this module imports config, never the other way).
-_DEFAULT = {f: CLEXConfig.__dataclass_fields__[f].default for f in ("method", "time_dt", "log_dt", "formulation", "rtol", "atol")}
+_DEFAULT = {
+    f: CLEXConfig.__dataclass_fields__[f].default
+    for f in ("method", "time_dt", "log_dt", "formulation", "rtol", "atol")
+}
 #: Default step in log(2t - 1) near t = 1 (see the module docstring); None = uniform steps.
 DEFAULT_LOG_DT = _DEFAULT["log_dt"]
 
@@ -258,13 +261,25 @@ def _fused_setup(inv_freq0: Tensor, times: list[float], *, prior_base, time_dt, 
     return c, dts, tuple(where), base
 
 
-def _solve_fused(inv_freq0: Tensor, w_up: Tensor, w_down: Tensor, times: list[float], *, act, prior_base, time_dt, log_dt,
-                 prior="ntk", length=None):
+def _solve_fused(
+    inv_freq0: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    times: list[float],
+    *,
+    act,
+    prior_base,
+    time_dt,
+    log_dt,
+    prior="ntk",
+    length=None,
+):
     """x(t) = log θ(t) for each requested t by :class:`_FusedRK4`, solved in float64 (float32 where a device
     has no float64), returned in inv_freq0's dtype.  -> [len(times), d/2]"""
     work = torch.float32 if inv_freq0.device.type == "mps" else torch.float64  # float64 forced: no round-off drift
-    c, dts, where, base = _fused_setup(inv_freq0, times, prior_base=prior_base, time_dt=time_dt, log_dt=log_dt, work=work,
-                                       prior=prior, length=length)  # fmt: skip
+    c, dts, where, base = _fused_setup(
+        inv_freq0, times, prior_base=prior_base, time_dt=time_dt, log_dt=log_dt, work=work, prior=prior, length=length
+    )
     if not dts:  # nothing to integrate: x = log θ⁰, with the weights still in the graph (zero gradient)
         return (base + 0 * w_down.sum()).to(inv_freq0.dtype)
     z = _FusedRK4.apply(w_up, w_down, c, dts, where, act)  # [n, d/2] float64
@@ -326,23 +341,45 @@ def solve_log_freqs(
     if formulation not in ("residual", "reference"):
         raise ValueError(f"formulation must be 'residual' or 'reference', got {formulation!r}")
     if method in FUSED_METHODS and formulation != "residual":
-        raise ValueError(f"method {method!r} solves formulation 'residual' only, got {formulation!r}: "
-                         "use formulation='residual', or a torchdiffeq method such as 'rk4'")  # fmt: skip
+        raise ValueError(
+            f"method {method!r} solves formulation 'residual' only, got {formulation!r}: "
+            "use formulation='residual', or a torchdiffeq method such as 'rk4'"
+        )
     if not 0 < time_dt < math.inf or (log_dt is not None and not 0 < log_dt < math.inf):
-        raise ValueError(f"time_dt and log_dt must be > 0 and finite (log_dt may be None), got {time_dt!r} and {log_dt!r}")
+        raise ValueError(
+            f"time_dt and log_dt must be > 0 and finite (log_dt may be None), got {time_dt!r} and {log_dt!r}"
+        )
     if not (0 < rtol < math.inf and 0 < atol < math.inf):
         raise ValueError(f"rtol and atol must be finite numbers > 0, got {rtol!r} and {atol!r}")
     if prior != "ntk" and formulation != "residual":
         raise ValueError(f"formulation 'reference' integrates the NTK prior only, got prior {prior!r}: use 'residual'")
     if method in FUSED_METHODS:
-        return _solve_fused(inv_freq0, w_up, w_down, times, act=act, prior_base=prior_base, time_dt=time_dt,
-                            log_dt=log_dt, prior=prior, length=length)  # fmt: skip
+        return _solve_fused(
+            inv_freq0,
+            w_up,
+            w_down,
+            times,
+            act=act,
+            prior_base=prior_base,
+            time_dt=time_dt,
+            log_dt=log_dt,
+            prior=prior,
+            length=length,
+        )
     dtype = inv_freq0.dtype
     log_f0 = torch.log(inv_freq0)
     w_up, w_down = w_up.to(dtype), w_down.to(dtype)
     if formulation == "residual":
-        func = partial(residual_rhs, log_inv_freq0=log_f0, w_up=w_up, w_down=w_down, act=act, prior_base=prior_base,
-                       prior=prior, length=length)  # fmt: skip
+        func = partial(
+            residual_rhs,
+            log_inv_freq0=log_f0,
+            w_up=w_up,
+            w_down=w_down,
+            act=act,
+            prior_base=prior_base,
+            prior=prior,
+            length=length,
+        )
         y0 = torch.zeros_like(log_f0)
     else:
         func = partial(clex_rhs, w_up=w_up, w_down=w_down, act=act, prior_base=prior_base)
@@ -356,4 +393,3 @@ def solve_log_freqs(
         shift = torch.stack([prior_shift(prior, t, log_f0, length=length) for t in times])
         sol = log_f0 + shift + sol
     return sol
-

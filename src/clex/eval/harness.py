@@ -45,8 +45,10 @@ MODEL_NAME = "clex"
 
 def missing_lm_eval(what: str, error: ImportError) -> OSError:
     """The error for a missing lm-eval: ``what`` needs it, why the import failed, and how to install it."""
-    return OSError(f"{what} needs lm-evaluation-harness (lm_eval), which cannot be imported here ({error}); "
-                   "install it with: pip install -c constraints.txt -e '.[ruler]'")  # fmt: skip
+    return OSError(
+        f"{what} needs lm-evaluation-harness (lm_eval), which cannot be imported here ({error}); "
+        "install it with: pip install -c constraints.txt -e '.[ruler]'"
+    )
 
 
 def _lm_eval():
@@ -60,8 +62,11 @@ def _lm_eval():
 
 
 def _hflm_arguments(hflm) -> set[str]:
-    return {n for n, p in inspect.signature(hflm.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY
-            or p.kind is p.POSITIONAL_OR_KEYWORD} - {"self"}  # fmt: skip
+    return {
+        n
+        for n, p in inspect.signature(hflm.__init__).parameters.items()
+        if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD
+    } - {"self"}
 
 
 def _build_class():
@@ -71,14 +76,23 @@ def _build_class():
     class ClexLM(HFLM):
         """lm-eval's HFLM for a model built by a clex model spec; CLEX generates with t fixed (see module)."""
 
-        def __init__(self, pretrained, method: str | None = None, tokenizer=None, device: str | None = None,
-                     dtype: str | None = None, **kwargs):  # fmt: skip
+        def __init__(
+            self,
+            pretrained,
+            method: str | None = None,
+            tokenizer=None,
+            device: str | None = None,
+            dtype: str | None = None,
+            **kwargs,
+        ):
             own = _hflm_arguments(HFLM)
             params = {k: kwargs.pop(k) for k in list(kwargs) if k not in own}
             if isinstance(pretrained, str):
                 if tokenizer is not None:
-                    raise ValueError("model_args tokenizer: clex takes the tokenizer from the model folder; "
-                                     f"leave tokenizer out, got {tokenizer!r}")  # fmt: skip
+                    raise ValueError(
+                        "model_args tokenizer: clex takes the tokenizer from the model folder; "
+                        f"leave tokenizer out, got {tokenizer!r}"
+                    )
                 if params and not method:
                     method = "clex"  # CLEX settings for a saved CLEX folder
                 spec = ModelSpec(path=pretrained, method=method, params=params)
@@ -89,8 +103,10 @@ def _build_class():
                 loaded = load_spec(spec, device=device, dtype=dtype)
                 pretrained, tokenizer = loaded.model, loaded.tokenizer
             elif params or method:
-                raise ValueError(f"model_args {sorted(params) or ['method']}: settings apply to a model folder "
-                                 "(pretrained=PATH); a built model is used as it is")  # fmt: skip
+                raise ValueError(
+                    f"model_args {sorted(params) or ['method']}: settings apply to a model folder "
+                    "(pretrained=PATH); a built model is used as it is"
+                )
             if getattr(tokenizer, "pad_token_id", None) is None and getattr(tokenizer, "eos_token", None):
                 tokenizer.pad_token = tokenizer.eos_token  # batched generation pads on the left
             super().__init__(pretrained=pretrained, tokenizer=tokenizer, **kwargs)
@@ -118,8 +134,9 @@ def lm_class():
 def clex_lm(model, tokenizer, *, max_length: int, batch_size: int = 1, **kwargs):
     """An lm-eval model (HFLM) around an already-built causal LM and its tokenizer; CLEX keeps t fixed
     during each generation. max_length: the longest prompt + generation in tokens (HFLM truncates past it)."""
-    return lm_class()(pretrained=model, tokenizer=tokenizer, max_length=int(max_length), batch_size=batch_size,
-                      **kwargs)  # fmt: skip
+    return lm_class()(
+        pretrained=model, tokenizer=tokenizer, max_length=int(max_length), batch_size=batch_size, **kwargs
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,7 +48,7 @@ from .specs import (
     model_device,
     parse_ints,
     tokenize_documents,
-)  # fmt: skip
+)
 
 PROTOCOLS = ("sliding", "chunked")
 
@@ -163,11 +163,13 @@ def perplexity(
                 f"length {n} is longer than every document ({len(tokens)} documents; the longest has {longest} "
                 f"tokens with {loaded.name}'s tokenizer); allowed: lengths <= {longest}"
             )
+
     def score(ids):
         if protocol == "sliding":
             return nll_sliding(loaded.model, ids, window=window, stride=stride, block=loss_block)
-        return nll_chunked(loaded.model, ids, chunk=chunk if chunk is not None else loaded.train_length or len(ids),
-                           block=loss_block)  # fmt: skip
+        return nll_chunked(
+            loaded.model, ids, chunk=chunk if chunk is not None else loaded.train_length or len(ids), block=loss_block
+        )
 
     results = {}
     for n in lengths:
@@ -190,10 +192,17 @@ def perplexity(
         mean_nll = float(allnll.mean())
         spread = _stats(list(per_doc.values()))
         results[n] = {
-            "length": n, "sequences": len(jobs), "nll": mean_nll, "ppl": math.exp(mean_nll),
-            "ppl_std": spread["std"], "ppl_min": spread["min"], "ppl_max": spread["max"],
-            "bucket_edges": edges, "bucket_nll": bucket_nll, "per_sequence_ppl": per_doc,
-        }  # fmt: skip
+            "length": n,
+            "sequences": len(jobs),
+            "nll": mean_nll,
+            "ppl": math.exp(mean_nll),
+            "ppl_std": spread["std"],
+            "ppl_min": spread["min"],
+            "ppl_max": spread["max"],
+            "bucket_edges": edges,
+            "bucket_nll": bucket_nll,
+            "per_sequence_ppl": per_doc,
+        }
         if ratios:  # <= 1: the extra context did not hurt (content-controlled: the same tokens both times)
             results[n].update(context_ratio=sum(ratios) / len(ratios), context_ratio_windows=ratios)
     return results
@@ -250,8 +259,13 @@ def run_ppl(
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    for field_name, value in (("samples", samples), ("buckets", buckets), ("loss_block", loss_block),
-                              ("stride", stride), ("max_documents", max_documents)):  # fmt: skip
+    for field_name, value in (
+        ("samples", samples),
+        ("buckets", buckets),
+        ("loss_block", loss_block),
+        ("stride", stride),
+        ("max_documents", max_documents),
+    ):
         check_count(field_name, value, allow_none=field_name == "max_documents")
     check_count("chunk", chunk, allow_none=True, none_means="L, the model's training length")
     check_count("window", window, allow_none=True, minimum=2, none_means="the whole length")
@@ -263,29 +277,51 @@ def run_ppl(
     if max_documents is not None:
         docs = dict(list(docs.items())[:max_documents])
     config = {
-        "lengths": lengths, "protocol": protocol, "window": window, "stride": stride, "chunk": chunk,
+        "lengths": lengths,
+        "protocol": protocol,
+        "window": window,
+        "stride": stride,
+        "chunk": chunk,
         "documents": str(documents) if documents is not None else "embedded held-out plays",
-        "document_names": list(docs), "samples": samples, "buckets": buckets, "loss_block": loss_block,
-        "device": device, "dtype": dtype, "context_ratio": context_ratio,
-    }  # fmt: skip
+        "document_names": list(docs),
+        "samples": samples,
+        "buckets": buckets,
+        "loss_block": loss_block,
+        "device": device,
+        "dtype": dtype,
+        "context_ratio": context_ratio,
+    }
     models_out = {}
     for loaded in each_model(specs, seed=seed, device=device, dtype=dtype):  # one model in memory at a time
         if lengths is None:
             lengths = config["lengths"] = default_lengths(loaded, (1, 2, 4, 8, 16))
         tokens = tokenize_documents(loaded.tokenizer, docs)
         res = perplexity(
-            loaded, tokens, lengths, protocol=protocol, window=window, stride=stride, chunk=chunk,
-            samples=samples, buckets=buckets, loss_block=loss_block, context_ratio=context_ratio,
-        )  # fmt: skip
+            loaded,
+            tokens,
+            lengths,
+            protocol=protocol,
+            window=window,
+            stride=stride,
+            chunk=chunk,
+            samples=samples,
+            buckets=buckets,
+            loss_block=loss_block,
+            context_ratio=context_ratio,
+        )
         models_out[loaded.name] = {"spec": loaded.spec, "train_length": loaded.train_length, "results": res}
         del loaded
     payload = {"task": "perplexity", "config": config, "seed": seed, "models": models_out}
     rows = [{"model": m, "L": v["train_length"], **_summary_cells(v["results"])} for m, v in models_out.items()]
     return finish_run(
-        out_dir, name, payload, rows, title=f"Perplexity by length ({protocol})",
+        out_dir,
+        name,
+        payload,
+        rows,
+        title=f"Perplexity by length ({protocol})",
         notes="Cells: perplexity (exp of the mean token NLL) ± std of per-sequence perplexity. L: training length.",
         plot=_plot_ppl if plot else None,
-    )  # fmt: skip
+    )
 
 
 def _summary_cells(results: dict) -> dict:
@@ -295,8 +331,10 @@ def _summary_cells(results: dict) -> dict:
     n, last = max(results.items())
     b = [x for x in last["bucket_nll"] if x is not None]
     cells[f"last/prev bucket @{n}"] = f"{math.exp(b[-1] - b[-2]):.2f}" if len(b) > 1 else "–"
-    ratio = next((f"{r['context_ratio']:.3f} @{k}" for k, r in sorted(results.items(), reverse=True)
-                  if "context_ratio" in r), "–")  # fmt: skip
+    ratio = next(
+        (f"{r['context_ratio']:.3f} @{k}" for k, r in sorted(results.items(), reverse=True) if "context_ratio" in r),
+        "–",
+    )
     cells["context ratio"] = ratio
     return cells
 

@@ -56,8 +56,15 @@ def plot_ppl(payload: dict, out: str | Path, *, title: str | None = None) -> Pat
         ax.fill_between(xs, [max(v, 1e-9) for v in lo], hi, color=line.get_color(), alpha=0.12)
     for length in sorted({e.get("train_length") for e in models.values()} - {None}):
         ax.axvline(length, color="grey", linestyle="--", linewidth=1)
-        ax.annotate(f"L={length}", (length, 1), xycoords=("data", "axes fraction"), xytext=(3, -12),
-                    textcoords="offset points", fontsize=8, color="grey")  # fmt: skip
+        ax.annotate(
+            f"L={length}",
+            (length, 1),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -12),
+            textcoords="offset points",
+            fontsize=8,
+            color="grey",
+        )
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     ax.set_xscale("log", base=2)
@@ -72,6 +79,33 @@ def plot_ppl(payload: dict, out: str | Path, *, title: str | None = None) -> Pat
     protocol = (payload.get("config") or {}).get("protocol", "")
     ax.set_title(title or f"Perplexity by length ({protocol})")
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def plot_ratios(payload: dict, out: str | Path, *, title: str | None = None) -> Path:
+    """Each model's perplexity over the best model's (:mod:`clex.eval.compare`) against length (log2 scale)."""
+    plt = _pyplot()
+    models = payload.get("models") or {}
+    if not models:
+        raise ValueError("plot_ratios needs a payload with at least one model under 'models', got none")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, entry in sorted(models.items(), key=lambda kv: kv[1]["worst"]):
+        xs = sorted(int(n) for n in entry["ratio"])
+        ax.plot(
+            xs,
+            [entry["ratio"][n] if n in entry["ratio"] else entry["ratio"][str(n)] for n in xs],
+            marker="o",
+            label=f"{name} (worst {entry['worst']:.2f})",
+        )
+    ax.axhline(1.0, color="grey", linewidth=1)
+    lengths = sorted({int(n) for e in models.values() for n in e["ratio"]})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths], rotation=45 if len(lengths) > 6 else 0)
+    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_ylabel("perplexity / best model's")
+    ax.set_title(title or "Ratio to the best model at each length (1 = best)")
+    ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, out)
 
@@ -106,9 +140,19 @@ def plot_retrieval(payload: dict, out: str | Path, *, title: str | None = None) 
         lengths = sorted(entry["grid"], key=int)
         depths = sorted({float(d) for row in entry["grid"].values() for d in row})
         acc = [[_cell(entry["grid"][n], d) for n in lengths] for d in depths]  # [depth, length]
-        panels[f"{name} (mean {entry.get('mean', 0):.0%})"] = ([f"{d:.0%}" for d in depths], [str(n) for n in lengths], acc)
-    return _heatmaps(panels, out, xlabel="prompt length (tokens)", ylabel="key depth", label="accuracy",
-                     title=title or f"{payload.get('task', 'retrieval')} accuracy")  # fmt: skip
+        panels[f"{name} (mean {entry.get('mean', 0):.0%})"] = (
+            [f"{d:.0%}" for d in depths],
+            [str(n) for n in lengths],
+            acc,
+        )
+    return _heatmaps(
+        panels,
+        out,
+        xlabel="prompt length (tokens)",
+        ylabel="key depth",
+        label="accuracy",
+        title=title or f"{payload.get('task', 'retrieval')} accuracy",
+    )
 
 
 def plot_ruler(payload: dict, out: str | Path, *, title: str | None = None) -> Path:
@@ -129,8 +173,14 @@ def plot_ruler(payload: dict, out: str | Path, *, title: str | None = None) -> P
         values.append([score(entry["mean"], n) for n in lengths])
         panels[name] = ([*tasks, "mean"], [str(n) for n in lengths], values)
     samples = (payload.get("config") or {}).get("samples", "?")
-    return _heatmaps(panels, out, xlabel="sequence length (tokens)", ylabel="task", label="score",
-                     title=title or f"RULER through lm-eval ({samples} samples a cell)")  # fmt: skip
+    return _heatmaps(
+        panels,
+        out,
+        xlabel="sequence length (tokens)",
+        ylabel="task",
+        label="score",
+        title=title or f"RULER through lm-eval ({samples} samples a cell)",
+    )
 
 
 def _cell(row: dict, depth: float) -> float:
@@ -150,9 +200,14 @@ def _rope_config(model: nn.Module | None, rotary) -> object:
 
     d = 2 * rotary.inv_freq.numel()
     base = float(rotary.inv_freq[1].double() ** (-d / 2))  # θ⁰_1 = base^(-2/d)
-    return LlamaConfig(hidden_size=d, head_dim=d, num_attention_heads=1, num_key_value_heads=1,
-                       max_position_embeddings=rotary.original_length,
-                       rope_parameters={"rope_type": "default", "rope_theta": base})  # fmt: skip
+    return LlamaConfig(
+        hidden_size=d,
+        head_dim=d,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        max_position_embeddings=rotary.original_length,
+        rope_parameters={"rope_type": "default", "rope_theta": base},
+    )
 
 
 def baseline_inv_freqs(config, t: float, length: int) -> dict[str, torch.Tensor]:
@@ -195,7 +250,7 @@ def plot_freqs(
         ts: length factors t >= 1, one panel each, e.g. 1 2 4 8
         out: the PNG to write (its numbers go beside it as .json)
     """
-    from ..core.rotary import CLEXRotaryEmbedding
+    from ..core.rotary_embedding import CLEXRotaryEmbedding
     from ..hf.loading import load_model
 
     ts = [float(t) for t in (ts.split(",") if isinstance(ts, str) else ts)]

@@ -109,8 +109,10 @@ def write_results(
     if notes:
         parts.append(notes.strip() + "\n")
     v = payload["versions"]
-    parts.append(f"_clex {v.get('clex')}, torch {v.get('torch')}, transformers {v.get('transformers')}; "
-                 f"seed {payload.get('seed', '-')}; full results in `{json_path.name}`._\n")  # fmt: skip
+    parts.append(
+        f"_clex {v.get('clex')}, torch {v.get('torch')}, transformers {v.get('transformers')}; "
+        f"seed {payload.get('seed', '-')}; full results in `{json_path.name}`._\n"
+    )
     atomic_write_text(md_path, "\n".join(parts))
     return {"json": json_path, "markdown": md_path}
 

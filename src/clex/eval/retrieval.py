@@ -189,9 +189,16 @@ def _run(
     lengths = parse_ints(lengths, "lengths") if lengths is not None else None
     if task == "needle":
         load_documents(documents)  # a bad document source is refused before any model is loaded
-    config = {"task": task, "lengths": lengths, "depths": depths, "trials": trials, "template": template,
-              "device": device, "dtype": dtype,
-              "documents": None if task == "passkey" else str(documents or "embedded held-out plays")}  # fmt: skip
+    config = {
+        "task": task,
+        "lengths": lengths,
+        "depths": depths,
+        "trials": trials,
+        "template": template,
+        "device": device,
+        "dtype": dtype,
+        "documents": None if task == "passkey" else str(documents or "embedded held-out plays"),
+    }
     out = {}
     for loaded in each_model(specs, seed=seed, device=device, dtype=dtype):  # one model in memory at a time
         if lengths is None:
@@ -204,11 +211,18 @@ def _run(
     payload = {"task": task, "config": config, "seed": seed, "models": out}
     rows = [
         {"model": m, "length": n, **{f"depth {d:g}": a for d, a in row.items()}, "mean": sum(row.values()) / len(row)}
-        for m, v in out.items() for n, row in v["grid"].items()
-    ]  # fmt: skip
-    return finish_run(out_dir, name, payload, rows, title=f"{task} retrieval accuracy ({trials} trials a cell)",
-                      notes="Cells: the fraction of trials whose first generated number is the key.",
-                      plot=_plot_retrieval if plot else None)  # fmt: skip
+        for m, v in out.items()
+        for n, row in v["grid"].items()
+    ]
+    return finish_run(
+        out_dir,
+        name,
+        payload,
+        rows,
+        title=f"{task} retrieval accuracy ({trials} trials a cell)",
+        notes="Cells: the fraction of trials whose first generated number is the key.",
+        plot=_plot_retrieval if plot else None,
+    )
 
 
 def _plot_retrieval(payload: dict, png):
@@ -252,9 +266,20 @@ def run_passkey(
 
     Args:{args}"""
     return _run(
-        "passkey", models, lengths=lengths, depths=depths, trials=trials, documents=None, template=template,
-        seed=seed, device=device, dtype=dtype, out_dir=out_dir, name=name, plot=plot,
-    )  # fmt: skip
+        "passkey",
+        models,
+        lengths=lengths,
+        depths=depths,
+        trials=trials,
+        documents=None,
+        template=template,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        out_dir=out_dir,
+        name=name,
+        plot=plot,
+    )
 
 
 def run_needle(
@@ -279,12 +304,29 @@ def run_needle(
 
     Args:{args}"""
     return _run(
-        "needle", models, lengths=lengths, depths=depths, trials=trials, documents=documents, template=template,
-        seed=seed, device=device, dtype=dtype, out_dir=out_dir, name=name, plot=plot,
-    )  # fmt: skip
+        "needle",
+        models,
+        lengths=lengths,
+        depths=depths,
+        trials=trials,
+        documents=documents,
+        template=template,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        out_dir=out_dir,
+        name=name,
+        plot=plot,
+    )
 
 
 run_passkey.__doc__ = run_passkey.__doc__.format(args=_ARGS.format(documents="").rstrip() + "\n    ")
-run_needle.__doc__ = run_needle.__doc__.format(args=_ARGS.format(documents=(
-    "\n        documents: the haystack's text: a .txt/.md/.jsonl file, a folder of them or a saved dataset "
-    "(default: the held-out plays)")).rstrip() + "\n    ")  # fmt: skip
+run_needle.__doc__ = run_needle.__doc__.format(
+    args=_ARGS.format(
+        documents=(
+            "\n        documents: the haystack's text: a .txt/.md/.jsonl file, a folder of them or a saved dataset "
+            "(default: the held-out plays)"
+        )
+    ).rstrip()
+    + "\n    "
+)

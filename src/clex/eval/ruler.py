@@ -123,14 +123,16 @@ def _task_configs(manager, tasks: list[str], records: dict[str, list[dict]], len
         for key in ("tag", "group"):
             cfg.pop(key, None)
         cfg["custom_dataset"] = partial(_dataset, records[task])
-        cfg["metric_list"] = [{"metric": str(length), "aggregation": common_utils.aggregate_metrics,
-                               "higher_is_better": True}]  # fmt: skip
+        cfg["metric_list"] = [
+            {"metric": str(length), "aggregation": common_utils.aggregate_metrics, "higher_is_better": True}
+        ]
         out.append(cfg)
     return out
 
 
-def ruler_scores(lm, tokenizer, tasks: list[str], length: int, samples: int, *, seed: int, cache: dict,
-                 manager) -> dict:  # fmt: skip
+def ruler_scores(
+    lm, tokenizer, tasks: list[str], length: int, samples: int, *, seed: int, cache: dict, manager
+) -> dict:
     """{task: {"score", "stderr", "samples", "records"}} of one lm-eval model at one length."""
     import lm_eval
 
@@ -141,20 +143,37 @@ def ruler_scores(lm, tokenizer, tasks: list[str], length: int, samples: int, *, 
         if cell not in cache:
             cache[cell] = generate(task, tokenizer, length, samples, seed)
         records[task] = cache[cell]
-    result = lm_eval.simple_evaluate(model=lm, tasks=_task_configs(manager, tasks, records, length),
-                                     task_manager=manager, log_samples=True, bootstrap_iters=0, random_seed=seed,
-                                     numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)  # fmt: skip
+    result = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=_task_configs(manager, tasks, records, length),
+        task_manager=manager,
+        log_samples=True,
+        bootstrap_iters=0,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
     out = {}
     for task in tasks:
         logged = sorted(result["samples"][task], key=lambda r: r["doc_id"])
         scores = [_score(r, str(length)) for r in logged]
         mean, stderr = mean_and_stderr(scores)
         out[task] = {
-            "score": mean, "stderr": stderr, "samples": len(scores),
-            "records": [{"index": r["doc"].get("index"), "tokens": r["doc"].get("length"), "answers": r["doc"]["outputs"],
-                         "output": (r.get("filtered_resps") or r.get("resps") or [""])[0], "score": s}
-                        for r, s in zip(logged, scores)],
-        }  # fmt: skip
+            "score": mean,
+            "stderr": stderr,
+            "samples": len(scores),
+            "records": [
+                {
+                    "index": r["doc"].get("index"),
+                    "tokens": r["doc"].get("length"),
+                    "answers": r["doc"]["outputs"],
+                    "output": (r.get("filtered_resps") or r.get("resps") or [""])[0],
+                    "score": s,
+                }
+                for r, s in zip(logged, scores)
+            ],
+        }
     return out
 
 
@@ -205,8 +224,16 @@ def run_ruler(
     check_count("batch_size", batch_size)
     device, dtype = check_device(device), check_dtype(dtype)
     specs = check_models(models)
-    config = {"lengths": lengths, "tasks": tasks, "samples": samples, "batch_size": batch_size, "device": device,
-              "dtype": dtype, "lm_eval": version, "metric": "RULER string match (lm-eval), mean over samples"}  # fmt: skip
+    config = {
+        "lengths": lengths,
+        "tasks": tasks,
+        "samples": samples,
+        "batch_size": batch_size,
+        "device": device,
+        "dtype": dtype,
+        "lm_eval": version,
+        "metric": "RULER string match (lm-eval), mean over samples",
+    }
     out, cache = {}, {}
     progress = Path(out_dir) / f"{name}.partial.json"
     with tempfile.TemporaryDirectory(prefix="clex-ruler-") as tmp, _offline(Path(tmp)):
@@ -219,23 +246,32 @@ def run_ruler(
             results: dict[str, dict] = {task: {} for task in tasks}
             for n in lengths:
                 lm = clex_lm(loaded.model, loaded.tokenizer, max_length=n + _SLACK, batch_size=batch_size)
-                for task, cell in ruler_scores(lm, loaded.tokenizer, tasks, n, samples, seed=seed, cache=cache,
-                                               manager=manager).items():  # fmt: skip
+                for task, cell in ruler_scores(
+                    lm, loaded.tokenizer, tasks, n, samples, seed=seed, cache=cache, manager=manager
+                ).items():
                     results[task][n] = cell
                 del lm
                 # what is done so far survives a time limit or a crash: <name>.partial.json, removed at the end
                 done = {**out, loaded.name: {"spec": loaded.spec, "results": results}}
                 progress.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(progress, json.dumps({"task": "ruler", "config": config, "seed": seed, "models": done},
-                                                      default=str) + "\n")  # fmt: skip
+                atomic_write_text(
+                    progress,
+                    json.dumps({"task": "ruler", "config": config, "seed": seed, "models": done}, default=str) + "\n",
+                )
             means = {}
             for n in lengths:
                 cells = [results[t][n] for t in tasks]
                 errors = [c["stderr"] for c in cells]
-                means[n] = {"score": sum(c["score"] for c in cells) / len(cells),
-                            "stderr": None if None in errors else math.sqrt(sum(e * e for e in errors)) / len(cells)}  # fmt: skip
-            out[loaded.name] = {"spec": loaded.spec, "train_length": loaded.train_length, "results": results,
-                                "mean": means}  # fmt: skip
+                means[n] = {
+                    "score": sum(c["score"] for c in cells) / len(cells),
+                    "stderr": None if None in errors else math.sqrt(sum(e * e for e in errors)) / len(cells),
+                }
+            out[loaded.name] = {
+                "spec": loaded.spec,
+                "train_length": loaded.train_length,
+                "results": results,
+                "mean": means,
+            }
             del loaded
     payload = {"task": "ruler", "config": config, "seed": seed, "models": out, "skipped": SKIPPED}
     result = _write(payload, out_dir, name, plot)
@@ -247,23 +283,38 @@ def _write(payload: dict, out_dir, name: str, plot: bool) -> dict:
     """<name>.json, .md (a row per model and length) and the heatmap .png of a RULER payload."""
     config = payload["config"]
     rows = [
-        {"model": m, "length": n,
-         **{t: _cell_text(v["results"][t][n]["score"], v["results"][t][n]["stderr"]) for t in config["tasks"]},
-         "mean": _cell_text(v["mean"][n]["score"], v["mean"][n]["stderr"])}
-        for m, v in payload["models"].items() for n in config["lengths"]
-    ]  # fmt: skip
-    notes = (f"Cells: mean RULER string-match score ± its standard error over {config['samples']} samples (lm-eval "
-             f"{config['lm_eval']}); mean: over the tasks. Skipped (they need downloads): {'; '.join(SKIPPED)}. "
-             "Why, task by task: the JSON's `skipped`.")  # fmt: skip
-    return finish_run(out_dir, name, payload, rows, title=f"RULER through lm-eval ({config['samples']} samples a cell)",
-                      notes=notes, plot=_plot_ruler if plot else None)  # fmt: skip
+        {
+            "model": m,
+            "length": n,
+            **{t: _cell_text(v["results"][t][n]["score"], v["results"][t][n]["stderr"]) for t in config["tasks"]},
+            "mean": _cell_text(v["mean"][n]["score"], v["mean"][n]["stderr"]),
+        }
+        for m, v in payload["models"].items()
+        for n in config["lengths"]
+    ]
+    notes = (
+        f"Cells: mean RULER string-match score ± its standard error over {config['samples']} samples (lm-eval "
+        f"{config['lm_eval']}); mean: over the tasks. Skipped (they need downloads): {'; '.join(SKIPPED)}. "
+        "Why, task by task: the JSON's `skipped`."
+    )
+    return finish_run(
+        out_dir,
+        name,
+        payload,
+        rows,
+        title=f"RULER through lm-eval ({config['samples']} samples a cell)",
+        notes=notes,
+        plot=_plot_ruler if plot else None,
+    )
 
 
 #: what must agree between RULER results for them to share one table
 _SAME = ("lengths", "tasks", "samples", "lm_eval", "metric", "dtype")
 
 
-def merge_ruler(results: Sequence[str] = (), out_dir: str = "runs/eval", name: str = "ruler", plot: bool = True) -> dict:
+def merge_ruler(
+    results: Sequence[str] = (), out_dir: str = "runs/eval", name: str = "ruler", plot: bool = True
+) -> dict:
     """Merge RULER results of separate runs (e.g. one process a model on one GPU) into one table.
     The runs must agree on lengths, tasks, samples, lm-eval version, dtype and seed; each model name may appear
     once; an input is never overwritten (out_dir/<name>.json must not be one of them).
@@ -280,30 +331,40 @@ def merge_ruler(results: Sequence[str] = (), out_dir: str = "runs/eval", name: s
         raise ValueError("results: give at least one ruler.json of `clex eval ruler`, got none")
     target = (Path(out_dir) / f"{name}.json").resolve()
     if any(Path(p).resolve() == target for p in results):
-        raise ValueError(f"out_dir/name: the merged table would overwrite its input {target}; pick another out_dir or name")
+        raise ValueError(
+            f"out_dir/name: the merged table would overwrite its input {target}; pick another out_dir or name"
+        )
     merged = None
     for path in results:
         try:
             payload = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"results: cannot read {path} as the JSON of `clex eval ruler` ({e})") from None
-        if not isinstance(payload, dict) or payload.get("task") != "ruler" or not isinstance(payload.get("models"), dict):
+        if (
+            not isinstance(payload, dict)
+            or payload.get("task") != "ruler"
+            or not isinstance(payload.get("models"), dict)
+        ):
             raise ValueError(f"results: {path} is not the JSON of `clex eval ruler` (no task 'ruler' with models)")
         if merged is None:
             merged = {**payload, "models": {}, "config": dict(payload["config"]), "merged_from": []}
         for key in _SAME:
             if payload["config"].get(key) != merged["config"].get(key):
-                raise ValueError(f"results: {path} has {key}={payload['config'].get(key)!r}, the first file "
-                                 f"{merged['config'].get(key)!r}: only runs with the same {', '.join(_SAME)} merge")  # fmt: skip
+                raise ValueError(
+                    f"results: {path} has {key}={payload['config'].get(key)!r}, the first file "
+                    f"{merged['config'].get(key)!r}: only runs with the same {', '.join(_SAME)} merge"
+                )
         if payload.get("seed") != merged.get("seed"):
             raise ValueError(f"results: {path} has seed={payload.get('seed')!r}, the first file {merged.get('seed')!r}")
         for model, entry in payload["models"].items():
             if model in merged["models"]:
                 raise ValueError(f"results: model {model!r} appears twice (again in {path}); rename one run")
             # lengths back to ints, as run_ruler holds them (JSON keys are strings)
-            merged["models"][model] = {**entry, "mean": {int(n): c for n, c in entry["mean"].items()},
-                                       "results": {t: {int(n): c for n, c in cells.items()}
-                                                   for t, cells in entry["results"].items()}}  # fmt: skip
+            merged["models"][model] = {
+                **entry,
+                "mean": {int(n): c for n, c in entry["mean"].items()},
+                "results": {t: {int(n): c for n, c in cells.items()} for t, cells in entry["results"].items()},
+            }
         merged["merged_from"].append(str(path))
     merged.pop("paths", None)
     return _write(merged, out_dir, name, plot)

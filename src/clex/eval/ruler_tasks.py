@@ -67,16 +67,24 @@ def generate(task: str, tokenizer, length: int, samples: int, seed: int) -> list
             from lm_eval.tasks.ruler import niah_utils, prepare_niah
 
             haystack = prepare_niah.get_haystack(type_haystack=settings["type_haystack"])
-            out = prepare_niah.generate_samples(haystack, TOKENIZER=tokenizer, max_seq_length=length,
-                                                template=niah_utils.TEMPLATE, num_samples=samples, **settings)  # fmt: skip
+            out = prepare_niah.generate_samples(
+                haystack,
+                TOKENIZER=tokenizer,
+                max_seq_length=length,
+                template=niah_utils.TEMPLATE,
+                num_samples=samples,
+                **settings,
+            )
         elif kind == "vt":
             from lm_eval.tasks.ruler import vt_utils
 
             def vt():
-                icl = vt_utils.sys_vartrack_w_noise_random(tokenizer=tokenizer, num_samples=1, max_seq_length=500,
-                                                           incremental=5)[0]  # fmt: skip
-                return vt_utils.sys_vartrack_w_noise_random(tokenizer=tokenizer, num_samples=samples,
-                                                            max_seq_length=length, icl_example=icl)  # fmt: skip
+                icl = vt_utils.sys_vartrack_w_noise_random(
+                    tokenizer=tokenizer, num_samples=1, max_seq_length=500, incremental=5
+                )[0]
+                return vt_utils.sys_vartrack_w_noise_random(
+                    tokenizer=tokenizer, num_samples=samples, max_seq_length=length, icl_example=icl
+                )
 
             out = _vt_reseeded(vt, cell_seed, task, length)
         elif kind == "cwe":
@@ -90,12 +98,16 @@ def generate(task: str, tokenizer, length: int, samples: int, seed: int) -> list
 
             out = fwe_utils.sys_kwext(tokenizer=tokenizer, max_seq_length=length, num_samples=samples)
     except (ValueError, AssertionError, IndexError, ZeroDivisionError, RecursionError) as e:
-        raise ValueError(f"lengths: {length} tokens is too short for {task} with this tokenizer "
-                         f"(lm-eval: {' '.join(str(e).split())[:200]}); give a longer length") from None  # fmt: skip
+        raise ValueError(
+            f"lengths: {length} tokens is too short for {task} with this tokenizer "
+            f"(lm-eval: {' '.join(str(e).split())[:200]}); give a longer length"
+        ) from None
     out = [r for r in out if r.get("length", 0) <= length and r.get("outputs")]
     if not out:
-        raise ValueError(f"lengths: {length} tokens is too short for {task} with this tokenizer "
-                         "(lm-eval made no sample that fits); give a longer length")  # fmt: skip
+        raise ValueError(
+            f"lengths: {length} tokens is too short for {task} with this tokenizer "
+            "(lm-eval made no sample that fits); give a longer length"
+        )
     return out
 
 
@@ -118,19 +130,24 @@ def _vt_reseeded(make, seed: int, task: str, length: int):
             return make()
         except IndexError:
             continue
-    raise RuntimeError(f"lm-eval's {task} generator failed {_VT_ATTEMPTS} times at {length} tokens (IndexError in its "
-                       "generate_chains, reseeded each time)")  # fmt: skip
+    raise RuntimeError(
+        f"lm-eval's {task} generator failed {_VT_ATTEMPTS} times at {length} tokens (IndexError in its "
+        "generate_chains, reseeded each time)"
+    )
 
 
 def _too_short(task: str, length: int, need: int, what: str) -> ValueError:
-    return ValueError(f"lengths: {length} tokens is too short for {task} with this tokenizer: {what} takes "
-                      f"{need} tokens; give a length of at least {need + 1}")  # fmt: skip
+    return ValueError(
+        f"lengths: {length} tokens is too short for {task} with this tokenizer: {what} takes "
+        f"{need} tokens; give a length of at least {need + 1}"
+    )
 
 
 def _check_room(kind: str, task: str, tokenizer, length: int) -> None:
     """Refuse a length the generator cannot fill: lm-eval's vt, cwe and fwe generators would loop forever
     (they shrink the haystack in a ``while True`` until it fits); niah raises by itself. The smallest prompt
     each generator tries, measured with this tokenizer, must fit with the answer's ``tokens_to_generate``."""
+
     def size(text: str) -> int:
         return len(tokenizer(text).input_ids)
 
@@ -141,8 +158,10 @@ def _check_room(kind: str, task: str, tokenizer, length: int) -> None:
 
             icl, _ = _vt_reseeded(lambda: vt_utils.generate_input_output(5, 1, 4, is_icl=True), 0, task, length)
             if size(icl) + 30 > 500:  # its few-shot example: 500 tokens at most
-                raise ValueError(f"task {task} cannot run with this tokenizer: lm-eval builds its few-shot example "
-                                 f"within 500 tokens, and the smallest one takes {size(icl) + 30}")  # fmt: skip
+                raise ValueError(
+                    f"task {task} cannot run with this tokenizer: lm-eval builds its few-shot example "
+                    f"within 500 tokens, and the smallest one takes {size(icl) + 30}"
+                )
             text, _ = _vt_reseeded(lambda: vt_utils.generate_input_output(10, 1, 4), 0, task, length)
             need = size(text) + 2 * size(icl) + 30  # + the example (prompt and answer) + the answer
             if need > length:

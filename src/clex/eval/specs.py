@@ -6,7 +6,7 @@ A **model spec** names one model (or one RoPE method on a model) to evaluate, as
 
 - ``PATH``: a local model folder: ours (saved with CLEX), the authors' released layout, or a plain
   transformers folder; read by :func:`clex.load_model`, tokenizer by ``AutoTokenizer`` from the same folder.
-  ``smollm2`` (when no such folder exists) is the embedded SmolLM2-135M GGUF (:func:`clex.sources.smollm2.load_smollm2`;
+  ``smollm2`` (when no such folder exists) is the embedded SmolLM2-135M GGUF (:func:`clex.data.smollm2.load_smollm2`;
   ``smollm2:clex:...`` applies CLEX fresh, ``smollm2:yarn:factor=4`` a transformers scaling).
 - ``METHOD``: a name of the one baseline registry :data:`clex.hf.methods.METHODS`, the same names and meanings
   as ``clex train``'s ``method``: ``pi``, ``ntk`` (*static* NTK-aware scaling), ``dynamic-ntk``, ``yarn``,
@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.rotary import CLEXRotaryEmbedding
+from ..core.rotary_embedding import CLEXRotaryEmbedding
 from ..hf.loading import DTYPES
 from ..hf.lookup import find_rotary, text_config
 from ..hf.methods import method_name, original_length, prepare_model
@@ -166,7 +166,7 @@ def load_spec(spec: str | ModelSpec, *, device: str = "cpu", dtype: str | None =
     spec = ModelSpec.parse(spec) if isinstance(spec, str) else spec
     path = Path(spec.path)
     if spec.path == "smollm2" and not path.exists():
-        from ..sources.smollm2 import (
+        from ..data.smollm2 import (
             load_smollm2,  # the embedded GGUF model, converted once to a cached folder
         )
 
@@ -183,8 +183,10 @@ def load_spec(spec: str | ModelSpec, *, device: str = "cpu", dtype: str | None =
         params = dict(spec.params)
         factor = params.pop("factor", 1 if spec.method == "none" else None)
         if factor is None:
-            raise ValueError(f"model spec {spec.path}:{spec.method}: give factor=<target length / original length>, "
-                             f"e.g. {spec.path}:{spec.method}:factor=4")  # fmt: skip
+            raise ValueError(
+                f"model spec {spec.path}:{spec.method}: give factor=<target length / original length>, "
+                f"e.g. {spec.path}:{spec.method}:factor=4"
+            )
         prepare_model(model, spec.method, factor=factor, rope=params)
     model.eval()
     info = {"path": spec.path, "method": spec.method, "params": spec.params}
@@ -268,14 +270,14 @@ def fixed_clex_t(model: nn.Module, length: int) -> Iterator[float | None]:
 
 def load_documents(documents: str | Path | dict | None = None) -> dict[str, str]:
     """{name: text}: None = the held-out plays of the embedded corpus; a dict is taken as is (names to texts);
-    a path is read by :func:`clex.sources.texts.read_documents`, the reader training uses (.txt/.md files,
+    a path is read by :func:`clex.data.texts.read_documents`, the reader training uses (.txt/.md files,
     .jsonl lines, folders of them, saved datasets; errors name the file)."""
     if documents is None:
-        from ..sources.corpus import split_plays
+        from ..data.corpus import split_plays
 
         return split_plays()[1]
     if not isinstance(documents, dict):
-        from ..sources.texts import read_documents
+        from ..data.texts import read_documents
 
         return read_documents(documents, what="documents")
     bad = [k for k, v in documents.items() if not isinstance(v, str)]
@@ -333,8 +335,9 @@ def check_count(field: str, value, *, minimum: int = 1, allow_none: bool = False
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        allowed = f"an integer >= {minimum}" + (f" or None (= {none_means})" if allow_none and none_means else
-                                                " or None" if allow_none else "")  # fmt: skip
+        allowed = f"an integer >= {minimum}" + (
+            f" or None (= {none_means})" if allow_none and none_means else " or None" if allow_none else ""
+        )
         raise ValueError(f"{field} must be {allowed}, got {value!r}")
 
 

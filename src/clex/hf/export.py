@@ -37,8 +37,16 @@ from .generation import fixed_t
 from .lookup import get_clex_rotary, text_config
 
 FORMATS = ("hf", "gguf")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                    "chat_template.jinja", "vocab.json", "merges.txt", "generation_config.json")  # fmt: skip
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+)
 
 
 def longrope_parameters(model, length: int) -> dict:
@@ -60,14 +68,27 @@ def longrope_parameters(model, length: int) -> dict:
     plain = dict(getattr(text_config(model), "rope_parameters", None) or {})
     params = {k: v for k, v in plain.items() if k in ("rope_theta", "partial_rotary_factor")}
     return {
-        **params, "rope_type": "longrope", "original_max_position_embeddings": L,
-        "short_factor": [1.0] * theta.numel(), "long_factor": (theta0 / theta).tolist(),
-        "attention_factor": factor, "short_mscale": factor, "long_mscale": factor,
-    }  # fmt: skip
+        **params,
+        "rope_type": "longrope",
+        "original_max_position_embeddings": L,
+        "short_factor": [1.0] * theta.numel(),
+        "long_factor": (theta0 / theta).tolist(),
+        "attention_factor": factor,
+        "short_mscale": factor,
+        "long_mscale": factor,
+    }
 
 
-def export(model, out: str | Path, *, length: int, format: str = "hf", overwrite: bool = False,
-           tokenizer_from: str | Path | None = None, tokenizer_pre: str = "default") -> Path:  # fmt: skip
+def export(
+    model,
+    out: str | Path,
+    *,
+    length: int,
+    format: str = "hf",
+    overwrite: bool = False,
+    tokenizer_from: str | Path | None = None,
+    tokenizer_pre: str = "default",
+) -> Path:
     """Write ``out``: for ``format="hf"`` a folder that stock transformers loads with no clex and no remote code,
     with CLEX's θ(length / L) past L and the model's own frequencies up to L (see the module docstring); for
     ``format="gguf"`` a ``.gguf`` file for llama.cpp with θ(length / L) at every position (:mod:`clex.hf.to_gguf`;
@@ -77,11 +98,14 @@ def export(model, out: str | Path, *, length: int, format: str = "hf", overwrite
         raise ValueError(f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
     out = Path(out)
     if format == "gguf":
-        return _export_gguf(model, out, length=length, overwrite=overwrite, tokenizer_from=tokenizer_from,
-                            tokenizer_pre=tokenizer_pre)  # fmt: skip
+        return _export_gguf(
+            model, out, length=length, overwrite=overwrite, tokenizer_from=tokenizer_from, tokenizer_pre=tokenizer_pre
+        )
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise ValueError(f"out {out} is not empty: pick a new folder, or overwrite=True (--overwrite) to replace it")
+            raise ValueError(
+                f"out {out} is not empty: pick a new folder, or overwrite=True (--overwrite) to replace it"
+            )
         shutil.rmtree(out)
     params = longrope_parameters(model, length)
     state = {k: v for k, v in model.state_dict().items() if ".dynamics." not in k}  # the ODE weights stay behind
@@ -98,9 +122,14 @@ def export(model, out: str | Path, *, length: int, format: str = "hf", overwrite
             if (Path(tokenizer_from) / name).is_file():
                 shutil.copyfile(Path(tokenizer_from) / name, out / name)
     c = get_clex_rotary(model).config
-    note = {"exported_by": "clex", "length": int(length), "t": length / params["original_max_position_embeddings"],
-            "clex": c.to_dict(), "below_L": "the plain model" + _below_L_scale(c)}
-    atomic_write_text(out / "clex_export.json", json.dumps(note, indent=2) + "\n")  # fmt: skip
+    note = {
+        "exported_by": "clex",
+        "length": int(length),
+        "t": length / params["original_max_position_embeddings"],
+        "clex": c.to_dict(),
+        "below_L": "the plain model" + _below_L_scale(c),
+    }
+    atomic_write_text(out / "clex_export.json", json.dumps(note, indent=2) + "\n")
     return out
 
 
@@ -121,14 +150,21 @@ def _export_gguf(model, out: Path, *, length: int, overwrite: bool, tokenizer_fr
         raise ValueError(f"out {out} is a folder; format gguf writes one file (a name ending in .gguf)")
     params = longrope_parameters(model, length)
     L = params["original_max_position_embeddings"]
-    note = {"exported_by": "clex", "length": int(length), "t": length / L, "clex": get_clex_rotary(model).config.to_dict(),
-            "below_L": "CLEX at the same t (llama.cpp applies rope_freqs at every position)"}  # fmt: skip
-    return write_gguf(model, out, length=length, params=params, note=note, tokenizer_from=tokenizer_from,
-                      tokenizer_pre=tokenizer_pre)  # fmt: skip
+    note = {
+        "exported_by": "clex",
+        "length": int(length),
+        "t": length / L,
+        "clex": get_clex_rotary(model).config.to_dict(),
+        "below_L": "CLEX at the same t (llama.cpp applies rope_freqs at every position)",
+    }
+    return write_gguf(
+        model, out, length=length, params=params, note=note, tokenizer_from=tokenizer_from, tokenizer_pre=tokenizer_pre
+    )
 
 
-def run(model: str, out: str, *, length: int, format: str = "hf", overwrite: bool = False,
-        tokenizer_pre: str = "default") -> int:  # fmt: skip
+def run(
+    model: str, out: str, *, length: int, format: str = "hf", overwrite: bool = False, tokenizer_pre: str = "default"
+) -> int:
     """Export a CLEX model folder for stock transformers / vLLM (longrope) or llama.cpp (GGUF) at one target length.
 
     Args:
@@ -141,8 +177,17 @@ def run(model: str, out: str, *, length: int, format: str = "hf", overwrite: boo
     """
     from .loading import load_model
 
-    path = export(load_model(model), out, length=length, format=format, overwrite=overwrite, tokenizer_from=model,
-                  tokenizer_pre=tokenizer_pre)  # fmt: skip
+    path = export(
+        load_model(model),
+        out,
+        length=length,
+        format=format,
+        overwrite=overwrite,
+        tokenizer_from=model,
+        tokenizer_pre=tokenizer_pre,
+    )
     where = "everywhere" if format == "gguf" else "past L"
-    print(f"clex export: {path} ({'GGUF, rope_freqs' if format == 'gguf' else 'longrope'}, CLEX at t = {length}/L {where})")
+    print(
+        f"clex export: {path} ({'GGUF, rope_freqs' if format == 'gguf' else 'longrope'}, CLEX at t = {length}/L {where})"
+    )
     return 0

@@ -1,7 +1,7 @@
 """Generation with CLEX: a key cache kept consistent when t changes, at about the cost of plain RoPE;
 and a fixed-t policy.
 
-The problem. In inference mode each row's t follows its key length (see :mod:`clex.core.rotary`), so θ(t) changes
+The problem. In inference mode each row's t follows its key length (see :mod:`clex.core.rotary_embedding`), so θ(t) changes
 as a sequence grows. transformers caches keys *already rotated*: a key at position p was stored as
 R(p·θ_old)·k, and once t moves on, the new queries are rotated with θ_new but the cached keys still carry
 θ_old, so q·k no longer depends on the distance alone (the dynamic-NTK bug, transformers issue 25104).
@@ -50,7 +50,7 @@ the price of rotating short prefixes with the frequencies of the final length.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn

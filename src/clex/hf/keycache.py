@@ -23,7 +23,7 @@ from transformers.cache_utils import (
     StaticSlidingWindowLayer,
 )
 
-from ..core.rotary import CLEXRotaryEmbedding
+from ..core.rotary_embedding import CLEXRotaryEmbedding
 from .compat import CACHE_ARGS, TRANSFORMERS_VERSION, cache_argument, output_cache
 from .lookup import find_rotary, get_clex_rotary
 

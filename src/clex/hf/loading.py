@@ -65,9 +65,11 @@ def clex_config_of(raw: dict) -> tuple[CLEXConfig | None, dict]:
             )
         fields = {k: official[k] for k in OFFICIAL_KEYS if k in official}
         clex = CLEXConfig(
-            **fields, log_scale=bool(raw.pop("log_scale", False)), inference_t="integer",
+            **fields,
+            log_scale=bool(raw.pop("log_scale", False)),
+            inference_t="integer",
             original_length=raw.get("max_position_embeddings"),
-        )  # fmt: skip
+        )
         raw["rope_scaling"] = None
         raw["rope_parameters"] = {"rope_type": "default", "rope_theta": raw.get("rope_theta", 10000.0)}
         return clex, raw
@@ -122,7 +124,9 @@ def _check_dtype(dtype):
         return getattr(torch, dtype)
     if isinstance(dtype, torch.dtype) and str(dtype).removeprefix("torch.") in DTYPES:
         return dtype
-    raise ValueError(f"load_model's dtype must be one of {', '.join(DTYPES)} (a name or a torch.dtype), or None, got {dtype!r}")
+    raise ValueError(
+        f"load_model's dtype must be one of {', '.join(DTYPES)} (a name or a torch.dtype), or None, got {dtype!r}"
+    )
 
 
 def _check_device(device):
@@ -131,7 +135,9 @@ def _check_device(device):
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"load_model's device must be a torch device such as 'cpu', 'cuda' or 'cuda:0', got {device!r}") from e
+        raise ValueError(
+            f"load_model's device must be a torch device such as 'cpu', 'cuda' or 'cuda:0', got {device!r}"
+        ) from e
     available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
     if dev.type in available and not available[dev.type]():
         raise ValueError(f"load_model's device {device!r} is not available on this machine (try 'cpu')")
@@ -176,7 +182,9 @@ def load_model(
         raise ValueError(f"load_model's clex must be a CLEXConfig, a dict or None, got {type(clex).__name__}")
     if isinstance(clex, dict):
         clex = CLEXConfig.from_dict(clex)
-    check_keys(overrides, CLEXConfig.field_names(), where="load_model (keyword arguments past clex are CLEXConfig fields)")
+    check_keys(
+        overrides, CLEXConfig.field_names(), where="load_model (keyword arguments past clex are CLEXConfig fields)"
+    )
     path = Path(path)
     raw = read_config(path)
     saved, cleaned = clex_config_of(raw)

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ..core.config import CLEXConfig
 from ..core.policies import POSITION_SAMPLERS
-from ..core.rotary import CLEXRotaryEmbedding
+from ..core.rotary_embedding import CLEXRotaryEmbedding
 from .lookup import find_rotary, text_config
 from .patch import apply_clex
 
@@ -116,7 +116,9 @@ def rope_keys(config, rope_type: str) -> set[str] | None:
     return None
 
 
-def _rebuild_rotary(model: nn.Module, method: str, rope_parameters: dict, max_positions: int, rope: dict | None) -> nn.Module:
+def _rebuild_rotary(
+    model: nn.Module, method: str, rope_parameters: dict, max_positions: int, rope: dict | None
+) -> nn.Module:
     """Write ``rope_parameters`` (updated with the caller's ``rope``, whose keys must be ones transformers' rope
     type takes) and max_position_embeddings to the config, then rebuild the model's rotary module with its own
     class, so that transformers computes the scaled frequencies. On any error the config is left unchanged."""
@@ -125,8 +127,10 @@ def _rebuild_rotary(model: nn.Module, method: str, rope_parameters: dict, max_po
     valid = rope_keys(cfg, rope_type)
     unknown = sorted(set(rope or {}) - (valid or set()) - {"rope_type"}) if valid is not None else []
     if unknown:
-        raise ValueError(f"method {method!r} (rope type {rope_type!r}): unknown rope parameter(s) {unknown}; "
-                         f"valid: {', '.join(sorted(valid - {'rope_type'}))}")  # fmt: skip
+        raise ValueError(
+            f"method {method!r} (rope type {rope_type!r}): unknown rope parameter(s) {unknown}; "
+            f"valid: {', '.join(sorted(valid - {'rope_type'}))}"
+        )
     old_params, old_max = cfg.rope_parameters, cfg.max_position_embeddings
     cfg.rope_parameters = {**rope_parameters, **(rope or {})}
     cfg.max_position_embeddings = int(max_positions)
@@ -146,7 +150,9 @@ def _rebuild_rotary(model: nn.Module, method: str, rope_parameters: dict, max_po
 def _hf_rope(method: str) -> Callable:
     rope_type = HF_ROPE_TYPES[method]
 
-    def prepare(model: nn.Module, *, factor: float, clex: dict | None = None, rope: dict | None = None, pose: bool = False):
+    def prepare(
+        model: nn.Module, *, factor: float, clex: dict | None = None, rope: dict | None = None, pose: bool = False
+    ):
         factor = _check_factor(factor)
         plain = _plain_rope(model, method)
         length = original_length(model)
@@ -177,8 +183,14 @@ def _ntk(model: nn.Module, *, factor: float, clex: dict | None = None, rope: dic
     return _rebuild_rotary(model, "ntk", params, original_length(model), rope)  # L0 stays: the base carries the scaling
 
 
-def _clex(model: nn.Module, *, factor: float, clex: CLEXConfig | dict | None = None, rope: dict | None = None,
-          pose: bool = False):
+def _clex(
+    model: nn.Module,
+    *,
+    factor: float,
+    clex: CLEXConfig | dict | None = None,
+    rope: dict | None = None,
+    pose: bool = False,
+):
     """clex: apply CLEX; a model that has CLEX already keeps its ODE weights and takes the given training
     fields. ``clex``: the CLEXConfig to apply as it is (the trainer's, built by ``TrainConfig.clex_config()``),
     or a dict of fields (max_factor = factor unless given; ``pose`` sets position_sampler "pose")."""
@@ -229,14 +241,21 @@ METHODS: dict[str, Callable] = {
 
 
 def prepare_model(
-    model: nn.Module, method: str, *, factor: float, clex: CLEXConfig | dict | None = None, rope: dict | None = None,
+    model: nn.Module,
+    method: str,
+    *,
+    factor: float,
+    clex: CLEXConfig | dict | None = None,
+    rope: dict | None = None,
     pose: bool = False,
 ) -> nn.Module:
     """Prepare ``model`` in place for fine-tuning or evaluation with ``method`` (see :data:`METHODS`; aliases
-    :data:`ALIASES`)."""  # fmt: skip
+    :data:`ALIASES`)."""
     method = method_name(method)
     if (isinstance(clex, CLEXConfig) or clex) and method != "clex":
-        raise ValueError(f"clex fields {sorted(clex.to_dict() if isinstance(clex, CLEXConfig) else clex)} apply to method 'clex' only, got method {method!r}")
+        raise ValueError(
+            f"clex fields {sorted(clex.to_dict() if isinstance(clex, CLEXConfig) else clex)} apply to method 'clex' only, got method {method!r}"
+        )
     return METHODS[method](model, factor=factor, clex=clex, rope=rope, pose=pose)
 
 
@@ -245,7 +264,6 @@ def pose_position_ids(batch: int, seq_len: int, span: int, generator: torch.Gene
     ``span`` positions (:data:`clex.core.policies.POSITION_SAMPLERS` "pose").  -> [batch, seq_len] int64"""
     sampler = POSITION_SAMPLERS["pose"]
     return torch.stack([sampler(seq_len, max(span, seq_len), generator) for _ in range(batch)]).long()
-
 
 
 def method_name(name: str) -> str:

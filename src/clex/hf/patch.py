@@ -16,9 +16,9 @@ from pathlib import Path
 from torch import nn
 
 from ..core.config import CLEXConfig, check_keys
-from ..core.rotary import CLEXRotaryEmbedding
+from ..core.rotary_embedding import CLEXRotaryEmbedding
+from .fused_rotation import FUSED_ROTATION, use_fused_rotation
 from .lookup import find_rotary, get_clex_rotary, text_config
-from .rotation import FUSED_ROTATION, use_fused_rotation
 
 CLEX_KEYS = {"rope_type", *CLEXConfig.field_names()}
 
@@ -30,7 +30,9 @@ def plain_rope_keys() -> frozenset[str]:
 
         return frozenset(RopeParameters.__annotations__)
     except (ImportError, AttributeError):  # an older transformers
-        return frozenset({"rope_theta", "rope_type", "partial_rotary_factor", "factor", "original_max_position_embeddings"})
+        return frozenset(
+            {"rope_theta", "rope_type", "partial_rotary_factor", "factor", "original_max_position_embeddings"}
+        )
 
 
 def apply_clex(
@@ -47,7 +49,7 @@ def apply_clex(
     exact_cache: keep cached keys consistent when t changes during generation (:mod:`clex.hf.generation`:
     cached keys are re-rotated once, in place, when a row's t changes).
     fused_rotation: how each layer's rotation backpropagates into CLEX's cos/sin while training
-    (:mod:`clex.hf.rotation`): "auto" (one Triton kernel on a GPU where Triton imports, else eager torch),
+    (:mod:`clex.hf.fused_rotation`): "auto" (one Triton kernel on a GPU where Triton imports, else eager torch),
     "torch", "triton", or "off" (stock autograd). The same values and gradients (float64: to rounding);
     inference and plain RoPE always run transformers' own function.
     ``original_length`` (L) defaults to the model's ``max_position_embeddings``. The model must use plain
@@ -62,7 +64,9 @@ def apply_clex(
     if not isinstance(exact_cache, bool):
         raise ValueError(f"apply_clex's exact_cache must be True or False, got {exact_cache!r}")
     if fused_rotation not in FUSED_ROTATION:
-        raise ValueError(f"apply_clex's fused_rotation must be one of {', '.join(map(repr, FUSED_ROTATION))}; got {fused_rotation!r}")
+        raise ValueError(
+            f"apply_clex's fused_rotation must be one of {', '.join(map(repr, FUSED_ROTATION))}; got {fused_rotation!r}"
+        )
     if overrides:
         config = config.replace(**overrides)
     name, old = find_rotary(model)
@@ -83,12 +87,18 @@ def apply_clex(
     rope_parameters = dict(getattr(hf, "rope_parameters", None) or {})
     inv_freq = getattr(old, "original_inv_freq", old.inv_freq)
     new = CLEXRotaryEmbedding(
-        config, inv_freq, original_length=length,
+        config,
+        inv_freq,
+        original_length=length,
         rope_theta=float(rope_parameters.get("rope_theta", 10000.0)),
         attention_scaling=float(getattr(old, "attention_scaling", 1.0)),
-    ).to(inv_freq.device)  # fmt: skip
+    ).to(inv_freq.device)
     new.train(old.training)
-    attention = [m for m in model.modules() if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "scaling", None), float)]
+    attention = [
+        m
+        for m in model.modules()
+        if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "scaling", None), float)
+    ]
     scaled = config.log_scale or config.mscale != "none"  # both act through each attention's `scaling`
     if scaled and not attention:
         raise ValueError(
@@ -97,7 +107,8 @@ def apply_clex(
         )
     for attn in attention:
         attn._clex_base_scaling = getattr(attn, "_clex_base_scaling", attn.scaling)
-    new.attention_modules = tuple(attention) if scaled else ()
+    if scaled:
+        new.register_forward_hook(_query_scale_hook(tuple(attention)))
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     model.save_pretrained = types.MethodType(_save_pretrained, model)
@@ -107,6 +118,18 @@ def apply_clex(
 
         enable_exact_cache(model)
     return model
+
+
+def _query_scale_hook(attention: tuple):
+    """A forward hook of the CLEX rotary: each attention module's ``scaling`` (which every attention back-end of
+    transformers multiplies into q·k: eager, sdpa, flash, flex) becomes its own scaling times the rotary's
+    ``query_scale`` of this forward, before any layer runs."""
+
+    def hook(rotary, args, output):
+        for attn in attention:
+            attn.scaling = attn._clex_base_scaling * rotary.query_scale
+
+    return hook
 
 
 def _save_pretrained(model, save_directory, *args, **kwargs):
@@ -172,4 +195,3 @@ def split_rope_parameters(rope_parameters: dict) -> tuple[CLEXConfig, dict]:
     clex = {k: v for k, v in rope_parameters.items() if k in CLEX_KEYS and k != "rope_type"}
     plain = {k: v for k, v in rope_parameters.items() if k not in CLEX_KEYS}
     return CLEXConfig.from_dict(clex), {**plain, "rope_type": "default"}
-

@@ -73,8 +73,10 @@ def _gguf_tensors(model, config) -> dict[str, np.ndarray]:
             continue
         target = names.get_name(name, try_suffixes=(".weight",)) if name.endswith(".weight") else None
         if target is None:
-            raise ValueError(f"the GGUF writer maps LLaMA's weights only; {name!r} has no GGUF tensor name "
-                             "(a bias, or a family it does not know)")  # fmt: skip
+            raise ValueError(
+                f"the GGUF writer maps LLaMA's weights only; {name!r} has no GGUF tensor name "
+                "(a bias, or a family it does not know)"
+            )
         value = value.detach().to("cpu", torch.float32)
         if target.endswith((".attn_q.weight", ".attn_k.weight")):
             value = interleave_rotary_rows(value, heads if ".attn_q." in target else kv_heads)
@@ -86,11 +88,14 @@ def _check_family(model) -> None:
     config = text_config(model)
     kind = getattr(config, "model_type", None)
     if kind not in ARCHITECTURES:
-        raise ValueError(f"format gguf maps the model families {', '.join(map(repr, ARCHITECTURES))}, got model_type "
-                         f"{kind!r}: export it with format='hf' (transformers' longrope, also read by vLLM)")  # fmt: skip
+        raise ValueError(
+            f"format gguf maps the model families {', '.join(map(repr, ARCHITECTURES))}, got model_type "
+            f"{kind!r}: export it with format='hf' (transformers' longrope, also read by vLLM)"
+        )
     if getattr(config, "sliding_window", None):
-        raise ValueError(f"format gguf: sliding_window={config.sliding_window} is not held by the LLaMA GGUF; "
-                         "use format='hf'")  # fmt: skip
+        raise ValueError(
+            f"format gguf: sliding_window={config.sliding_window} is not held by the LLaMA GGUF; use format='hf'"
+        )
     for flag in ("attention_bias", "mlp_bias"):
         if getattr(config, flag, False):
             raise ValueError(f"format gguf: {flag}=True is not written by this GGUF writer; use format='hf'")
@@ -110,8 +115,10 @@ def _add_tokenizer(writer, folder: Path, config, pre: str) -> None:
     """Tokens, merges, token types and special ids of ``folder/tokenizer.json`` (a BPE tokenizer)."""
     file = folder / "tokenizer.json"
     if not file.is_file():
-        raise ValueError(f"format gguf needs the model's tokenizer.json (llama.cpp reads the vocabulary from the "
-                         f"file), and {folder} has none: pass a folder with a BPE tokenizer.json")  # fmt: skip
+        raise ValueError(
+            f"format gguf needs the model's tokenizer.json (llama.cpp reads the vocabulary from the "
+            f"file), and {folder} has none: pass a folder with a BPE tokenizer.json"
+        )
     raw = json.loads(file.read_text())
     kind = raw.get("model", {}).get("type")
     if kind != "BPE":
@@ -134,8 +141,12 @@ def _add_tokenizer(writer, folder: Path, config, pre: str) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    for name, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
-                      ("unk_token", writer.add_unk_token_id), ("pad_token", writer.add_pad_token_id)):  # fmt: skip
+    for name, add in (
+        ("bos_token", writer.add_bos_token_id),
+        ("eos_token", writer.add_eos_token_id),
+        ("unk_token", writer.add_unk_token_id),
+        ("pad_token", writer.add_pad_token_id),
+    ):
         i = _special_id(name, tok_config, vocab, config)
         if i is not None:
             add(i)
@@ -146,8 +157,16 @@ def _add_tokenizer(writer, folder: Path, config, pre: str) -> None:
         writer.add_chat_template(chat)
 
 
-def write_gguf(model, out: Path, *, length: int, params: dict, note: dict, tokenizer_from: str | Path | None,
-               tokenizer_pre: str = "default") -> Path:  # fmt: skip
+def write_gguf(
+    model,
+    out: Path,
+    *,
+    length: int,
+    params: dict,
+    note: dict,
+    tokenizer_from: str | Path | None,
+    tokenizer_pre: str = "default",
+) -> Path:
     """Write ``out`` (a .gguf file, atomically) from a CLEX model at target ``length``; ``params`` are its
     :func:`clex.hf.export.longrope_parameters` (long_factor = θ⁰/θ(N/L), attention_factor)."""
     import gguf
@@ -158,8 +177,10 @@ def write_gguf(model, out: Path, *, length: int, params: dict, note: dict, token
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     factors = np.asarray(params["long_factor"], dtype=np.float32)  # θ⁰/θ(N/L) per pair: [n_rot/2]
     if 2 * factors.size != head_dim:
-        raise ValueError(f"format gguf: partial rotary (rotary dim {2 * factors.size} of head_dim {head_dim}) is not "
-                         "held by the LLaMA GGUF; use format='hf'")  # fmt: skip
+        raise ValueError(
+            f"format gguf: partial rotary (rotary dim {2 * factors.size} of head_dim {head_dim}) is not "
+            "held by the LLaMA GGUF; use format='hf'"
+        )
     base = params.get("rope_theta", getattr(config, "rope_theta", None))
     if base is None:
         raise ValueError("format gguf: the model's config has no rope_theta (the RoPE base llama.cpp needs)")

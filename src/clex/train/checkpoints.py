@@ -90,9 +90,11 @@ def rng_state() -> dict:
 
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(internal), gauss],
-             "numpy": [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
-             "torch": torch.get_rng_state().tolist()}  # fmt: skip
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
@@ -111,8 +113,10 @@ def set_rng_state(state: dict, file: Path) -> None:
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
     except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as e:
-        raise CheckpointError(f"{file} is not a valid RNG state ({type(e).__name__}: {e}); "
-                              "it must hold python, numpy and torch states as written by clex") from None  # fmt: skip
+        raise CheckpointError(
+            f"{file} is not a valid RNG state ({type(e).__name__}: {e}); "
+            "it must hold python, numpy and torch states as written by clex"
+        ) from None
 
 
 def _plain(value) -> bool:
@@ -132,14 +136,22 @@ def set_scheduler_state(scheduler, state, file: Path) -> None:
     if not isinstance(state, dict):
         raise CheckpointError(f"{file} must hold a mapping of scheduler fields, got {type(state).__name__}")
     unknown = sorted(set(state) - set(current))
-    bad = sorted(k for k in state if k in current and (not _plain(state[k]) or isinstance(state[k], list) != isinstance(current[k], list)))
+    bad = sorted(
+        k
+        for k in state
+        if k in current and (not _plain(state[k]) or isinstance(state[k], list) != isinstance(current[k], list))
+    )
     if unknown or bad:
-        raise CheckpointError(f"{file} has unknown or malformed scheduler fields {unknown + bad}; "
-                              f"allowed: {', '.join(sorted(current))} (numbers or lists of numbers)")  # fmt: skip
+        raise CheckpointError(
+            f"{file} has unknown or malformed scheduler fields {unknown + bad}; "
+            f"allowed: {', '.join(sorted(current))} (numbers or lists of numbers)"
+        )
     for k in ("base_lrs", "_last_lr"):
         if k in state and len(state[k]) != len(current[k]):
-            raise CheckpointError(f"{file}: {k} has {len(state[k])} values but the optimizer has {len(current[k])} "
-                                  "parameter groups (was the run's `train` or `clex_lr` changed?)")  # fmt: skip
+            raise CheckpointError(
+                f"{file}: {k} has {len(state[k])} values but the optimizer has {len(current[k])} "
+                "parameter groups (was the run's `train` or `clex_lr` changed?)"
+            )
     scheduler.__dict__.update(state)
 
 
@@ -269,8 +281,11 @@ def load_checkpoint(accelerator, folder: str | Path, scheduler=None) -> dict:
     state = check_checkpoint(folder)
     stage, refused = _staged(folder)
     if refused:
-        warnings.warn(f"{folder}: ignored {', '.join(refused)}: clex never unpickles checkpoint files (a pickle "
-                      "can run any code); its own state is in JSON and safetensors files", stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"{folder}: ignored {', '.join(refused)}: clex never unpickles checkpoint files (a pickle "
+            "can run any code); its own state is in JSON and safetensors files",
+            stacklevel=2,
+        )
     try:
         accelerator.load_state(str(stage))
     except Exception as e:  # a damaged file the checks above could not see
@@ -287,7 +302,9 @@ def load_checkpoint(accelerator, folder: str | Path, scheduler=None) -> dict:
         if file.is_file():
             set_scheduler_state(scheduler, _read_json(file), file)
         else:
-            warnings.warn(f"{folder} has no {SCHEDULER_FILE}: the LR schedule is rebuilt at step {state['step']}", stacklevel=2)
+            warnings.warn(
+                f"{folder} has no {SCHEDULER_FILE}: the LR schedule is rebuilt at step {state['step']}", stacklevel=2
+            )
             _scheduler_from_step(scheduler, state["step"])
     return state
 
@@ -297,8 +314,10 @@ def resume_checkpoint(accelerator, out_dir: str | Path, scheduler=None) -> tuple
     file, for the one before); -> (its folder, its trainer state). ValueError when there is none."""
     found = list_checkpoints(out_dir)
     if not found:
-        raise ValueError(f"resume=true but {out_dir} holds no complete checkpoint (checkpoint-*/{STATE_FILE}): "
-                         "drop --resume to start a fresh run, or point out_dir at the run to continue")  # fmt: skip
+        raise ValueError(
+            f"resume=true but {out_dir} holds no complete checkpoint (checkpoint-*/{STATE_FILE}): "
+            "drop --resume to start a fresh run, or point out_dir at the run to continue"
+        )
     problems = []
     for _, folder in reversed(found):
         try:

@@ -27,7 +27,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 @dataclass
 class TrainConfig:
     # --- model and method ---
-    model: str = "tiny-llama"  # a preset of clex.sources.presets.MODEL_PRESETS, or a local model folder
+    model: str = "tiny-llama"  # a preset of clex.data.presets.MODEL_PRESETS, or a local model folder
     method: str = "clex"  # a name of clex.hf.methods.METHODS
     factor: float = 16.0  # target length / L0: the baselines' scale, the PoSE span, CLEX's max_factor (default)
     clex: dict = field(default_factory=dict)  # CLEXConfig fields for method clex; seed defaults to `seed`
@@ -46,7 +46,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size * processes * grad_accum
     lr: float = 2e-5
     clex_lr: float | None = None  # lr of the CLEX ODE weights (None: lr); Adam moves W_down by ~lr a step, and
-                                  # the network's output scales with λd, so a large lr makes θ(t) jagged
+    # the network's output scales with λd, so a large lr makes θ(t) jagged
     warmup_ratio: float = 0.03  # linear warmup over this fraction of the steps
     schedule: str = "cosine"  # cosine | linear | constant (after the warmup)
     weight_decay: float = 0.0
@@ -94,8 +94,19 @@ class TrainConfig:
         choice("train", TRAINABLE)
         choice("dtype", DTYPES)
         choice("schedule", SCHEDULES)
-        for name, low in [("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("seq_len", 2), ("eval_batches", 1),
-                          ("lora_rank", 1), ("log_every", 1), ("save_every", 0), ("keep_checkpoints", 0), ("eval_every", 0), ("threads", 0)]:  # fmt: skip
+        for name, low in [
+            ("steps", 1),
+            ("batch_size", 1),
+            ("grad_accum", 1),
+            ("seq_len", 2),
+            ("eval_batches", 1),
+            ("lora_rank", 1),
+            ("log_every", 1),
+            ("save_every", 0),
+            ("keep_checkpoints", 0),
+            ("eval_every", 0),
+            ("threads", 0),
+        ]:
             if getattr(self, name) < low:
                 bad(name, f"an integer >= {low}")
         if not self.factor >= 1:
@@ -115,12 +126,18 @@ class TrainConfig:
             if not 0 <= getattr(self, name) < 1:
                 bad(name, "a number in [0, 1)")
         if self.resume and self.overwrite:
-            raise ValueError("TrainConfig.resume=true and overwrite=true contradict: resume continues the run in out_dir, "
-                             "overwrite replaces it; set one of them")
+            raise ValueError(
+                "TrainConfig.resume=true and overwrite=true contradict: resume continues the run in out_dir, "
+                "overwrite replaces it; set one of them"
+            )
         if self.train == "clex" and self.method != "clex":
-            raise ValueError(f"TrainConfig.train='clex' trains only the CLEX parameters: it needs method 'clex', got {self.method!r}")
+            raise ValueError(
+                f"TrainConfig.train='clex' trains only the CLEX parameters: it needs method 'clex', got {self.method!r}"
+            )
         if self.clex and self.method != "clex":
-            raise ValueError(f"TrainConfig.clex fields {sorted(self.clex)} apply to method 'clex' only, got method {self.method!r}")
+            raise ValueError(
+                f"TrainConfig.clex fields {sorted(self.clex)} apply to method 'clex' only, got method {self.method!r}"
+            )
         if self.rope and self.method in ("clex", "none"):
             raise ValueError(f"TrainConfig.rope parameters apply to the transformers rope methods, not {self.method!r}")
         if self.method == "clex":
@@ -131,7 +148,9 @@ class TrainConfig:
         known = set(CLEXConfig.field_names())
         unknown = sorted(set(self.clex) - known)
         if unknown:
-            raise ValueError(f"TrainConfig.clex has unknown fields {unknown}; CLEXConfig fields: {', '.join(sorted(known))}")
+            raise ValueError(
+                f"TrainConfig.clex has unknown fields {unknown}; CLEXConfig fields: {', '.join(sorted(known))}"
+            )
         fields_ = {"max_factor": self.factor, "seed": self.seed, **self.clex}
         if self.pose:
             fields_["position_sampler"] = "pose"
@@ -141,7 +160,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         names = [f.name for f in fields(cls)]
         unknown = sorted(set(d) - set(names))
         if unknown:
@@ -149,7 +168,7 @@ class TrainConfig:
         return cls(**d)
 
     @classmethod
-    def from_file(cls, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> "TrainConfig":
+    def from_file(cls, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
         """Read a YAML (.yaml/.yml) or TOML (.toml) file (None: the defaults), then apply ``key=value``
         overrides."""
         d = read_config_file(path) if path is not None else {}
@@ -207,7 +226,16 @@ def apply_override(d: dict, item: str) -> None:
 
 
 def _kind(annotation: str):
-    return {"str": str, "str | None": (str, None), "float | None": (float, None), "int": int, "float": float, "bool": bool, "dict": dict, "list": list}[annotation]
+    return {
+        "str": str,
+        "str | None": (str, None),
+        "float | None": (float, None),
+        "int": int,
+        "float": float,
+        "bool": bool,
+        "dict": dict,
+        "list": list,
+    }[annotation]
 
 
 _KINDS = {f.name: _kind(f.type) for f in fields(TrainConfig)}
@@ -216,6 +244,7 @@ _KINDS = {f.name: _kind(f.type) for f in fields(TrainConfig)}
 def _coerce(name: str, value, kind):
     """Check and normalise one field: ints from integral floats, floats from numbers or numeric strings
     (YAML reads 1e-3 as a string), str | None, lists from a single string."""
+
     def bad(expected):
         raise ValueError(f"TrainConfig.{name} must be {expected}, got {value!r}")
 
@@ -241,5 +270,7 @@ def _coerce(name: str, value, kind):
     if kind is dict:
         return dict(value or {}) if isinstance(value, (dict, type(None))) else bad("a mapping")
     if kind is list:
-        return [value] if isinstance(value, str) else (list(value) if isinstance(value, (list, tuple)) else bad("a list"))
+        return (
+            [value] if isinstance(value, str) else (list(value) if isinstance(value, (list, tuple)) else bad("a list"))
+        )
     return value if isinstance(value, str) else bad("a string")

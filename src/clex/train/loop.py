@@ -33,15 +33,15 @@ import torch
 
 from ..core.io import atomic_write_text
 from ..core.policies import step_generator
-from ..core.rotary import CLEXRotaryEmbedding
+from ..core.rotary_embedding import CLEXRotaryEmbedding
+from ..data.presets import build_model, count_parameters
 from ..hf.compat import set_activation_checkpointing
 from ..hf.lookup import find_rotary
 from ..hf.methods import METHODS, original_length, pose_position_ids, prepare_model
-from ..sources.presets import build_model, count_parameters
 from . import lora
 from .checkpoints import resume_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import prepare_data, rows_at
+from .packing import prepare_data, rows_at
 from .rundir import (
     check_out_dir,
     check_resume_config,
@@ -51,6 +51,7 @@ from .rundir import (
 )
 
 __all__ = ["TrainConfig", "run", "main"]
+
 
 def lr_schedule(optimizer, kind: str, *, warmup: int, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over ``warmup`` steps, then cosine to 0 / linear to 0 / constant until ``steps``."""
@@ -74,8 +75,13 @@ def _select_trainable(model, config: TrainConfig):
     if isinstance(rot, CLEXRotaryEmbedding):
         clex_params = list(rot.dynamics.parameters())
     if config.train == "lora":
-        model = lora.wrap(model, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                          targets=config.lora_targets)  # fmt: skip
+        model = lora.wrap(
+            model,
+            rank=config.lora_rank,
+            alpha=config.lora_alpha,
+            dropout=config.lora_dropout,
+            targets=config.lora_targets,
+        )
     elif config.train == "clex":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -99,9 +105,11 @@ def _accelerator(config: TrainConfig):
             raise ValueError("TrainConfig.tensorboard=true needs TensorBoard: pip install tensorboard") from None
         kwargs.update(log_with="tensorboard", project_dir=str(Path(config.out_dir) / "tensorboard"))
     return Accelerator(
-        cpu=config.cpu or not _has_accelerator(), mixed_precision="bf16" if config.dtype == "bfloat16" else None,  # None: the launch config's
-        gradient_accumulation_steps=config.grad_accum, **kwargs,
-    )  # fmt: skip
+        cpu=config.cpu or not _has_accelerator(),
+        mixed_precision="bf16" if config.dtype == "bfloat16" else None,  # None: the launch config's
+        gradient_accumulation_steps=config.grad_accum,
+        **kwargs,
+    )
 
 
 def _has_accelerator() -> bool:
@@ -147,7 +155,9 @@ def _evaluate(model, accelerator, eval_rows, config: TrainConfig) -> float:
         for i in range(0, per_rank, config.batch_size):
             batch = mine[i : i + config.batch_size].to(accelerator.device)
             loss = model(input_ids=batch, labels=batch).loss
-            total += torch.tensor([float(loss) * batch.shape[0], batch.shape[0]], dtype=torch.float64, device=total.device)
+            total += torch.tensor(
+                [float(loss) * batch.shape[0], batch.shape[0]], dtype=torch.float64, device=total.device
+            )
     model.train()
     total = accelerator.reduce(total, reduction="sum")
     return float(total[0] / total[1])
@@ -177,7 +187,9 @@ def run(config: TrainConfig) -> Path:
     model, tokenizer = build_model(config.model, seed=config.seed)
     length0 = original_length(model)
     clex_config = config.clex_config() if config.method == "clex" else None  # the one place it is built
-    prepare_model(model, config.method, factor=config.factor, clex=clex_config, rope=config.rope or None, pose=config.pose)
+    prepare_model(
+        model, config.method, factor=config.factor, clex=clex_config, rope=config.rope or None, pose=config.pose
+    )
     _, rotary = find_rotary(model)
     rotary = rotary if isinstance(rotary, CLEXRotaryEmbedding) else None
     if config.gradient_checkpointing:
@@ -185,18 +197,22 @@ def run(config: TrainConfig) -> Path:
         model.config.use_cache = False
     model.train()
     model, groups = _select_trainable(model, config)
-    rows, eval_rows = prepare_data(config.data, tokenizer, config.seq_len, held_out=config.held_out, seed=config.seed,
-                                   text_field=config.text_field)  # fmt: skip
+    rows, eval_rows = prepare_data(
+        config.data, tokenizer, config.seq_len, held_out=config.held_out, seed=config.seed, text_field=config.text_field
+    )
 
     # --- optimiser and schedule (the paper's: AdamW, lr 2e-5, 3% warmup, cosine, no weight decay) ---
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.weight_decay)  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay
+    )
     _deepspeed_fill(accelerator, config)
     sizes = count_parameters(model), sum(p.numel() for g in groups for p in g["params"])  # before FSDP/ZeRO-3 shard
     model, optimizer = accelerator.prepare(model, optimizer)
     # made on the prepared optimizer (DeepSpeed may swap in its own); stepped by us once per optimizer step.
     # Not registered with accelerate (that would pickle it): checkpoints save its numbers as JSON.
-    scheduler = lr_schedule(optimizer, config.schedule, warmup=math.ceil(config.warmup_ratio * config.steps), steps=config.steps)
+    scheduler = lr_schedule(
+        optimizer, config.schedule, warmup=math.ceil(config.warmup_ratio * config.steps), steps=config.steps
+    )
     _zero3_external_params(accelerator, rotary)
 
     # --- fresh start or resume ---
@@ -212,17 +228,28 @@ def run(config: TrainConfig) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         dataclasses.replace(config, overwrite=False).write_yaml(out_dir / "config.yaml")  # the run, not the how
         trim_log(log_file, state["step"]) if ckpt is not None else atomic_write_text(log_file, "")
-        print(f"clex train: {config.model} ({sizes[0] / 1e6:.2f}M parameters, "
-              f"{sizes[1] / 1e6:.3f}M trained), method {config.method}"
-              f"{' + pose' if config.pose else ''}, L0 {length0}, factor {config.factor:g}, {rows.shape[0]} rows of "
-              f"{config.seq_len}, {world} process(es)" + (f"; resumed from {ckpt.name}" if ckpt else ""), flush=True)  # fmt: skip
+        print(
+            f"clex train: {config.model} ({sizes[0] / 1e6:.2f}M parameters, "
+            f"{sizes[1] / 1e6:.3f}M trained), method {config.method}"
+            f"{' + pose' if config.pose else ''}, L0 {length0}, factor {config.factor:g}, {rows.shape[0]} rows of "
+            f"{config.seq_len}, {world} process(es)" + (f"; resumed from {ckpt.name}" if ckpt else ""),
+            flush=True,
+        )
     if config.tensorboard:
-        accelerator.init_trackers("clex", config={k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers(
+            "clex", config={k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
+        )
 
     # --- the loop ---
     B, n, accum = config.batch_size, config.seq_len, config.grad_accum
     tokens_per_step = B * n * accum * world
-    bar = tqdm(total=config.steps, initial=state["step"], disable=not main_proc, desc=f"train {config.method}", dynamic_ncols=True)
+    bar = tqdm(
+        total=config.steps,
+        initial=state["step"],
+        disable=not main_proc,
+        desc=f"train {config.method}",
+        dynamic_ncols=True,
+    )
     window_loss, window_t, window_steps, window_start = [], [], 0, time.perf_counter()
     for step in range(state["step"] + 1, config.steps + 1):
         step_losses = []
@@ -232,7 +259,9 @@ def run(config: TrainConfig) -> Path:
             inputs = {"input_ids": batch, "labels": batch}
             if config.pose and rotary is None:  # PoSE for the other methods: skip-wise position ids over L0 * factor
                 gen = step_generator(config.seed + 1, (step - 1) * accum + micro)
-                inputs["position_ids"] = pose_position_ids(B, n, round(length0 * config.factor), gen).to(accelerator.device)
+                inputs["position_ids"] = pose_position_ids(B, n, round(length0 * config.factor), gen).to(
+                    accelerator.device
+                )
             with accelerator.accumulate(model):
                 loss = model(**inputs).loss
                 accelerator.backward(loss)
@@ -251,8 +280,10 @@ def run(config: TrainConfig) -> Path:
         state["draws"] = rotary.draws if rotary is not None else 0
         step_loss = float(accelerator.reduce(torch.stack(step_losses).mean(), reduction="mean"))
         if not math.isfinite(step_loss):  # every later step would be nan too: stop, keep the checkpoints
-            raise RuntimeError(f"step {step}: the training loss is {step_loss} ({accelerator.distributed_type.value}, "
-                               f"dtype {config.dtype}, train={config.train}); stopped, the checkpoints in {out_dir} are kept")  # fmt: skip
+            raise RuntimeError(
+                f"step {step}: the training loss is {step_loss} ({accelerator.distributed_type.value}, "
+                f"dtype {config.dtype}, train={config.train}); stopped, the checkpoints in {out_dir} are kept"
+            )
         window_loss.append(step_loss)
         window_steps += 1
         postfix = {"loss": f"{step_loss:.3f}"}
@@ -262,8 +293,13 @@ def run(config: TrainConfig) -> Path:
         record = None
         if step % config.log_every == 0 or step == config.steps:
             elapsed = time.perf_counter() - window_start
-            record = {"step": step, "loss": sum(window_loss) / len(window_loss), "lr": scheduler.get_last_lr()[0],
-                      "tokens": state["tokens"], "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9)}  # fmt: skip
+            record = {
+                "step": step,
+                "loss": sum(window_loss) / len(window_loss),
+                "lr": scheduler.get_last_lr()[0],
+                "tokens": state["tokens"],
+                "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9),
+            }
             if rotary is not None:  # every rank's t of every micro-batch in the window: [world, steps x accum]
                 ts = accelerator.gather(torch.tensor([window_t], dtype=torch.float64, device=accelerator.device))
                 record["t"] = window_t
@@ -313,7 +349,9 @@ def run(config: TrainConfig) -> Path:
     return final
 
 
-def main(config: str | None = None, override: list[str] | None = None, resume: bool = False, overwrite: bool = False) -> int:
+def main(
+    config: str | None = None, override: list[str] | None = None, resume: bool = False, overwrite: bool = False
+) -> int:
     """Fine-tune a RoPE model with CLEX or a baseline (PI, NTK, YaRN, ...), from a YAML/TOML config.
 
     Methods: {methods}; `pose=true` adds PoSE positions to any of them. Every TrainConfig field can be

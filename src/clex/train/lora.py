@@ -21,7 +21,9 @@ def wrap(model, *, rank: int, alpha: float, dropout: float, targets):
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise ValueError("TrainConfig.train='lora' needs peft: pip install peft") from None
-    lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), task_type="CAUSAL_LM"
+    )
     return get_peft_model(model, lora)
 
 
@@ -39,7 +41,9 @@ def merge_state_dict(state_dict: dict[str, torch.Tensor], *, rank: int, alpha: f
             stem = key[: -len(_BASE)]
             a, b = state_dict.get(stem + _A), state_dict.get(stem + _B)
             if a is None or b is None:
-                raise ValueError(f"LoRA merge: {key} has no lora_A/lora_B beside it (state dict keys: {len(state_dict)})")
+                raise ValueError(
+                    f"LoRA merge: {key} has no lora_A/lora_B beside it (state dict keys: {len(state_dict)})"
+                )
             delta = (b.float() @ a.float()) * scale  # [out, r] @ [r, in] -> [out, in]
             value = (value.float() + delta).to(value.dtype)
             name = name[: -len(_BASE)] + ".weight"

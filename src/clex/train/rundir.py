@@ -17,8 +17,26 @@ from .checkpoints import list_checkpoints
 from .config import TrainConfig
 
 #: The config fields that shape the loss curve: a resume with other values warns.
-_CURVE_FIELDS = ("model", "method", "factor", "clex", "rope", "pose", "data", "seq_len", "held_out", "steps",
-                 "batch_size", "grad_accum", "lr", "warmup_ratio", "schedule", "weight_decay", "train", "seed")  # fmt: skip
+_CURVE_FIELDS = (
+    "model",
+    "method",
+    "factor",
+    "clex",
+    "rope",
+    "pose",
+    "data",
+    "seq_len",
+    "held_out",
+    "steps",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "warmup_ratio",
+    "schedule",
+    "weight_decay",
+    "train",
+    "seed",
+)
 
 
 def trim_log(log_file: Path, step: int) -> None:
@@ -39,10 +57,14 @@ def trim_log(log_file: Path, step: int) -> None:
                 raise ValueError(f"step must be an integer, got {record_step!r}")
         except (ValueError, KeyError, TypeError) as e:
             if number == len(lines) and not text.endswith("\n"):
-                warnings.warn(f"{log_file} line {number} is half-written (the run was killed mid-write): dropped", stacklevel=3)
+                warnings.warn(
+                    f"{log_file} line {number} is half-written (the run was killed mid-write): dropped", stacklevel=3
+                )
                 continue
-            raise ValueError(f"{log_file} line {number} is not a log record ({type(e).__name__}: {e}); "
-                             "each line must be a JSON object with an integer step") from None  # fmt: skip
+            raise ValueError(
+                f"{log_file} line {number} is not a log record ({type(e).__name__}: {e}); "
+                "each line must be a JSON object with an integer step"
+            ) from None
         if record_step <= step:
             keep.append(line)
     atomic_write_text(log_file, "".join(line + "\n" for line in keep))
@@ -57,7 +79,9 @@ def previous_run(out_dir: Path) -> list[Path]:
     if not out_dir.is_dir():
         return []
     found = [out_dir / name for name in _RUN_FILES if (out_dir / name).exists()]
-    found += sorted(p for p in out_dir.iterdir() if p.name.startswith(("checkpoint-", ".tmp-checkpoint-", ".tmp-old-checkpoint-")))
+    found += sorted(
+        p for p in out_dir.iterdir() if p.name.startswith(("checkpoint-", ".tmp-checkpoint-", ".tmp-old-checkpoint-"))
+    )
     return found
 
 
@@ -66,14 +90,18 @@ def check_out_dir(config: TrainConfig, out_dir: Path) -> None:
     resume needs a checkpoint."""
     if config.resume:
         if not list_checkpoints(out_dir):
-            raise ValueError(f"resume=true but out_dir {out_dir} holds no complete checkpoint (checkpoint-*/trainer_state.json): "
-                             "drop --resume to start a fresh run, or point out_dir at the run to continue")  # fmt: skip
+            raise ValueError(
+                f"resume=true but out_dir {out_dir} holds no complete checkpoint (checkpoint-*/trainer_state.json): "
+                "drop --resume to start a fresh run, or point out_dir at the run to continue"
+            )
         return
     previous = previous_run(out_dir)
     if previous and not config.overwrite:
         names = ", ".join(p.name for p in previous[:6]) + (", ..." if len(previous) > 6 else "")
-        raise ValueError(f"out_dir {out_dir} already holds a run ({names}): set resume=true (--resume) to continue it, "
-                         "overwrite=true (--overwrite) to replace it, or pick a new out_dir")  # fmt: skip
+        raise ValueError(
+            f"out_dir {out_dir} already holds a run ({names}): set resume=true (--resume) to continue it, "
+            "overwrite=true (--overwrite) to replace it, or pick a new out_dir"
+        )
 
 
 def remove_previous_run(out_dir: Path) -> None:
@@ -100,4 +128,7 @@ def check_resume_config(out_dir: Path, config: TrainConfig) -> None:
         warnings.warn(f"cannot compare the resumed run with its first config: {e}", stacklevel=3)
         return
     if changed:
-        warnings.warn(f"resuming {out_dir} with changed fields {changed}: the loss curve will differ from the first run's", stacklevel=3)
+        warnings.warn(
+            f"resuming {out_dir} with changed fields {changed}: the loss curve will differ from the first run's",
+            stacklevel=3,
+        )

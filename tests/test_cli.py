@@ -179,6 +179,6 @@ def test_quick_demo_writes_the_table_plot_json_and_models(tmp_path, monkeypatch,
     assert capsys.readouterr().out.count("already trained") == 5  # the base and the four variants
     monkeypatch.setitem(demo.VARIANTS, "clex-rec-1x", demo.VARIANTS["clex-rec-gaps-1x"])
     assert (
-        "clex-rec-1x holds a clex-rec-1x (clex, rows of 1 x L0) trained with other settings (pose differ)"
+        "clex-rec-1x holds a clex-rec-1x (clex, rows of 1 x L) trained with other settings (pose differ)"
         in cli_error(capsys, ["demo", "--quick", "--out-dir", str(out)])
     )

@@ -1,14 +1,14 @@
 """`clex demo`: the paper's table in miniature, from nothing, on a CPU.
 
-1. Pre-train a byte-level LLaMA from scratch with plain RoPE at a short original length L0 on the embedded
+1. Pre-train a byte-level LLaMA from scratch with plain RoPE at a short original length L on the embedded
    Shakespeare plays (four whole plays held out).
 2. Fine-tune copies of it, all with the same token budget (steps x rows x length) in the same training loop
    (the default scale runs the rows named in SCALES["default"]; ``--scale large`` runs them all):
-   CLEX at L0 (the paper's "CLEX-4K") and at 4 L0 ("CLEX-16K"), each with the paper's dynamics and with the
-   recommended recipe (:data:`RECOMMENDED`), and the baselines at 4 L0 — PI s=4, YaRN s=8, NTK s=4; ``large``
-   adds YaRN s=4, naive fine-tuning, PoSE (PI s=4, L0 rows spanning 4 L0), CLEX at L0 with PoSE positions and
+   CLEX at L (the paper's "CLEX-4K") and at 4 L ("CLEX-16K"), each with the paper's dynamics and with the
+   recommended recipe (:data:`RECOMMENDED`), and the baselines at 4 L — PI s=4, YaRN s=8, NTK s=4; ``large``
+   adds YaRN s=4, naive fine-tuning, PoSE (PI s=4, L rows spanning 4 L), CLEX at L with PoSE positions and
    CLEX-16K with the paper's divided positions. The base model stays as it is.
-3. Perplexity at L0 x {1, 2, 4, 8, 16} on the held-out plays (chunked protocol = one full forward).
+3. Perplexity at L x {1, 2, 4, 8, 16} on the held-out plays (chunked protocol = one full forward).
 4. ``results/demo/``: demo.json, demo.md (the table), demo.png (perplexity against length), models/ (every
    fine-tuned model, loadable with ``clex eval ... --models NAME=results/demo/models/NAME/final``).
 
@@ -43,7 +43,7 @@ FAR = {
     "train_t": "integer-quadratic",
 }
 
-#: name -> (method, rows of k x L0, factor, extra TrainConfig fields, the paper's row it mirrors)
+#: name -> (method, rows of k x L, factor, extra TrainConfig fields, the paper's row it mirrors)
 VARIANTS: dict[str, tuple] = {
     "clex-rec-1x": (
         "clex",
@@ -57,7 +57,7 @@ VARIANTS: dict[str, tuple] = {
         4,
         16,
         {"pose": True, "clex": {"position_span": "original", **RECOMMENDED}},
-        "CLEX-16K, recommended recipe (PoSE positions over L0·t)",
+        "CLEX-16K, recommended recipe (PoSE positions over L·t)",
     ),
     "clex-far-1x": (
         "clex",
@@ -71,7 +71,7 @@ VARIANTS: dict[str, tuple] = {
         4,
         16,
         {"pose": True, "clex": {"position_span": "original", **FAR}},
-        "CLEX-16K, the far recipe (PoSE positions over L0·t)",
+        "CLEX-16K, the far recipe (PoSE positions over L·t)",
     ),
     "clex-far8-4x": (
         "clex",
@@ -92,7 +92,7 @@ VARIANTS: dict[str, tuple] = {
         4,
         16,
         {"clex": {"position_span": "original", **RECOMMENDED}},
-        "CLEX-16K, recommended dynamics, the paper's random positions over L0·t",
+        "CLEX-16K, recommended dynamics, the paper's random positions over L·t",
     ),
     "clex-rec-lin-4x": (
         "clex",
@@ -115,31 +115,31 @@ VARIANTS: dict[str, tuple] = {
         4,
         16,
         {"clex": {"position_span": "original"}},
-        "CLEX-16K: trained at 4x the original length (integer positions over L0·t)",
+        "CLEX-16K: trained at 4x the original length (integer positions over L·t)",
     ),
-    "clex-4x-paper": ("clex", 4, 16, {}, "CLEX-16K with the paper's positions (divided by n // L0)"),
+    "clex-4x-paper": ("clex", 4, 16, {}, "CLEX-16K with the paper's positions (divided by n // L)"),
     "pi-4x": ("pi", 4, 4, {}, "PI s=4 at 4x (paper: PI 16k)"),
     "yarn4-4x": ("yarn", 4, 4, {}, "YaRN s=4 at 4x (paper: YaRN s=16)"),
     "yarn8-4x": ("yarn", 4, 8, {}, "YaRN s=8 at 4x (paper: YaRN s=32)"),
     "ntk-4x": ("ntk", 4, 4, {}, "static NTK-aware s=4 at 4x (paper: CodeLLaMA)"),
     "naive-4x": ("none", 4, 4, {}, "plain RoPE fine-tuned at 4x"),
-    "pose-pi-1x": ("pi", 1, 4, {"pose": True}, "PoSE + PI s=4: L0 rows spanning 4x"),
+    "pose-pi-1x": ("pi", 1, 4, {"pose": True}, "PoSE + PI s=4: L rows spanning 4x"),
 }
 
 
 @dataclass
 class DemoScale:
-    """How big the miniature is. Token budget of each fine-tune = finetune_steps x rows x L0."""
+    """How big the miniature is. Token budget of each fine-tune = finetune_steps x rows x L."""
 
     preset: str  # a clex.presets model preset
     pretrain_steps: int
-    pretrain_batch: int  # rows of L0 tokens
+    pretrain_batch: int  # rows of L tokens
     pretrain_lr: float
     finetune_steps: int
-    finetune_rows: int  # rows of L0 tokens per step (rows of k L0 tokens: finetune_rows // k)
+    finetune_rows: int  # rows of L tokens per step (rows of k L tokens: finetune_rows // k)
     finetune_lr: float
     clex_lr: float = 2e-5  # lr of the CLEX ODE weights (the paper's lr; larger makes θ(t) jagged in short runs)
-    lengths: tuple = (1, 2, 4, 8, 16)  # evaluation lengths, x L0
+    lengths: tuple = (1, 2, 4, 8, 16)  # evaluation lengths, x L
     eval_samples: int = 4  # sequences per held-out play and length
     variants: tuple = tuple(VARIANTS)
     threads: int = 0  # torch threads (0: torch's default)
@@ -241,7 +241,7 @@ def run(
     if fresh and out.exists():
         shutil.rmtree(out)
     models = out / "models"
-    L0 = int(MODEL_PRESETS[s.preset]["max_position_embeddings"])
+    L = int(MODEL_PRESETS[s.preset]["max_position_embeddings"])
     t0 = time.perf_counter()
     times = {}
     common = dict(
@@ -257,14 +257,14 @@ def run(
     )
 
     print(
-        f"[demo] scale {scale}: {s.preset}, L0 = {L0}; pre-training {s.pretrain_steps} steps x {s.pretrain_batch} x {L0} tokens"
+        f"[demo] scale {scale}: {s.preset}, L = {L}; pre-training {s.pretrain_steps} steps x {s.pretrain_batch} x {L} tokens"
     )
     base_cfg = dict(
         common,
         model=s.preset,
         method="none",
         factor=1,
-        seq_len=L0,
+        seq_len=L,
         steps=s.pretrain_steps,
         batch_size=s.pretrain_batch,
         lr=s.pretrain_lr,
@@ -273,7 +273,7 @@ def run(
     )
     base, times["pretrain"] = _train(base_cfg, models / "base", "pre-training (plain RoPE)")
 
-    budget = s.finetune_steps * s.finetune_rows * L0
+    budget = s.finetune_steps * s.finetune_rows * L
     print(f"[demo] fine-tuning {len(s.variants)} variants, {budget:,} tokens each")
     finals = {"base": base}
     for name in s.variants:
@@ -283,7 +283,7 @@ def run(
             model=str(base),
             method=method,
             factor=factor,
-            seq_len=k * L0,
+            seq_len=k * L,
             steps=s.finetune_steps,
             batch_size=max(1, s.finetune_rows // k),
             lr=s.finetune_lr,
@@ -291,9 +291,9 @@ def run(
         )
         if method == "clex":
             cfg["clex_lr"] = s.clex_lr
-        finals[name], times[name] = _train(cfg, models / name, f"{name} ({method}, rows of {k} x L0)")
+        finals[name], times[name] = _train(cfg, models / name, f"{name} ({method}, rows of {k} x L)")
 
-    lengths = [L0 * k for k in s.lengths]
+    lengths = [L * k for k in s.lengths]
     start = time.perf_counter()
     payload = run_ppl(
         [f"{n}={p}" for n, p in finals.items()],
@@ -306,11 +306,11 @@ def run(
         plot=True,
     )
     times["evaluation"] = time.perf_counter() - start
-    table = _paper_table(payload, s, L0)
+    table = _paper_table(payload, s, L)
     wall = time.perf_counter() - t0
     summary = {
         "scale": asdict(s),
-        "L0": L0,
+        "L": L,
         "token_budget": budget,
         "seconds": times,
         "wall_seconds": wall,
@@ -318,28 +318,28 @@ def run(
         "ppl": payload["paths"],
     }
     atomic_write_text(out / "demo.json", json.dumps(summary, indent=2) + "\n")
-    md = _markdown(table, lengths, L0, wall, scale)
+    md = _markdown(table, lengths, L, wall, scale)
     atomic_write_text(out / "demo.md", md)
     shutil.copyfile(out / "ppl.png", out / "demo.png")
     print("\n" + md)
     return summary
 
 
-def _paper_table(payload: dict, s: DemoScale, L0: int) -> list[dict]:
+def _paper_table(payload: dict, s: DemoScale, L: int) -> list[dict]:
     rows = []
     for name, v in payload["models"].items():
         method, k, factor, _, mirrors = VARIANTS.get(name, ("none", 1, 1, {}, "the pre-trained model, untouched"))
         ppl = {int(n): r["ppl"] for n, r in v["results"].items()}
         rows.append(
-            {"model": name, "trained at": f"{k} x L0" if name != "base" else "1 x L0", "mirrors": mirrors, "ppl": ppl}
+            {"model": name, "trained at": f"{k} x L" if name != "base" else "1 x L", "mirrors": mirrors, "ppl": ppl}
         )
     return rows
 
 
-def _markdown(table: list[dict], lengths: list[int], L0: int, wall: float, scale: str) -> str:
-    head = "| model | trained at | " + " | ".join(f"{n // L0}x ({n})" for n in lengths) + " | mirrors |"
+def _markdown(table: list[dict], lengths: list[int], L: int, wall: float, scale: str) -> str:
+    head = "| model | trained at | " + " | ".join(f"{n // L}x ({n})" for n in lengths) + " | mirrors |"
     lines = [
-        f"# clex demo ({scale}): perplexity (bytes) on held-out plays, L0 = {L0}",
+        f"# clex demo ({scale}): perplexity (bytes) on held-out plays, L = {L}",
         "",
         head,
         "|" + "---|" * (len(lengths) + 3),

@@ -189,7 +189,7 @@ def test_run_ppl_side_by_side_writes_json_markdown_png(folder, tmp_path):
     r = out["models"]["base"]["results"]
     assert r[32]["sequences"] == 2 and r[150]["sequences"] == 1  # a.txt has 176 tokens, b.md 108
     assert len(r[150]["bucket_nll"]) == 4 and r[150]["ppl_min"] <= r[150]["ppl"] <= r[150]["ppl_max"]
-    assert out["models"]["base:clex(max_factor=16)"]["train_length"] == L
+    assert out["models"]["base:clex(max_factor=16)"]["original_length"] == L
     assert out["models"]["base"]["results"][150]["ppl"] != out["models"]["pi"]["results"][150]["ppl"]
     clex_r = out["models"]["base:clex(max_factor=16)"]["results"]
     assert clex_r[32]["ppl"] != r[32]["ppl"]  # past L, CLEX (here: its NTK prior) changes the model

@@ -21,11 +21,11 @@ def test_ppl_and_retrieval_plots_are_written(tmp_path):
         "config": {"protocol": "chunked"},
         "models": {
             "base": {
-                "train_length": 128,
+                "original_length": 128,
                 "results": {128: {"ppl": 5.0, "ppl_std": 0.2}, 256: {"ppl": 40.0, "ppl_std": 3.0}},
             },
             "clex": {
-                "train_length": 128,
+                "original_length": 128,
                 "results": {"128": {"ppl": 5.1, "ppl_std": 0.2}, "256": {"ppl": 5.3, "ppl_std": None}},
             },
         },

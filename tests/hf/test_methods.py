@@ -12,12 +12,12 @@ from clex.hf.lookup import find_rotary
 from clex.hf.methods import (
     HF_ROPE_TYPES,
     METHODS,
-    original_length,
+    original_length_of,
     pose_position_ids,
     prepare_model,
 )
 
-L0 = 32  # micro-llama
+L = 32  # micro-llama
 
 
 def micro(seed=0):
@@ -42,13 +42,13 @@ def test_registry_names_and_unknown_method():
 
 @pytest.mark.parametrize("method", sorted(HF_ROPE_TYPES))
 def test_baselines_are_transformers_own_rotary(method, tmp_path):
-    """The model's own rotary class with transformers' rope type; L0 still readable; saved and re-loaded by
-    stock transformers to the same logits beyond L0."""
+    """The model's own rotary class with transformers' rope type; L still readable; saved and re-loaded by
+    stock transformers to the same logits beyond L."""
     model = prepare_model(micro(), method, factor=4)
     rot = rotary(model)
     assert type(rot).__name__ == "LlamaRotaryEmbedding" and rot.rope_type == HF_ROPE_TYPES[method]
-    assert model.config.rope_parameters["factor"] == 4 and original_length(model) == L0
-    x = ids(3 * L0)
+    assert model.config.rope_parameters["factor"] == 4 and original_length_of(model) == L
+    x = ids(3 * L)
     with torch.no_grad():
         logits = model(x).logits
     model.save_pretrained(tmp_path)
@@ -75,12 +75,12 @@ def test_frequencies_of_each_baseline():
 
 
 def test_dynamic_ntk_and_none_leave_short_sequences_alone():
-    x = ids(L0)
+    x = ids(L)
     with torch.no_grad():
         base = micro()(x).logits
         torch.testing.assert_close(prepare_model(micro(), "dynamic-ntk", factor=4)(x).logits, base)
         torch.testing.assert_close(prepare_model(micro(), "none", factor=4)(x).logits, base)
-        long = ids(2 * L0)
+        long = ids(2 * L)
         assert not torch.allclose(prepare_model(micro(), "dynamic-ntk", factor=4)(long).logits, micro()(long).logits)
 
 
@@ -124,7 +124,7 @@ def test_aliases_and_one_meaning_per_name():
     ]
     with pytest.raises(ValueError, match=r"unknown method 'rerope'; methods: clex, pi, ntk.*aliases: linear \(= pi\)"):
         method_name("rerope")
-    x = ids(2 * L0)
+    x = ids(2 * L)
     with torch.no_grad():  # "dynamic" is dynamic NTK; "ntk" is static NTK, not the same model
         dynamic = prepare_model(micro(), "dynamic", factor=4)(x).logits
         torch.testing.assert_close(dynamic, prepare_model(micro(), "dynamic-ntk", factor=4)(x).logits)

@@ -1,8 +1,8 @@
 """Model presets: miniature RoPE models built from a config (no hub, no download), and local folders.
 
 Each preset is a plain dict of ``transformers.LlamaConfig`` fields. They pair with the byte tokenizer
-(:func:`clex.data.tokenizer.byte_tokenizer`: 256 bytes + <eos> = 257 ids) and have L0 = max_position_embeddings
-small enough that "train short, test long" (1x .. 16x L0) runs on a laptop CPU.
+(:func:`clex.data.tokenizer.byte_tokenizer`: 256 bytes + <eos> = 257 ids) and have L = max_position_embeddings
+small enough that "train short, test long" (1x .. 16x L) runs on a laptop CPU.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ _BYTE_VOCAB = dict(vocab_size=257, bos_token_id=None, eos_token_id=256, pad_toke
 
 #: name -> LlamaConfig fields. Parameter counts are for the untied embeddings shown.
 MODEL_PRESETS: dict[str, dict] = {
-    # ~0.1M parameters, L0 = 32, head_dim 16: for tests (a step takes milliseconds).
+    # ~0.1M parameters, L = 32, head_dim 16: for tests (a step takes milliseconds).
     "micro-llama": dict(
         _BYTE_VOCAB,
         hidden_size=64,
@@ -29,7 +29,7 @@ MODEL_PRESETS: dict[str, dict] = {
         rope_theta=10000.0,
         tie_word_embeddings=False,
     ),
-    # ~0.9M parameters, L0 = 128: the tiny recipes; a 2-core CPU trains it in minutes.
+    # ~0.9M parameters, L = 128: the tiny recipes; a 2-core CPU trains it in minutes.
     "tiny-llama": dict(
         _BYTE_VOCAB,
         hidden_size=128,
@@ -41,7 +41,7 @@ MODEL_PRESETS: dict[str, dict] = {
         rope_theta=10000.0,
         tie_word_embeddings=False,
     ),
-    # ~3.3M parameters, L0 = 128: the scale of the trial in the notes (head_dim 32, like tiny-llama).
+    # ~3.3M parameters, L = 128: the scale of the trial in the notes (head_dim 32, like tiny-llama).
     "small-llama": dict(
         _BYTE_VOCAB,
         hidden_size=256,

@@ -168,14 +168,17 @@ def perplexity(
         if protocol == "sliding":
             return nll_sliding(loaded.model, ids, window=window, stride=stride, block=loss_block)
         return nll_chunked(
-            loaded.model, ids, chunk=chunk if chunk is not None else loaded.train_length or len(ids), block=loss_block
+            loaded.model,
+            ids,
+            chunk=chunk if chunk is not None else loaded.original_length or len(ids),
+            block=loss_block,
         )
 
     results = {}
     for n in lengths:
         jobs = [(doc, off) for doc, ids in tokens.items() if len(ids) >= n for off in _windows(len(ids), n, samples)]
         nlls, per_doc, ratios = [], {}, []
-        L = loaded.train_length
+        L = loaded.original_length
         for doc, off in tqdm(jobs, desc=f"{loaded.name} ppl@{n} ({protocol})", leave=False):
             ids = torch.tensor(tokens[doc][off : off + n])
             nll = score(ids)
@@ -309,10 +312,10 @@ def run_ppl(
             loss_block=loss_block,
             context_ratio=context_ratio,
         )
-        models_out[loaded.name] = {"spec": loaded.spec, "train_length": loaded.train_length, "results": res}
+        models_out[loaded.name] = {"spec": loaded.spec, "original_length": loaded.original_length, "results": res}
         del loaded
     payload = {"task": "perplexity", "config": config, "seed": seed, "models": models_out}
-    rows = [{"model": m, "L": v["train_length"], **_summary_cells(v["results"])} for m, v in models_out.items()]
+    rows = [{"model": m, "L": v["original_length"], **_summary_cells(v["results"])} for m, v in models_out.items()]
     return finish_run(
         out_dir,
         name,

@@ -54,7 +54,7 @@ def plot_ppl(payload: dict, out: str | Path, *, title: str | None = None) -> Pat
         hi = [y + (r.get("ppl_std") or 0) for y, (_, r) in zip(ys, results)]
         (line,) = ax.plot(xs, ys, marker="o", label=name)
         ax.fill_between(xs, [max(v, 1e-9) for v in lo], hi, color=line.get_color(), alpha=0.12)
-    for length in sorted({e.get("train_length") for e in models.values()} - {None}):
+    for length in sorted({e.get("original_length") for e in models.values()} - {None}):
         ax.axvline(length, color="grey", linestyle="--", linewidth=1)
         ax.annotate(
             f"L={length}",

@@ -206,7 +206,7 @@ def _run(
         res = retrieval_accuracy(
             loaded, task, lengths, depths, trials, seed=seed, documents=documents, template=template
         )
-        out[loaded.name] = {"spec": loaded.spec, "train_length": loaded.train_length, **res}
+        out[loaded.name] = {"spec": loaded.spec, "original_length": loaded.original_length, **res}
         del loaded
     payload = {"task": task, "config": config, "seed": seed, "models": out}
     rows = [

@@ -268,7 +268,7 @@ def run_ruler(
                 }
             out[loaded.name] = {
                 "spec": loaded.spec,
-                "train_length": loaded.train_length,
+                "original_length": loaded.original_length,
                 "results": results,
                 "mean": means,
             }

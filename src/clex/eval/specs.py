@@ -16,7 +16,7 @@ A **model spec** names one model (or one RoPE method on a model) to evaluate, as
   Or ``clex``: CLEXConfig fields (e.g. ``inference_t=integer``) for a CLEX folder, or CLEX applied fresh to a
   plain one (unknown fields are refused).
 - ``KEY=VALUE``: values are read as JSON (``4`` -> int, ``4.0`` -> float, ``true``), else kept as text.
-  ``yarn`` gets ``original_max_position_embeddings`` = the model's original length L0 unless given.
+  ``yarn`` gets ``original_max_position_embeddings`` = the model's original length L unless given.
 - ``NAME``: the label in tables and plots; default: the folder name plus the method.
 
 Examples: ``runs/clex``, ``base=runs/base``, ``yarn4=runs/base:yarn:factor=4``, ``runs/base:pi:factor=4``,
@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from ..core.rotary_embedding import CLEXRotaryEmbedding
 from ..hf.loading import DTYPES
 from ..hf.lookup import find_rotary, text_config
-from ..hf.methods import method_name, original_length, prepare_model
+from ..hf.methods import method_name, original_length_of, prepare_model
 
 
 def _value(text: str) -> Any:
@@ -113,7 +113,7 @@ class LoadedModel:
     name: str
     model: nn.Module
     tokenizer: Any
-    train_length: int | None
+    original_length: int | None
     spec: dict
 
 
@@ -135,10 +135,10 @@ def model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
-def train_length_of(model: nn.Module) -> int | None:
-    """L: :func:`clex.hf.methods.original_length` for a RoPE model; else the config's max positions, or None."""
+def original_length_or_none(model: nn.Module) -> int | None:
+    """L: :func:`clex.hf.methods.original_length_of` for a RoPE model; else the config's max positions, or None."""
     if rotary_of(model) is not None:
-        return original_length(model)
+        return original_length_of(model)
     config = text_config(model) if getattr(model, "config", None) is not None else None
     length = getattr(config, "max_position_embeddings", None)
     return int(length) if length else None
@@ -190,7 +190,7 @@ def load_spec(spec: str | ModelSpec, *, device: str = "cpu", dtype: str | None =
         prepare_model(model, spec.method, factor=factor, rope=params)
     model.eval()
     info = {"path": spec.path, "method": spec.method, "params": spec.params}
-    return LoadedModel(spec.label, model, tokenizer, train_length_of(model), info)
+    return LoadedModel(spec.label, model, tokenizer, original_length_or_none(model), info)
 
 
 def as_loaded(item, *, device: str = "cpu", dtype: str | None = None) -> LoadedModel:
@@ -201,7 +201,7 @@ def as_loaded(item, *, device: str = "cpu", dtype: str | None = None) -> LoadedM
         if len(item) != 3:
             raise ValueError(f"a built model must be a (name, model, tokenizer) triple, got {len(item)} items")
         name, model, tokenizer = item
-        return LoadedModel(str(name), model, tokenizer, train_length_of(model), {"path": None, "built": True})
+        return LoadedModel(str(name), model, tokenizer, original_length_or_none(model), {"path": None, "built": True})
     return load_spec(item, device=device, dtype=dtype)
 
 
@@ -233,9 +233,9 @@ def each_model(models: list, *, seed: int, device: str, dtype: str | None) -> It
 
 def default_lengths(loaded: LoadedModel, factors: Sequence[int]) -> list[int]:
     """``factors`` x the model's training length L; a ValueError when L is unknown."""
-    if not loaded.train_length:
+    if not loaded.original_length:
         raise ValueError(f"{loaded.name} has no known training length; give lengths explicitly")
-    return [loaded.train_length * k for k in factors]
+    return [loaded.original_length * k for k in factors]
 
 
 def unique_names(names: list[str]) -> None:

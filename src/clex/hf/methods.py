@@ -1,7 +1,7 @@
 """Length-extension methods for fine-tuning, by name: CLEX and the baselines, all through one interface.
 
 ``METHODS[name](model, *, factor, clex=None, rope=None, pose=False) -> model`` prepares a plain-RoPE model
-in place for a run that targets ``factor`` x its original length L0 (= ``max_position_embeddings``):
+in place for a run that targets ``factor`` x its original length L (= ``max_position_embeddings``):
 
 - ``clex``: :func:`clex.apply_clex`; the rotary module's training mode then draws t and extrapolated
   positions every forward (CLEXConfig.max_factor defaults to ``factor``; ``pose`` -> position_sampler "pose").
@@ -9,10 +9,10 @@ in place for a run that targets ``factor`` x its original length L0 (= ``max_pos
   "dynamic", "yarn", "longrope", "llama3": we only write ``config.rope_parameters`` and rebuild the model's
   rotary module with its own class. Nothing of them is re-implemented here.
 - ``ntk``: static NTK-aware scaling (bloc97). transformers 5 has no static "ntk" rope type (its "dynamic"
-  changes the base with the current length, and leaves lengths <= L0 unscaled, i.e. all of short-sequence
+  changes the base with the current length, and leaves lengths <= L unscaled, i.e. all of short-sequence
   training). We use the identity NTK-aware scaling *is*: plain RoPE with the base
   rope_theta' = rope_theta * factor^(d/(d-2)), d the rotary dimension, i.e. rope type "default"
-  (max_position_embeddings stays L0, so L0 can still be read from the saved config).
+  (max_position_embeddings stays L, so L can still be read from the saved config).
 - ``none``: the model unchanged (naive fine-tuning).
 
 One name, one meaning, for training (``clex train``'s ``method``) and evaluation (the model spec
@@ -24,13 +24,13 @@ rope type takes (an unknown key is refused, naming the valid ones) and validates
 
 ``longrope`` needs per-dimension rescale factors that the LongRoPE paper finds by evolutionary search; we do no
 search: the default long factors are the NTK-aware ones, factor^(2j/(d-2)) for pair j (one of the paper's
-initial candidates), short factors 1 (plain RoPE up to L0). Pass searched ones in ``rope``
+initial candidates), short factors 1 (plain RoPE up to L). Pass searched ones in ``rope``
 (``long_factor``/``short_factor`` lists of d/2 numbers). ``rope`` entries are merged into
 ``rope_parameters`` for every transformers type (e.g. ``beta_fast`` for yarn).
 
 PoSE (positional skip-wise training) is a flag, not a method: for CLEX the rotary samples PoSE positions
 itself; for every other method the trainer passes ``position_ids`` from :func:`pose_position_ids`, spanning
-L0 * factor.
+L * factor.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ HF_ROPE_TYPES = {"pi": "linear", "dynamic-ntk": "dynamic", "yarn": "yarn", "long
 ALIASES = {"linear": "pi", "dynamic": "dynamic-ntk"}
 
 
-def original_length(model: nn.Module) -> int:
-    """L0: the CLEX rotary's original length if applied, else original_max_position_embeddings, else
+def original_length_of(model: nn.Module) -> int:
+    """L, the original length: the CLEX rotary's original length if applied, else original_max_position_embeddings, else
     max_position_embeddings."""
     _, rot = find_rotary(model)
     if isinstance(rot, CLEXRotaryEmbedding):
@@ -155,9 +155,9 @@ def _hf_rope(method: str) -> Callable:
     ):
         factor = _check_factor(factor)
         plain = _plain_rope(model, method)
-        length = original_length(model)
+        length = original_length_of(model)
         params = {**plain, "rope_type": rope_type, "factor": factor}
-        if rope_type in ("linear", "dynamic"):  # L0 stays in max_position_embeddings (dynamic's reference length)
+        if rope_type in ("linear", "dynamic"):  # L stays in max_position_embeddings (dynamic's reference length)
             return _rebuild_rotary(model, method, params, length, rope)
         params["original_max_position_embeddings"] = length
         if rope_type == "llama3":
@@ -180,7 +180,9 @@ def _ntk(model: nn.Module, *, factor: float, clex: dict | None = None, rope: dic
     d = rotary_dim(model)
     base = float(plain.get("rope_theta", 10000.0))
     params = {**plain, "rope_type": "default", "rope_theta": base * factor ** (d / (d - 2))}
-    return _rebuild_rotary(model, "ntk", params, original_length(model), rope)  # L0 stays: the base carries the scaling
+    return _rebuild_rotary(
+        model, "ntk", params, original_length_of(model), rope
+    )  # L stays: the base carries the scaling
 
 
 def _clex(

@@ -29,7 +29,7 @@ class TrainConfig:
     # --- model and method ---
     model: str = "tiny-llama"  # a preset of clex.data.presets.MODEL_PRESETS, or a local model folder
     method: str = "clex"  # a name of clex.hf.methods.METHODS
-    factor: float = 16.0  # target length / L0: the baselines' scale, the PoSE span, CLEX's max_factor (default)
+    factor: float = 16.0  # target length / L: the baselines' scale, the PoSE span, CLEX's max_factor (default)
     clex: dict = field(default_factory=dict)  # CLEXConfig fields for method clex; seed defaults to `seed`
     rope: dict = field(default_factory=dict)  # extra transformers rope_parameters (e.g. beta_fast for yarn)
     pose: bool = False  # PoSE positional skip-wise training, with any method
@@ -37,7 +37,7 @@ class TrainConfig:
     # --- data ---
     data: str | None = None  # None: the embedded corpus; a .txt/.md/.jsonl file, a folder, a saved dataset
     text_field: str = "text"  # the text column of .jsonl files and saved datasets
-    seq_len: int = 128  # tokens per training row (train short: L0 or less for CLEX)
+    seq_len: int = 128  # tokens per training row (train short: L or less for CLEX)
     held_out: float = 0.05  # fraction of documents held out for the evaluation loss (0: none)
 
     # --- optimisation (defaults: the paper's recipe) ---

@@ -37,7 +37,7 @@ from ..core.rotary_embedding import CLEXRotaryEmbedding
 from ..data.presets import build_model, count_parameters
 from ..hf.compat import set_activation_checkpointing
 from ..hf.lookup import find_rotary
-from ..hf.methods import METHODS, original_length, pose_position_ids, prepare_model
+from ..hf.methods import METHODS, original_length_of, pose_position_ids, prepare_model
 from . import lora
 from .checkpoints import resume_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -185,7 +185,7 @@ def run(config: TrainConfig) -> Path:
 
     # --- model, method, data ---
     model, tokenizer = build_model(config.model, seed=config.seed)
-    length0 = original_length(model)
+    original_length = original_length_of(model)
     clex_config = config.clex_config() if config.method == "clex" else None  # the one place it is built
     prepare_model(
         model, config.method, factor=config.factor, clex=clex_config, rope=config.rope or None, pose=config.pose
@@ -231,7 +231,7 @@ def run(config: TrainConfig) -> Path:
         print(
             f"clex train: {config.model} ({sizes[0] / 1e6:.2f}M parameters, "
             f"{sizes[1] / 1e6:.3f}M trained), method {config.method}"
-            f"{' + pose' if config.pose else ''}, L0 {length0}, factor {config.factor:g}, {rows.shape[0]} rows of "
+            f"{' + pose' if config.pose else ''}, L {original_length}, factor {config.factor:g}, {rows.shape[0]} rows of "
             f"{config.seq_len}, {world} process(es)" + (f"; resumed from {ckpt.name}" if ckpt else ""),
             flush=True,
         )
@@ -257,9 +257,9 @@ def run(config: TrainConfig) -> Path:
             batch = rows_at(rows, state["data_position"] + rank * B, B, config.seed).to(accelerator.device)  # [B, n]
             state["data_position"] += B * world
             inputs = {"input_ids": batch, "labels": batch}
-            if config.pose and rotary is None:  # PoSE for the other methods: skip-wise position ids over L0 * factor
+            if config.pose and rotary is None:  # PoSE for the other methods: skip-wise position ids over L * factor
                 gen = step_generator(config.seed + 1, (step - 1) * accum + micro)
-                inputs["position_ids"] = pose_position_ids(B, n, round(length0 * config.factor), gen).to(
+                inputs["position_ids"] = pose_position_ids(B, n, round(original_length * config.factor), gen).to(
                     accelerator.device
                 )
             with accelerator.accumulate(model):

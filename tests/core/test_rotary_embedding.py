@@ -170,3 +170,19 @@ def test_solve_device_cpu_equals_model_device_on_cuda():
         results[where] = (theta.detach().cpu(), rotary.dynamics.ode_up_proj.grad.cpu())
     torch.testing.assert_close(results["cpu"][0], results["model"][0], rtol=1e-6, atol=0)
     torch.testing.assert_close(results["cpu"][1], results["model"][1], rtol=1e-5, atol=1e-9)
+
+
+def test_fixed_frequencies_and_generation_t_are_what_a_fixed_t_forward_uses():
+    r = rotary(t_resolution=16, max_factor=8)
+    perturb(r)
+    for length in (1, 16, 17, 40, 100):
+        t = r.generation_t(length)
+        assert t == max(1.0, math.ceil(length / 16 * 16 - 1e-6) / 16)  # continuous, rounded up to 1/16
+        r.config = r.config.replace(inference_t="fixed", fixed_t=t)
+        r(torch.zeros(1, 3, 16), torch.arange(3)[None])
+        r.config = r.config.replace(inference_t="continuous", fixed_t=None)
+        assert torch.equal(r.fixed_frequencies(t), r.last_inv_freq[0])
+    assert rotary(inference_t="integer").generation_t(17) == 2.0
+    assert rotary(inference_t="fixed", fixed_t=3.0).generation_t(17) == 1.0625  # fixed: continuous at its grid
+    with pytest.raises(ValueError, match="t must be a finite number >= 1"):
+        r.fixed_frequencies(0.5)

@@ -255,6 +255,27 @@ class CLEXRotaryEmbedding(nn.Module):
             last = memo["last"] = (t_key, t_rows, self.frequencies(t_rows))
         return last[1], last[2], float(hi)
 
+    def generation_t(self, length: int) -> float:
+        """The one t of a request that ends at ``length`` keys (prompt + new tokens): the inference policy at that
+        length (``continuous`` at t_resolution when the policy is ``fixed``). What :func:`clex.generate_fixed_t`
+        and the vLLM plugin (:mod:`clex.serve`) pin for a whole generation."""
+        c = self.config
+        policy = c.inference_t if c.inference_t in INFERENCE_T else "continuous"
+        kv_len = torch.tensor([max(1, int(length))])
+        return float(INFERENCE_T[policy](kv_len, self.original_length, c.t_resolution)[0])
+
+    def fixed_frequencies(self, t: float) -> Tensor:
+        """θ(t), [d/2] float32, exactly as every forward under ``inference_t="fixed"`` at t uses it (what
+        :func:`clex.hf.generation.fixed_t` gives a forward; solved once per t and weights, no gradients)."""
+        t = check_t(t)
+        saved = self.config
+        self.config = saved.replace(inference_t="fixed", fixed_t=t)
+        try:
+            with torch.no_grad():
+                return self.frequencies(torch.tensor([t], dtype=torch.float64))[0]
+        finally:
+            self.config = saved
+
     def draw(self, n: int) -> tuple[float, Tensor]:
         """One training draw: t and n positions, from (seed, draws). Advances ``draws``.  -> (t, [n] float32)
 

@@ -52,10 +52,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-import torch
 from torch import Tensor, nn
 
-from ..core.policies import INFERENCE_T
 from .keycache import (
     REROTATE_MODES,
     SUPPORTED_LAYERS,
@@ -120,11 +118,7 @@ def fixed_t_for(model: nn.Module, prompt_len: int, max_new_tokens: int) -> float
     for name, value in (("prompt_len", prompt_len), ("max_new_tokens", max_new_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    rotary = get_clex_rotary(model)
-    c = rotary.config
-    policy = c.inference_t if c.inference_t in INFERENCE_T else "continuous"
-    length = torch.tensor([max(1, int(prompt_len) + int(max_new_tokens))])
-    return float(INFERENCE_T[policy](length, rotary.original_length, c.t_resolution)[0])
+    return get_clex_rotary(model).generation_t(int(prompt_len) + int(max_new_tokens))
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 
 Each function's signature becomes the flags (``name: int = 3`` -> ``--name 3``; ``bool`` -> ``--name`` /
 ``--no-name``; ``list[...]`` / ``Sequence[...]`` -> several values; a sequence whose default is empty is
-required), its docstring's first line the command's help and its ``Args:`` lines the flags' help (the one
+required; ``*args`` -> every word after the positionals, passed on as they are: ``clex serve MODEL --port 8000``), its docstring's first line the command's help and its ``Args:`` lines the flags' help (the one
 source of each flag's text). ``clex --help`` and ``clex eval --help`` read only those first lines, with
 ``ast`` from the modules' source files: no pipeline (nor torch) is imported; the chosen command's module is
 imported only to build its own flags and run it.
@@ -41,6 +41,7 @@ COMMANDS = {
     "plot freqs": "eval.plot:plot_freqs",
     "models smollm2": "data.smollm2:main",
     "export": "hf.export:run",
+    "serve": "serve.server:run",
 }
 PACKAGE = Path(__file__).resolve().parent
 SEQUENCES = (list, tuple, collections.abc.Sequence)
@@ -77,7 +78,10 @@ def _add_arguments(parser: argparse.ArgumentParser, func) -> None:
     helps = _arg_help(doc)
     hints = typing.get_type_hints(func)
     for name, param in inspect.signature(func).parameters.items():
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+        if param.kind is param.VAR_POSITIONAL:  # *args: every word after the positionals, passed through as is
+            parser.add_argument(name, nargs=argparse.REMAINDER, help=helps.get(name, ""))
+            continue
+        if param.kind is param.VAR_KEYWORD:
             continue
         hint = hints.get(name, str)
         origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -166,8 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     debug = ns.debug or os.environ.get("CLEX_DEBUG", "") not in ("", "0")
     kwargs = {k: v for k, v in vars(ns).items() if k not in ("_func", "command", "subcommand", "debug")}
+    args = []
+    params = inspect.signature(func).parameters.values()
+    star = [p.name for p in params if p.kind is p.VAR_POSITIONAL]
+    if star:  # the positionals before *args go by position
+        before = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        args = [kwargs.pop(name) for name in before] + list(kwargs.pop(star[0]) or [])
     try:
-        result = func(**kwargs)
+        result = func(*args, **kwargs)
     except (ValueError, OSError) as e:  # bad input: one clear line, no traceback
         if debug:
             raise

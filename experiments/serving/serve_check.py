@@ -221,7 +221,7 @@ def metric(base: str, name: str) -> float:
     return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
-def run_checks(base: str, kind: str, folder: Path, ref: Reference, checks: str, timeout: float) -> dict:
+def run_checks(base: str, kind: str, folder: Path, ref: Reference, checks: str, max_len: int, timeout: float) -> dict:
     out = {}
     L = ref.scaling.original_length
     short = kind.startswith("tiny")
@@ -290,8 +290,8 @@ def run_checks(base: str, kind: str, folder: Path, ref: Reference, checks: str, 
         "prompt_lp": [row[str(i)]["logprob"] for row, i in zip(reply["prompt_logprobs"][1:], ids[1:])],
     }
     served = check(ref, ids, got)
-    rest = ref.scaling.t_for(ref.scaling.max_length)  # vLLM's default: max_tokens = the rest of the context
-    at_rest = ref.logprobs(ids + got["output"], ref.scaling.max_length, t=rest)
+    rest = ref.scaling.t_for(max_len)  # vLLM's default: max_tokens = the rest of the context
+    at_rest = ref.logprobs(ids + got["output"], max_len, t=rest)
     out["reserve"] = {
         "reserve": RESERVE,
         "completion_tokens": reply["usage"]["completion_tokens"],
@@ -301,7 +301,7 @@ def run_checks(base: str, kind: str, folder: Path, ref: Reference, checks: str, 
         "max_abs_vs_clex_at_that_t": max(abs(a - b) for a, b in zip(got["prompt_lp"] + got["output_lp"], at_rest)),
     }
     try:  # (a max_tokens past the context left is clamped by vLLM to that context: the t follows the clamp)
-        post(f"{base}/v1/completions", {"model": "m", "prompt": [5] * (ref.scaling.max_length + 1), "max_tokens": 1})
+        post(f"{base}/v1/completions", {"model": "m", "prompt": [5] * (max_len + 1), "max_tokens": 1})
         out["too_long"] = {"status": 200}
     except urllib.error.HTTPError as e:
         out["too_long"] = {"status": e.code, "message": json.loads(e.read() or b"{}").get("error", {}).get("message")}
@@ -321,6 +321,7 @@ def main(argv=None) -> int:
             "--folder": (str, None, "serve this CLEX folder instead of building --model (e.g. a trained model)"),
             "--checks": (str, "all", "all, or basic (the concurrent requests only)"),
             "--request-timeout": (float, 1800.0, "seconds to wait for one completion"),
+            "--max-model-len": (int, None, "the server's max_model_len (default: the model's L·max_factor / L·factor)"),
             "--blocks": (
                 int,
                 None,
@@ -338,7 +339,7 @@ def main(argv=None) -> int:
     ref = Reference(folder)
     (work / "chat.jinja").write_text(CHAT_TEMPLATE)
     port = free_port()
-    max_len = ref.scaling.max_length
+    max_len = args.max_model_len or ref.scaling.max_length
     serve = [sys.executable, "-m", "clex.cli", "serve", "--python", args.vllm_python]
     serve += ["--generation-reserve", str(RESERVE), str(folder)]
     vllm = ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--served-model-name", "m"]
@@ -362,7 +363,7 @@ def main(argv=None) -> int:
         vllm_pid = int(wait_line(log_path, server, r"vLLM's API server is process (\d+)", 5))
         base = f"http://127.0.0.1:{port}"
         t0 = time.perf_counter()
-        result.update(run_checks(base, kind, folder, ref, args.checks, args.request_timeout))
+        result.update(run_checks(base, kind, folder, ref, args.checks, max_len, args.request_timeout))
         result["checks_s"] = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
         server.send_signal(signal.SIGTERM)

@@ -190,4 +190,8 @@ def run(
     print(
         f"clex export: {path} ({'GGUF, rope_freqs' if format == 'gguf' else 'longrope'}, CLEX at t = {length}/L {where})"
     )
+    print(
+        "clex export: t is pinned: an engine serves every request at this one t (vLLM and llama.cpp: short prompts "
+        "too), which costs quality below N; `clex serve` gives each request its own t (docs/serving.md)"
+    )
     return 0

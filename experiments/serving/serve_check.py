@@ -5,8 +5,9 @@
 
 One server (started by ``python -m clex.cli serve``, so the command itself is tested) serves every check:
 
-- ``concurrent``: requests of different prompt lengths and max_tokens sent at once (different t in one batch),
-  greedy and sampled (seeded), prompt and output log-probabilities;
+- ``concurrent``: requests of different prompt lengths and max_tokens sent at once (different t in one batch,
+  from 1 to 8: t = 8 is a YaRN factor-8 model's static YaRN), greedy and sampled, prompt and output
+  log-probabilities;
 - ``chunked``: prompts longer than ``--max-num-batched-tokens`` (64 here) are prefilled in several chunks;
 - ``prefix``: a prompt is served once; then the same prompt + 4 tokens at the same final length (same t: it must
   reuse the cached blocks) and the same prompt at another final length (another t: it must not);
@@ -47,7 +48,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vllm_check import arguments, free_port, post, report, tiny_tokenizer, token_logprobs, vllm_versions  # noqa: E402
+from vllm_check import arguments, free_port, post, report, tiny_tokenizer, vllm_versions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 FAR = dict(prior="yarn", log_scale=True, angle_cap=True, past_max="prior", train_t="integer-quadratic", max_factor=16)
@@ -120,6 +121,16 @@ def build(kind: str, work: Path) -> tuple[Path, dict]:
     )
 
 
+def torch_no_grad(f):
+    def wrapped(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return f(*args, **kwargs)
+
+    return wrapped
+
+
 class Reference:
     """clex's log-probabilities of a request at its own t (see the module docstring)."""
 
@@ -145,20 +156,36 @@ class Reference:
 
     def logprobs(self, ids: list[int], length: int, t: float | None = None) -> list[float]:
         """log p(ids[i] | ids[:i]) for i >= 1, for a request of final ``length`` (served at t, default its own)."""
-        import torch
-
         from clex.hf.generation import fixed_t
 
         t = self.scaling.t_for(length) if t is None else t
-        with torch.no_grad():
-            if self.clex:
-                with fixed_t(self.model, t, log_scale_length=length):
-                    return token_logprobs(self.model(torch.tensor([ids])).logits, ids)
-            config = copy.deepcopy(self.model.config)
-            plain = {"rope_type": "default", "rope_theta": self.rope["rope_theta"]}
-            config.rope_parameters = plain if t == 1 else {**self.rope, "factor": t}
-            self.model.model.rotary_emb = self.rotary_class(config)
-            return token_logprobs(self.model(torch.tensor([ids])).logits, ids)
+        if self.clex:
+            with fixed_t(self.model, t, log_scale_length=length):
+                return self._chunked(ids)
+        config = copy.deepcopy(self.model.config)
+        plain = {"rope_type": "default", "rope_theta": self.rope["rope_theta"]}
+        config.rope_parameters = plain if t == 1 else {**self.rope, "factor": t}
+        self.model.model.rotary_emb = self.rotary_class(config)
+        return self._chunked(ids)
+
+    @torch_no_grad
+    def _chunked(self, ids: list[int], chunk: int = 1024) -> list[float]:
+        """One forward's log-probs, computed in chunks with the key cache carried (θ and the query scale are
+        fixed, so the chunks equal one forward), the head applied chunk by chunk: memory ~ one chunk."""
+        import torch
+
+        from clex.hf.compat import cache_kwargs, output_cache
+
+        decoder, head, cache, out = self.model.get_decoder(), self.model.get_output_embeddings(), None, []
+        x = torch.tensor([ids])
+        for s in range(0, len(ids), chunk):
+            o = decoder(input_ids=x[:, s : s + chunk], use_cache=True, **cache_kwargs(cache))
+            cache = output_cache(o)
+            logits = head(o.last_hidden_state)[0].double()  # [c, V]
+            nxt = x[0, s + 1 : s + 1 + logits.shape[0]]
+            logp = torch.log_softmax(logits[: nxt.shape[0]], dim=-1)
+            out += logp.gather(1, nxt[:, None])[:, 0].tolist()
+        return out
 
 
 def prompt_ids(kind: str, folder: Path, lengths: list[int]) -> list[list[int]]:
@@ -239,7 +266,9 @@ def run_checks(base: str, kind: str, folder: Path, ref: Reference, checks: str, 
             "requests": [check(ref, x, first), check(ref, x + extra, same), check(ref, x, other)],
         }
     # concurrent: greedy and sampled, different t in one batch (and preempted when the cache is small)
-    plan = [(n, m) for n, m in ((L // 2, 6), (L, 10), (3 * L // 2, 20), (2 * L, 40), (3 * L, 8), (5 * L, 30))]
+    plan = [
+        (n, m) for n, m in ((L // 2, 6), (L, 10), (3 * L // 2, 20), (2 * L, 40), (3 * L, 8), (5 * L, 30), (7 * L, L))
+    ]
     if not short:
         plan = [(n, m) for n, m in ((L // 4, 16), (L // 2, 16), (L + L // 4, 16))]
     prompts = prompt_ids(kind, folder, [n for n, _ in plan] + [n + 1 for n, _ in plan])  # greedy, then sampled
@@ -321,6 +350,11 @@ def main(argv=None) -> int:
             "--folder": (str, None, "serve this CLEX folder instead of building --model (e.g. a trained model)"),
             "--checks": (str, "all", "all, or basic (the concurrent requests only)"),
             "--request-timeout": (float, 1800.0, "seconds to wait for one completion"),
+            "--compiled": (
+                lambda v: v.lower() in ("1", "true", "yes"),
+                False,
+                "true: let vLLM compile the model (torch.compile); default: --enforce-eager",
+            ),
             "--max-model-len": (int, None, "the server's max_model_len (default: the model's L·max_factor / L·factor)"),
             "--blocks": (
                 int,
@@ -343,7 +377,8 @@ def main(argv=None) -> int:
     serve = [sys.executable, "-m", "clex.cli", "serve", "--python", args.vllm_python]
     serve += ["--generation-reserve", str(RESERVE), str(folder)]
     vllm = ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--served-model-name", "m"]
-    vllm += ["--max-model-len", str(max_len), "--max-num-seqs", "8", "--enforce-eager", "--block-size", "32"]
+    vllm += ["--max-model-len", str(max_len), "--max-num-seqs", "8", "--block-size", "32"]
+    vllm += [] if args.compiled else ["--enforce-eager"]
     vllm += ["--enable-prefix-caching", "--enable-prompt-tokens-details", "--return-tokens-as-token-ids"]
     vllm += ["--chat-template", str(work / "chat.jinja")]
     if kind.startswith("tiny"):

@@ -24,7 +24,7 @@ def test_every_request_is_served_at_its_own_t(tmp_path, model):
     rows = greedy + sampled + r["prefix"]["requests"] + [r["reserve"]["served"]]
     assert max(row["max_abs"] for row in rows) <= 1e-4  # measured ~5e-6 (float32)
     assert len({row["t"] for row in greedy}) >= 5  # different t in one batch, t = 1 among them
-    assert min(row["t"] for row in greedy) == 1.0
+    assert min(row["t"] for row in greedy) == 1.0 and max(row["t"] for row in greedy) == 8.0  # 8: static YaRN
     assert max(row["prompt"] for row in greedy) > 64  # --max-num-batched-tokens 64: prefilled in chunks
     assert r["concurrent"]["preemptions"] >= 1  # a KV cache of 2 blocks past one longest request
     first, same_t, other_t = r["prefix"]["cached_tokens"]

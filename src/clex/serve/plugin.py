@@ -104,6 +104,8 @@ def stamp(request, scaling) -> None:
     params = request.sampling_params
     if params is None:
         raise ValueError("clex serves generation requests only (this one has no sampling parameters)")
+    if getattr(request, "resumable", False):  # its prompt grows across updates: its t would change mid-request
+        raise ValueError("streaming-input (resumable) requests cannot be served per request: send whole prompts")
     if request.prompt_token_ids is not None:
         prompt = len(request.prompt_token_ids)
     else:

@@ -12,7 +12,9 @@ lengths drawn log-uniformly in [--min-len, --max-len] from the held-out plays (n
 time), generated tokens/s, and the median time to first token. The ratios plugin / export are taken per pair of
 rounds; the JSON keeps every round, and the median, min and max of the ratios. Prefix caching is off on both
 (the rounds would otherwise hit each other's cache). The model: SmolLM2-135M with the far recipe's options
-(untrained ODE), or --folder (a CLEX folder).
+(untrained ODE; ``--original-length`` sets CLEX's L, so that short prompts span many t: the cost of a request does
+not depend on its t, but a batch of many t exercises the per-request tables as a long-context load would), or
+--folder (a CLEX folder).
 """
 
 from __future__ import annotations
@@ -99,6 +101,11 @@ def main(argv=None) -> int:
             "--max-model-len": (int, 32768, "max_model_len of both servers, and the export's N"),
             "--max-num-seqs": (int, 32, "--max-num-seqs of both servers"),
             "--seed": (int, 0, "seed of the prompt draws"),
+            "--original-length": (
+                int,
+                None,
+                "CLEX's L for the untrained model (default: SmolLM2's 8192); a small L puts short prompts at many t",
+            ),
             "--request-timeout": (float, 7200.0, "seconds for one request"),
         },
     )
@@ -115,7 +122,7 @@ def main(argv=None) -> int:
         model = clex.load_model(folder)
         tokenizer_from = folder
     else:
-        model, tokenizer = load_smollm2(clex=clex.CLEXConfig(**FAR))
+        model, tokenizer = load_smollm2(clex=clex.CLEXConfig(**FAR, original_length=args.original_length))
         folder = work / "far"
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)

@@ -239,6 +239,7 @@ def check(ref: Reference, ids: list[int], got: dict) -> dict:
         "max_tokens": got["max_tokens"],
         "t": ref.scaling.t_for(length),
         "max_abs": max(d),
+        "mean_abs": sum(d) / len(d),
         "n": len(d),
     }
 
@@ -436,13 +437,11 @@ def wait_line(path: Path, server: subprocess.Popen, pattern: str, timeout: float
     raise TimeoutError(f"no line matching {pattern!r} from clex serve after {timeout:.0f} s (log: {path})")
 
 
-def alive(pid: int) -> bool:
-    """Whether anything of the process group ``pid`` is still running."""
-    try:
-        os.killpg(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+def alive(pid: int) -> list[int]:
+    """What of the process group ``pid`` is still running (zombies excluded)."""
+    from clex.serve.server import running_in_group
+
+    return running_in_group(pid)
 
 
 def worst(result: dict) -> float:

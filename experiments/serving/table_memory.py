@@ -31,7 +31,9 @@ FAR = dict(prior="yarn", log_scale=True, angle_cap=True, past_max="prior", train
 
 def measure(scaling, head_dim: int) -> dict:
     t0 = time.perf_counter()
-    rope = RequestRope(scaling, tokens=TOKENS, period=P, dtype=torch.bfloat16, device=torch.device("cpu"))
+    rope = RequestRope(
+        scaling, head_dim=head_dim, tokens=TOKENS, period=P, dtype=torch.bfloat16, device=torch.device("cpu")
+    )
     rope.solve()
     build_s = time.perf_counter() - t0
     buffers = {name: b.numel() * b.element_size() for name, b in rope.named_buffers()}
@@ -79,7 +81,7 @@ def main() -> int:
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
-            batch = r["buffers_bytes"]["cos_sin"] + r["buffers_bytes"]["token_query_scale"] + r["buffers_bytes"]["rows"]
+            batch = sum(r["buffers_bytes"].get(k, 0) for k in ("cos_sin", "query_cos_sin", "token_query_scale", "rows"))
             lines.append(
                 f"| {r['kind']} | {r['head_dim']} | {r['n_t']} | {r['total_bytes'] / mib:.2f} MiB | "
                 f"{batch / mib:.2f} MiB | {r['per_t_cos_sin_bf16_bytes'] / mib:,.0f} MiB | "

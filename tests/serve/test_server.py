@@ -14,7 +14,7 @@ import pytest
 from conftest import tiny_model
 
 import clex
-from clex.serve.server import check_python, run, served_config
+from clex.serve.server import check_python, run, running_in_group, served_config
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -165,6 +165,7 @@ def test_serve_starts_the_server_says_where_it_listens_and_stops_on_sigterm(clex
             assert line, f"clex serve ended early: {lines}"
             lines.append(line)
         assert lines[-1].startswith(f"clex serve: {clex_folder} listening on http://127.0.0.1:{port}/v1")
+        pid = int(next(line for line in lines if "API server is process" in line).split()[-1])
         argv = json.loads((out / "argv.json").read_text())
         assert argv[:4] == ["-m", "vllm.entrypoints.openai.api_server", "--model", str(clex_folder)]
         assert argv[-6:] == ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"]
@@ -182,7 +183,7 @@ def test_serve_starts_the_server_says_where_it_listens_and_stops_on_sigterm(clex
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=60) == 0 and time.monotonic() - t0 < 30
         assert "clex serve: stopped" in serve.stdout.read()
-        assert (out / "sigterm").is_file() and not work.exists()
+        assert (out / "sigterm").is_file() and not work.exists() and running_in_group(pid) == []
     finally:
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGKILL)

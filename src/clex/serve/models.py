@@ -12,11 +12,13 @@ final length travels in the positions themselves, through vLLM's multimodal-RoPE
    process, :func:`clex.serve.plugin.stamp`) and P = max_model_len. Every token of a request carries n, for
    every chunk and every step.
 2. Once per forward, :meth:`RequestRope.prepare` decodes them: t = the scaling's t of n, cos and sin of each
-   token's own position times θ(t) into a per-batch table [tokens, rotary_dim] in the model's dtype, and each
-   token's query scale; the positions passed down to the layers become row numbers 0..tokens-1.
-3. Each attention layer's rotary (:class:`BatchRotary`) is a stock ``vllm.model_executor.layers.rotary_embedding
+   token's own position times θ(t) into a per-batch table [tokens, rotary_dim] in the model's dtype, times the
+   cos/sin factor of t (YaRN's attention factor) and the square root of the request's query scale s (CLEX's log
+   scale, its temperature: with q and k both rotated by rows scaled by sqrt(s), q·k is scaled by s, in the same
+   kernel call); the positions passed down to the layers become row numbers 0..tokens-1.
+3. Each attention layer's rotary (:class:`TableRotary`) is a stock ``vllm.model_executor.layers.rotary_embedding
    .RotaryEmbedding`` whose cos_sin cache IS that table: the rotation runs through vLLM's own kernel for the
-   platform. It then multiplies the queries by their request's query scale (CLEX's log scale, its temperature).
+   platform. (A partial rotary, whose unrotated dimensions the rows cannot scale, multiplies the queries by s.)
 
 Memory is bounded: θ for each t of the grid ([n_t, d/2] float32, one solve per t at load), two tables over the
 lengths 0..P (t row int32, query scale float32: 4 bytes each), and the per-batch table
@@ -32,6 +34,7 @@ tokens would not carry the request's length), rope types other than clex / yarn 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import nn
@@ -52,26 +55,36 @@ class RequestRope(nn.Module):
     """One model's tables (shared by every layer): θ per t, t row and query scale per final length, and the
     per-batch cos/sin rows."""
 
-    def __init__(self, scaling: RequestScaling, *, tokens: int, period: int, dtype, device):
+    def __init__(self, scaling: RequestScaling, *, head_dim: int, tokens: int, period: int, dtype, device):
         super().__init__()
         self.scaling, self.period = scaling, int(period)
+        # How q·k gets its request's query scale s: a full rotary puts sqrt(s) into the cos/sin rows of both q and k
+        # (a rotation scaled by c scales the rotated vector by c, so q·k is scaled by s, in the one kernel call,
+        # as YaRN's attention factor is; the request's cached keys carry it, and its cache key names s); a partial
+        # rotary multiplies the queries instead (its unrotated dimensions would not be scaled).
+        full = scaling.rotary_dim == head_dim
+        self.query_scaling = None if not scaling.scales_queries else "rotation" if full else "multiply"
         lengths = torch.arange(self.period + 1)
         t = scaling.t_for_lengths(lengths)  # [P+1] float64: the t of every final length 0..P
         self.ts = sorted(set(t.tolist()))
         row = {v: i for i, v in enumerate(self.ts)}
         half = scaling.rotary_dim // 2
-        self.register_buffer("t_row", torch.tensor([row[v] for v in t.tolist()], dtype=torch.int32, device=device))
+        t_row = torch.tensor([row[v] for v in t.tolist()], dtype=torch.int32, device=device)
+        self.register_buffer("t_row", t_row, persistent=False)
         self.register_buffer("theta", torch.zeros(len(self.ts), half, device=device), persistent=False)
         cos_sin_scale = torch.tensor([scaling.cos_sin_scale(v) for v in self.ts], dtype=torch.float32)
         self.register_buffer("cos_sin_scale", cos_sin_scale.to(device), persistent=False)
         scale = (
             [scaling.query_scale(n, v) for n, v in zip(lengths.tolist(), t.tolist())] if scaling.scales_queries else []
         )
+        if self.query_scaling == "rotation":
+            scale = [math.sqrt(v) for v in scale]
         self.register_buffer(
             "length_query_scale", torch.tensor(scale, dtype=torch.float32, device=device), persistent=False
         )
         self.register_buffer("cos_sin", torch.zeros(tokens, 2 * half, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("token_query_scale", torch.ones(tokens, device=device), persistent=False)
+        scale = torch.ones(tokens, device=device) if self.query_scaling == "multiply" else None
+        self.register_buffer("token_query_scale", scale, persistent=False)
         self.register_buffer("rows", torch.arange(tokens, device=device), persistent=False)
         self.ready = False
 
@@ -98,31 +111,39 @@ class RequestRope(nn.Module):
         row = self.t_row.index_select(0, length)
         angles = position.unsqueeze(-1) * self.theta.index_select(0, row)  # [n, d/2]
         cos, sin = angles.cos(), angles.sin()
-        if self.scaling.scales_cos_sin:
-            factor = self.cos_sin_scale.index_select(0, row).unsqueeze(-1)
-            cos, sin = cos * factor, sin * factor
-        self.cos_sin[:n] = torch.cat((cos, sin), dim=-1)
-        if self.scaling.scales_queries:
+        factor = self.cos_sin_scale.index_select(0, row) if self.scaling.scales_cos_sin else None
+        if self.query_scaling == "rotation":
+            root = self.length_query_scale.index_select(0, length)
+            factor = root if factor is None else factor * root
+        elif self.query_scaling == "multiply":
             self.token_query_scale[:n] = self.length_query_scale.index_select(0, length)
+        if factor is not None:
+            cos, sin = cos * factor.unsqueeze(-1), sin * factor.unsqueeze(-1)
+        self.cos_sin[:n] = torch.cat((cos, sin), dim=-1)
         return self.rows[:n]
 
 
-class BatchRotary(RotaryEmbedding):
-    """One layer's rotary: vLLM's own, over the batch's cos/sin rows (its positions are row numbers), then the
-    queries times their request's query scale."""
+class TableRotary(RotaryEmbedding):
+    """vLLM's own rotary over a given cos/sin table (row i = token i: its positions are row numbers)."""
+
+    def __init__(self, table: torch.Tensor, head_size: int, scaling: RequestScaling):
+        super().__init__(
+            head_size, scaling.rotary_dim, table.shape[0], scaling.base, True, table.dtype, init_cache=False
+        )
+        self.register_buffer("cos_sin_cache", table, persistent=False)
+
+
+class BatchRotary(TableRotary):
+    """A partial rotary's layer with a query scale: vLLM's own rotary over the batch's cos/sin rows, then the queries
+    times their request's scale."""
 
     def __init__(self, rope: RequestRope, head_size: int):
-        s = rope.scaling
-        super().__init__(
-            head_size, s.rotary_dim, rope.cos_sin.shape[0], s.base, True, rope.cos_sin.dtype, init_cache=False
-        )
-        self.register_buffer("cos_sin_cache", rope.cos_sin, persistent=False)
+        super().__init__(rope.cos_sin, head_size, rope.scaling)
         self.register_buffer("token_query_scale", rope.token_query_scale, persistent=False)
-        self.scales_queries = s.scales_queries
 
     def forward(self, positions, query, key=None):
         query, key = super().forward(positions, query, key)
-        if self.scales_queries:
+        if self.token_query_scale is not None:
             scale = self.token_query_scale.index_select(0, positions).to(query.dtype)
             query = (query.view(positions.shape[0], -1) * scale.unsqueeze(-1)).view_as(query)
         return query, key
@@ -171,6 +192,7 @@ class _PerRequest:
             super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.clex_rope = RequestRope(
             scaling,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
             tokens=scheduler.max_num_batched_tokens,
             period=model_config.max_model_len,
             dtype=model_config.dtype,
@@ -179,7 +201,11 @@ class _PerRequest:
         for layer in self.model.layers:
             attention = getattr(layer, "self_attn", None)  # None: a layer of another pipeline stage
             if attention is not None:
-                attention.rotary_emb = BatchRotary(self.clex_rope, attention.head_dim)
+                rope = self.clex_rope
+                if rope.query_scaling == "multiply":
+                    attention.rotary_emb = BatchRotary(rope, attention.head_dim)
+                else:
+                    attention.rotary_emb = TableRotary(rope.cos_sin, attention.head_dim, rope.scaling)
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
         raise RuntimeError("clex's runner hook gives a request its positions; it is not installed in this process")

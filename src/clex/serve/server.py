@@ -16,7 +16,8 @@ as ``--hf-config-path`` (removed on exit):
 The server runs in vLLM's python (``--python``, else ``$CLEX_VLLM_PYTHON``, else this one), which must have clex
 installed (``pip install "clex[vllm]"``: the plugin is an entry point of clex's package), with
 ``VLLM_USE_V2_MODEL_RUNNER=0``. SIGTERM or Ctrl-C stops it: vLLM's API server is sent SIGTERM (it stops its
-engine), anything of its process group still alive after 60 s is killed, the temporary folder is removed.
+engine), the command waits for every process of vLLM's group to end (60 s at most, then SIGKILL to what is left),
+and removes the temporary folder.
 """
 
 from __future__ import annotations
@@ -207,17 +208,41 @@ def _wait_ready(url: str, server: subprocess.Popen, timeout: float, stopping: li
     return False
 
 
-def _shut_down(server: subprocess.Popen) -> None:
-    """SIGTERM to the API server (if still running), up to 60 s for it to stop its engine, then SIGKILL to
-    whatever of its process group is left."""
+def running_in_group(pgid: int) -> list[int]:
+    """The processes of process group ``pgid`` that are still running (zombies excluded), from /proc; where there
+    is no /proc, [pgid] while anything of the group answers a signal."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return [pgid]
+        except ProcessLookupError:
+            return []
+    found = []
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ... after "pid (comm)"
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _shut_down(server: subprocess.Popen, grace: float = 60.0) -> None:
+    """SIGTERM to the API server (if still running); up to ``grace`` seconds for it and the engine processes of its
+    group to stop; then SIGKILL to whatever of the group is left (its own session: only processes it started)."""
     if server.poll() is None:
         server.send_signal(signal.SIGTERM)
+    end = time.monotonic() + grace
     try:
-        server.wait(timeout=60)
+        server.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         pass
+    while running_in_group(server.pid) and time.monotonic() < end:
+        time.sleep(0.5)
     try:
-        os.killpg(server.pid, signal.SIGKILL)  # its own session: only processes this command started
+        os.killpg(server.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     server.wait()

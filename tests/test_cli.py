@@ -2,6 +2,8 @@
 and the quick demo runs end to end."""
 
 import argparse
+import importlib
+import inspect
 import json
 import subprocess
 import sys
@@ -30,18 +32,29 @@ def test_every_command_is_wired_and_has_help(capsys):
         assert text.startswith("usage: clex " + command), command
 
 
+def resolve(command: str):
+    module, _, name = COMMANDS[command].partition(":")
+    return getattr(importlib.import_module(f"clex.{module}"), name)
+
+
 def test_every_flag_has_a_help_line_from_the_docstring():
-    import inspect
-
-    from clex.cli import _resolve
-
     for command in COMMANDS:
         options = [a for a in leaf_parser(command)._actions if a.dest != "help"]
         assert options, command
         empty = [a.dest for a in options if not (a.help or "").strip() or (a.help or "").startswith("(default")]
         assert not empty, f"{command}: flags without a help line in the docstring's Args: {empty}"
-        func = _resolve(COMMANDS[command])
+        func = resolve(command)
         assert summary(command) == inspect.getdoc(func).splitlines()[0]  # the ast-read summary is the docstring's
+        # the flags read from the source are the function's parameters, each with its real default
+        signature = inspect.signature(func).parameters
+        dests = {a.dest for a in options}
+        assert dests == set(signature), (command, dests ^ set(signature))
+        for action in options:
+            default = signature[action.dest].default
+            if action.default is not argparse.SUPPRESS and default is not inspect.Parameter.empty:
+                expected = list(default) if isinstance(default, tuple) and action.nargs == "+" else default
+                shown = list(action.default) if isinstance(action.default, tuple) else action.default
+                assert shown == expected, (command, action.dest, action.default, default)
 
 
 def test_console_script_help_lists_the_commands():
@@ -143,7 +156,7 @@ def test_bad_input_is_one_line_without_a_traceback(capsys, folder, doc, tmp_path
     assert "maxfactor" in cli_error(capsys, [*ppl[:3], f"{folder}:clex:maxfactor=4", *ppl[4:]])
     passkey = ["eval", "passkey", "--models", str(folder), "--lengths", "300", "--out-dir", str(tmp_path)]
     assert "depths must be finite fractions in [0, 1]" in cli_error(capsys, [*passkey, "--depths", "nan"])
-    assert "trials must be an integer >= 1, got 0" in cli_error(capsys, [*passkey, "--trials", "0"])
+    assert "samples must be an integer >= 1, got 0" in cli_error(capsys, [*passkey, "--samples", "0"])
 
 
 def test_corrupt_files_are_named(capsys, folder, doc, tmp_path):

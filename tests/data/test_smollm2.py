@@ -118,7 +118,7 @@ def test_converted_folder_is_plain_and_matches_the_gguf(tiny_gguf, converted):
     assert tokenizer.decode(ids[0]) == "the cat sat on the mat, then the hat"
 
 
-def test_conversion_is_cached_and_force_reconverts(tiny_gguf, converted, monkeypatch):
+def test_conversion_is_cached_and_overwrite_reconverts(tiny_gguf, converted, monkeypatch):
     root, folder = converted
     calls = []
     real = smollm2._convert_into
@@ -126,7 +126,7 @@ def test_conversion_is_cached_and_force_reconverts(tiny_gguf, converted, monkeyp
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert smollm2.convert(tiny_gguf, root) == folder
     assert calls == [] and (folder / "model.safetensors").stat().st_mtime_ns == stamp
-    assert smollm2.convert(tiny_gguf, root, force=True) == folder
+    assert smollm2.convert(tiny_gguf, root, overwrite=True) == folder
     assert len(calls) == 1 and (folder / smollm2.SOURCE_FILE).is_file()
     assert sorted(p.name for p in root.iterdir()) == [folder.name]  # no temporary or old folders
 

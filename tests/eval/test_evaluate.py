@@ -11,7 +11,8 @@ import clex
 from clex.data.tokenizer import byte_tokenizer
 from clex.eval import perplexity as evaluate
 from clex.eval.perplexity import nll_chunked, nll_sliding, run_ppl
-from clex.eval.specs import ModelSpec, fixed_clex_t, load_spec
+from clex.eval.specs import ModelSpec, load_spec
+from clex.hf.generation import fixed_clex_t
 from clex.hf.methods import prepare_model
 
 L = 16  # the tiny models' max_position_embeddings
@@ -275,7 +276,7 @@ def test_no_models_says_models_is_required():
 
 def test_documents_are_read_by_the_training_reader_with_names(tmp_path):
     from clex.data.texts import load_texts
-    from clex.eval.specs import load_documents
+    from clex.eval.documents import load_documents
 
     (tmp_path / "a.txt").write_text("alpha")
     (tmp_path / "sub").mkdir()
@@ -302,6 +303,7 @@ def test_chunk_none_is_the_training_length_and_recorded_as_none(tmp_path):
         documents=docs,
         chunk=L,
         out_dir=str(tmp_path),
+        name="given",
         plot=False,
     )
     assert out["config"]["chunk"] is None and given["config"]["chunk"] == L

@@ -52,7 +52,9 @@ def test_load_model_dtype_and_device_are_checked(plain_folder):
         clex.load_model(plain_folder, dtype="foo")
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16 .*got torch.int64"):
         clex.load_model(plain_folder, dtype=torch.int64)
-    with pytest.raises(ValueError, match="device must be a torch device such as 'cpu'.*got 'foo'"):
+    with pytest.raises(
+        ValueError, match=r"load_model's device must be one of cpu, cuda, cuda:N \(N a GPU index\), mps, got 'foo'"
+    ):
         clex.load_model(plain_folder, device="foo")
     assert next(clex.load_model(plain_folder, dtype="bfloat16").parameters()).dtype == torch.bfloat16
 

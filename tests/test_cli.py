@@ -11,6 +11,7 @@ import sys
 import pytest
 from conftest import tiny_model
 
+import clex
 from clex.cli import COMMANDS, build_parser, main, summary
 from clex.data.tokenizer import byte_tokenizer
 
@@ -195,3 +196,102 @@ def test_quick_demo_writes_the_table_plot_json_and_models(tmp_path, monkeypatch,
         "clex-rec-1x holds a clex-rec-1x (clex, rows of 1 x L) trained with other settings (pose differ)"
         in cli_error(capsys, ["demo", "--quick", "--out-dir", str(out)])
     )
+
+
+def test_a_wrong_choice_is_refused_before_torch_is_imported():
+    """The choices are read from the sources (Literal annotations, ast): a typo costs a fraction of a second."""
+    code = (
+        "import sys, time; from clex.cli import main\n"
+        "for argv in (['eval', 'ppl', '--models', 'm', '--protocol', 'slidng'], ['export', 'a', 'b', '--length', '9',"
+        " '--format', 'ggfu'], ['eval', 'ruler', '--models', 'm', '--tasks', 'niah_single_1,ruler_vtt'],"
+        " ['eval', 'passkey', '--models', 'm', '--template', 'compakt'], ['eval', 'ppl', '--models', 'm', '--dtype', 'f16']):\n"
+        "    try: main(argv)\n"
+        "    except SystemExit as e: assert e.code == 2\n"
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not heavy, heavy\n"
+        "print(time.process_time())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    errors = done.stderr.splitlines()
+    assert len(errors) == 5 and all(e.startswith("clex: error: argument --") for e in errors), errors
+    assert "'slidng' is not one of sliding, chunked (did you mean 'sliding'?)" in errors[0]
+    assert "'ggfu' is not one of hf, gguf (did you mean 'gguf'?)" in errors[1]
+    assert "'ruler_vtt' is not one of" in errors[2] and "did you mean 'ruler_vt'" in errors[2]
+    assert float(done.stdout) < 1.0  # CPU seconds for all five, imports included
+
+
+def test_every_literal_annotation_becomes_choices_and_matches_its_registry():
+    import typing
+
+    from clex.eval.perplexity import PROTOCOLS
+    from clex.eval.retrieval import TEMPLATES
+    from clex.eval.ruler_tasks import SKIPPED, TASKS, RulerTask
+    from clex.hf.export import FORMATS
+
+    assert list(typing.get_args(RulerTask)) == [*TASKS, *SKIPPED]
+    assert {t for _, t in TEMPLATES} == set(typing.get_args(typing.get_type_hints(clex.run_passkey)["template"]))
+    expected = {
+        "eval ppl": {"protocol": list(PROTOCOLS), "dtype": ["float32", "bfloat16", "float16"]},
+        "eval ruler": {"tasks": list(typing.get_args(RulerTask))},
+        "export": {"format": list(FORMATS)},
+    }
+    for command in COMMANDS:
+        func = resolve(command)
+        hints = typing.get_type_hints(func)
+        for action in leaf_parser(command)._actions:
+            hint = hints.get(action.dest)
+            literal = [a for a in _literals(hint)]
+            if literal:  # the help shows them, the parser checks them
+                assert action.metavar and (
+                    set(map(str, literal)) <= set(action.metavar.strip("{}").split(",")) or "choices" in action.help
+                ), (command, action.dest)
+            if action.dest in expected.get(command, {}):
+                assert literal == expected[command][action.dest], (command, action.dest, literal)
+
+
+def _literals(hint) -> list:
+    import typing
+
+    if hint is None:
+        return []
+    if typing.get_origin(hint) is typing.Literal:
+        return list(typing.get_args(hint))
+    return [v for a in typing.get_args(hint) for v in _literals(a)]
+
+
+def test_train_takes_config_and_key_value_words_and_suggests_the_closest_field(capsys, tmp_path):
+    err = cli_error(capsys, ["train", "recipes/tiny-clex.yaml", "clex.maxfactor=8"])
+    assert err == "clex: error: TrainConfig.clex has no field 'maxfactor' (did you mean 'max_factor'?)"
+    err = cli_error(capsys, ["train", "recipes/tiny-clex.yaml", "stepz=8"])
+    assert err == "clex: error: TrainConfig has no field 'stepz' (did you mean 'steps'?)"
+    err = cli_error(capsys, ["train", "recipes/tiny-clex.yaml", "method=yran"])
+    assert "did you mean 'yarn'?" in err
+    assert "did you mean recipes/tiny-clex.yaml?" in cli_error(capsys, ["train", "recipes/tiny-clx.yaml"])
+    for old, new in (("--config", "first word"), ("--override", "KEY=VALUE")):
+        assert new in cli_error(capsys, ["train", old, "recipes/tiny-clex.yaml"])
+
+
+def test_train_help_gives_every_field_its_default_and_meaning(capsys):
+    import dataclasses
+
+    from clex.cli import dataclass_fields
+    from clex.train.config import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: clex train [CONFIG] [KEY=VALUE ...]")
+    rows = dataclass_fields("train.config", "TrainConfig")
+    assert [r[1] for r in rows] == [f.name for f in dataclasses.fields(TrainConfig)]
+    assert all(meaning for *_, meaning in rows), [r[1] for r in rows if not r[3]]
+    for _, name, default, meaning in rows:
+        assert f"{name} = {default}" in text and meaning[:40] in " ".join(text.split()), name
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    assert all(repr(v) == d for (_, n, d, _) in rows if n in defaults for v in [defaults[n]]), rows
+
+
+def test_old_flags_name_their_new_words(capsys, tmp_path):
+    assert "(--trials is now --samples)" in cli_error(capsys, ["eval", "passkey", "--models", "m", "--trials", "2"])
+    assert "(--fresh is now --overwrite)" in cli_error(capsys, ["demo", "--fresh"])
+    assert "(--force is now --overwrite)" in cli_error(capsys, ["models", "smollm2", "--force"])
+    assert "(--out is now --out-dir and --name)" in cli_error(capsys, ["plot", "freqs", "m", "--out", "f.png"])
+    assert "did you mean --samples?" in cli_error(capsys, ["eval", "passkey", "--models", "m", "--sampels", "2"])

@@ -442,6 +442,10 @@ class _Parser(argparse.ArgumentParser):
 
     leaf: argparse.ArgumentParser | None = None
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # `--out` is not `--out-dir`: a flag is named in full or refused
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):
         if message.startswith("unrecognized arguments:"):
             flag = next((w for w in message.split(":", 1)[1].split() if w.startswith("--")), None)

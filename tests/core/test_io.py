@@ -37,3 +37,18 @@ def test_written_files_follow_the_umask(tmp_path, umask):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_follow_umask_opens_what_other_writers_left_private(tmp_path):
+    from clex.core.io import follow_umask
+
+    (tmp_path / "sub").mkdir(mode=0o700)
+    (tmp_path / "sub" / "model.safetensors").write_bytes(b"x")
+    os.chmod(tmp_path / "sub" / "model.safetensors", 0o600)  # what safetensors writes
+    old = os.umask(0o022)
+    try:
+        follow_umask(tmp_path)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "sub" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "sub").stat().st_mode & 0o777 == 0o755

@@ -213,3 +213,32 @@ def test_recipes_share_one_budget():
 
 def test_pipeline_script_parses():
     subprocess.run(["bash", "-n", str(RECIPES.parent / "experiments" / "smollm2-8k" / "run-cpu.sh")], check=True)
+
+
+def test_a_damaged_converted_folder_is_refused_not_reported_as_converted(tiny_gguf, tmp_path, capsys):
+    from clex.cli import main
+
+    folder = smollm2.convert(tiny_gguf, tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    args = ["models", "smollm2", "--gguf", str(tiny_gguf), "--cache-dir", str(tmp_path)]
+    capsys.readouterr()
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("clex: error: ") and captured.err.count("\n") == 1, captured.err
+    assert "model.safetensors is not a readable safetensors file" in captured.err and "--overwrite" in captured.err
+    assert '"folder"' not in captured.out
+    assert main([*args, "--overwrite"]) == 0  # converts again
+    assert smollm2.load_smollm2(gguf=tiny_gguf, cache_dir=tmp_path)[0] is not None
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_an_empty_or_truncated_gguf_is_named_in_one_line(tiny_gguf, tmp_path, capsys, damage):
+    from clex.cli import main
+
+    bad = tmp_path / f"{damage}.gguf"
+    bad.write_bytes(b"" if damage == "empty" else tiny_gguf.read_bytes()[: tiny_gguf.stat().st_size // 2])
+    assert main(["models", "smollm2", "--gguf", str(bad), "--cache-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"clex: error: {bad} is ") and err.count("\n") == 1 and "Traceback" not in err
+    assert not list((tmp_path / "c").glob("*")) if (tmp_path / "c").exists() else True

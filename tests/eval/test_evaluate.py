@@ -330,3 +330,26 @@ def test_the_context_ratio_compares_the_same_last_L_tokens_with_the_whole_window
         short = full_nll(model, x[-2 * L :])[-L:].mean()
     assert res[96]["context_ratio"] == pytest.approx(float(torch.exp(whole - short)), rel=1e-5)
     assert "context ratio" in (tmp_path / "ppl.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("{p}::factor=4", r"gives parameters \['factor'\] but no METHOD to take them"),
+        ("{p}:none:factor=4", r"method 'none' \(the model unchanged\) takes no parameters, got \['factor'\]"),
+        ("{p}:yran:factor=4", r"unknown method 'yran'.*\(did you mean 'yarn'\?\)"),
+    ],
+)
+def test_nothing_of_a_spec_is_dropped(tmp_path, spec, message):
+    """A factor without a method, or given to `none`, was dropped and the row labelled as if scaled."""
+    with pytest.raises(ValueError, match=message):
+        run_ppl([spec.format(p=tmp_path)], lengths=[20], out_dir=str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()  # refused before any model was loaded or file written
+
+
+def test_a_length_that_cannot_fit_in_memory_is_refused_before_the_forward(tmp_path):
+    from clex.eval.retrieval import run_passkey
+
+    model = byte_model(use_clex=True)
+    with pytest.raises(ValueError, match=r"lengths=1000000000 needs at least .* GiB, but this machine has .* GiB free"):
+        run_passkey([("m", model, byte_tokenizer())], lengths=[10**9], out_dir=str(tmp_path), plot=False)

@@ -3,7 +3,8 @@
 Standard library only (no torch), so every floor may use it: result files (:mod:`clex.eval.report`), and any
 other file a killed process must leave either old or new, never truncated. The files get the mode a plain
 ``open(path, "w")`` would give them (0666 less the user's umask): ``tempfile.mkstemp`` makes its files private
-(0600), which would leave a served or shared export unreadable to other users.
+(0600), which would leave a served or shared export unreadable to other users; :func:`follow_umask` does the
+same for the folders others write for clex (safetensors makes its files 0600 too).
 """
 
 from __future__ import annotations
@@ -35,6 +36,17 @@ def file_mode() -> int:
 def folder_mode() -> int:
     """The mode of a new folder under the user's umask (0777 less it), e.g. 0755 for umask 022."""
     return 0o777 & ~current_umask()
+
+
+def follow_umask(folder: str | Path) -> None:
+    """Give every file under ``folder`` the mode of a file the user writes (:func:`file_mode`) and every folder
+    :func:`folder_mode`: for what other writers left private (safetensors creates its files 0600, so a saved
+    model or checkpoint would be unreadable to other users of a shared or served folder)."""
+    folder = Path(folder)
+    files, dirs = file_mode(), folder_mode()
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, dirs if path.is_dir() else files)
 
 
 def temporary_sibling(path: str | Path) -> Path:

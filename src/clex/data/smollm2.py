@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..core.config import CLEXConfig
-from ..core.io import folder_mode
+from ..core.io import follow_umask
 from ..hf.loading import check_weight_files, load_model, load_tokenizer
 
 if TYPE_CHECKING:
@@ -172,7 +172,6 @@ def convert(gguf: str | Path | None = None, cache_dir: str | Path | None = None,
     root.mkdir(parents=True, exist_ok=True)
     _sweep_stale(root, folder.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=root))
-    tmp.chmod(folder_mode())  # mkdtemp makes it private; the cache may be shared: the user's umask decides
     try:
         start = time.perf_counter()
         config = _convert_into(gguf, tmp)
@@ -183,6 +182,7 @@ def convert(gguf: str | Path | None = None, cache_dir: str | Path | None = None,
             "rope_theta": (config.get("rope_parameters") or {}).get("rope_theta"),
         }
         (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")  # last: marks the folder complete
+        follow_umask(tmp)  # the cache may be shared: the user's umask decides, not safetensors' 0600
         if folder.exists():  # overwrite, or an incomplete/stale folder: move it aside, then swap
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-old-", dir=root))
             os.replace(folder, old)  # a directory may replace an empty one

@@ -33,7 +33,7 @@ import torch
 
 from ..core.checks import check_fits, solve_bytes
 from ..core.equations import yarn_mscale
-from ..core.io import atomic_write_bytes, atomic_write_text
+from ..core.io import atomic_write_bytes, atomic_write_text, follow_umask
 from .generation import fixed_t
 from .lookup import get_clex_rotary, text_config
 from .to_gguf import TokenizerPre, check_tokenizer_pre
@@ -206,6 +206,7 @@ def export(
         "below_L": "the plain model" + _below_L_scale(c),
     }
     atomic_write_text(out / "clex_export.json", json.dumps(note, indent=2) + "\n")
+    follow_umask(out)  # the weights too (safetensors writes 0600): a served or shared export is readable
     return out
 
 

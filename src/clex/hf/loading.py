@@ -200,8 +200,9 @@ def check_weight_files(path: Path) -> None:
                     raise
                 torch.load(file, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
         except Exception as e:  # UnpicklingError (a pickle with code), RuntimeError (damaged), ...
-            found = re.search(r"WeightsUnpickler error: ([^\n]+)", str(e))  # the why of torch's long message
-            first = (found.group(1) if found else _one_line(e)).split(". ")[0].strip()
+            # the why of torch's long message: its "WeightsUnpickler error: ..." or "... unsupported GLOBAL ..." line
+            found = re.search(r"WeightsUnpickler error: ([^\n]+)|^([^\n]*unsupported GLOBAL[^\n]*)$", str(e), re.M)
+            first = ((found.group(1) or found.group(2)) if found else _one_line(e)).split(". ")[0].strip()
             raise ValueError(
                 f"{file} is not a weights file of plain tensors (torch's weights_only loader refuses it: {first}); "
                 "clex never unpickles code: convert it to safetensors where it came from"

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ..core.checks import check_fits, solve_bytes
-from ..core.io import atomic_write_text
+from ..core.io import atomic_write_text, follow_umask
 from ..core.policies import step_generator
 from ..core.rotary_embedding import CLEXRotaryEmbedding
 from ..data.presets import build_model, count_parameters
@@ -131,6 +131,42 @@ def _deepspeed_fill(accelerator, config: TrainConfig) -> None:
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
         plugin.deepspeed_config["gradient_clipping"] = config.max_grad_norm
         plugin.deepspeed_config["gradient_accumulation_steps"] = config.grad_accum
+
+
+def float32_rotary_policy(policy):
+    """FSDP1's mixed-precision policy with the rotary module and every buffer kept in float32.
+
+    accelerate's bf16 policy casts every parameter and buffer to bf16 for the forward: the CLEX ODE weights,
+    θ⁰ (``inv_freq``: relative error 2^-9, so at 64k positions an angle off by up to ~128 rad) and the
+    frequencies solved from them, where DDP's autocast keeps all of that in float32. FSDP runs the modules of
+    ``_module_classes_to_ignore`` unwrapped from mixed precision (their own FSDP unit, inputs cast to float32
+    and outputs back), so adding the CLEX rotary there gives FSDP the numerics of DDP for the part CLEX adds;
+    ``buffer_dtype`` float32 does the same for plain RoPE's θ⁰. -> a new MixedPrecision (None stays None)."""
+    if policy is None:
+        return None
+    from torch.distributed.fsdp import MixedPrecision
+
+    return MixedPrecision(
+        param_dtype=policy.param_dtype,
+        reduce_dtype=policy.reduce_dtype,
+        buffer_dtype=torch.float32,
+        keep_low_precision_grads=policy.keep_low_precision_grads,
+        cast_forward_inputs=policy.cast_forward_inputs,
+        cast_root_forward_inputs=policy.cast_root_forward_inputs,
+        _module_classes_to_ignore=tuple({*policy._module_classes_to_ignore, CLEXRotaryEmbedding}),
+    )
+
+
+def _fsdp_float32_rotary(accelerator) -> None:
+    """Under FSDP1 with mixed precision, the policy of :func:`float32_rotary_policy` (before ``prepare``)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and getattr(plugin, "fsdp_version", 1) == 1:
+        plugin.mixed_precision_policy = float32_rotary_policy(plugin.mixed_precision_policy)
+
+
+def nonfinite_gradients(model) -> list[str]:
+    """Names of the trained parameters whose gradient holds a nan or an inf (an empty list when all are finite)."""
+    return [n for n, p in model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
 
 
 def _zero3_external_params(accelerator, rotary) -> None:
@@ -247,6 +283,7 @@ def run(config: TrainConfig) -> Path:
     )
     _deepspeed_fill(accelerator, config)
     sizes = count_parameters(model), sum(p.numel() for g in groups for p in g["params"])  # before FSDP/ZeRO-3 shard
+    _fsdp_float32_rotary(accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     # made on the prepared optimizer (DeepSpeed may swap in its own); stepped by us once per optimizer step.
     # Not registered with accelerate (that would pickle it): checkpoints save its numbers as JSON.
@@ -308,7 +345,15 @@ def run(config: TrainConfig) -> Path:
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     # the wrapped model's parameters (frozen ones have no gradient, so the norm is the trained
                     # ones'): under FSDP accelerate clips through the model only when handed exactly these
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    if norm is not None and not math.isfinite(float(norm)):  # the step would make the weights nan
+                        bad = nonfinite_gradients(model)
+                        raise RuntimeError(
+                            f"step {step}: the gradient norm is {float(norm)} ({accelerator.distributed_type.value}, "
+                            f"dtype {config.dtype}, train={config.train}); non-finite gradients in {len(bad)} "
+                            f"parameter(s), e.g. {bad[:3]}; stopped before the optimizer step, the checkpoints in "
+                            f"{out_dir} are kept"
+                        )
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()
@@ -383,6 +428,7 @@ def run(config: TrainConfig) -> Path:
     if main_proc:
         tokenizer.save_pretrained(final)
         dataclasses.replace(config, overwrite=False).write_yaml(final / "clex_train.yaml")
+        follow_umask(final)  # safetensors writes 0600: the final model is as readable as the user's files
     if config.tensorboard:
         accelerator.end_training()
     accelerator.wait_for_everyone()

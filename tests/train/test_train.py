@@ -242,3 +242,22 @@ def test_the_ode_weights_get_their_own_learning_rate():
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in clex.get_clex_rotary(model).dynamics.parameters()}
     with pytest.raises(ValueError, match="TrainConfig.clex_lr must be a number > 0, or null for lr, got 0.0"):
         TrainConfig(clex_lr=0)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"batch_size": 10**6, "seq_len": 10**6}, r"batch_size x seq_len=1000000 x 1000000 needs at least"),
+        ({"factor": 1e9}, r"factor \(CLEX max_factor\)=1e\+09 needs at least"),
+    ],
+)
+def test_sizes_that_cannot_fit_are_refused_before_the_first_step_and_an_old_run_is_kept(
+    tmp_path, text_dir, fields, message
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 5.0}\n')  # a previous run, asked to be overwritten
+    config = TrainConfig(model="micro-llama", data=str(text_dir), steps=1, out_dir=str(out), overwrite=True, **fields)
+    with pytest.raises(ValueError, match=message + r" .* GiB, but this machine has .* GiB free"):
+        run(config)
+    assert (out / "log.jsonl").read_text() == '{"step": 1, "loss": 5.0}\n'  # refused before anything was removed

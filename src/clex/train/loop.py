@@ -249,11 +249,6 @@ def run(config: TrainConfig) -> Path:
     check_out_dir(config, out_dir)
     accelerator = _accelerator(config)
     main_proc, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
-    if config.overwrite and not config.resume:
-        if main_proc and previous_run(out_dir):
-            print(f"clex train: overwrite=true: removing the previous run in {out_dir}", flush=True)
-            remove_previous_run(out_dir)
-        accelerator.wait_for_everyone()
     set_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -292,7 +287,12 @@ def run(config: TrainConfig) -> Path:
     )
     _zero3_external_params(accelerator, rotary)
 
-    # --- fresh start or resume ---
+    # --- fresh start (the previous run removed only now: everything above could still refuse) or resume ---
+    if config.overwrite and not config.resume:
+        if main_proc and previous_run(out_dir):
+            print(f"clex train: overwrite=true: removing the previous run in {out_dir}", flush=True)
+            remove_previous_run(out_dir)
+        accelerator.wait_for_everyone()
     state = {"step": 0, "data_position": 0, "draws": 0, "tokens": 0}
     ckpt = None
     if config.resume:

@@ -140,6 +140,7 @@ class Reference:
 
         raw = json.loads((folder / "config.json").read_text())
         self.scaling = scaling_for(raw)
+        self.max_model_len = self.scaling.max_length  # the server's (set by main when --max-model-len is given)
         self.clex = isinstance(self.scaling, CLEXScaling)
         if self.clex:
             self.model = clex.load_model(folder, dtype="float32").eval()
@@ -229,7 +230,8 @@ def complete(base: str, ids: list[int], max_tokens: int, *, prompt_logprobs=True
 def check(ref: Reference, ids: list[int], got: dict) -> dict:
     """Served log-probs of one request against clex's at its t: max |Δ| over prompt and output tokens."""
     seq = ids + got["output"]
-    length = len(ids) + got["max_tokens"]
+    # vLLM lowers a max_tokens past the context to max_model_len - prompt before clex stamps the request
+    length = min(len(ids) + got["max_tokens"], ref.max_model_len)
     want = ref.logprobs(seq, length)
     served = (got.get("prompt_lp") or []) + got["output_lp"]
     mine = (want[: len(ids) - 1] if got.get("prompt_lp") is not None else []) + want[len(ids) - 1 :]
@@ -238,6 +240,7 @@ def check(ref: Reference, ids: list[int], got: dict) -> dict:
         "prompt": len(ids),
         "max_tokens": got["max_tokens"],
         "t": ref.scaling.t_for(length),
+        "length": length,
         "max_abs": max(d),
         "mean_abs": sum(d) / len(d),
         "n": len(d),
@@ -374,7 +377,7 @@ def main(argv=None) -> int:
     ref = Reference(folder)
     (work / "chat.jinja").write_text(CHAT_TEMPLATE)
     port = free_port()
-    max_len = args.max_model_len or ref.scaling.max_length
+    max_len = ref.max_model_len = args.max_model_len or ref.scaling.max_length
     serve = [sys.executable, "-m", "clex.cli", "serve", "--python", args.vllm_python]
     serve += ["--generation-reserve", str(RESERVE), str(folder)]
     vllm = ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--served-model-name", "m"]

@@ -1,17 +1,18 @@
 """Perplexity through the server: per-request t against the pinned export and clex's own numbers, by length.
 
-    python experiments/serving/quality.py --vllm-python /work/venvs/vllm/bin/python --lengths 2048 8192 16384 \
-        --windows 2 --yarn-factor 2 --out experiments/serving/results/quality.json
+    python experiments/serving/quality.py --vllm-python /work/venvs/vllm/bin/python --lengths 2048,8192,16384 \
+        --windows 2,2,1 --folder FOLDER --pinned-length 131072 --out experiments/serving/per-request/quality.json
 
 Held-out plays (clex's embedded corpus), SmolLM2-135M-Instruct (L = 8,192). For each length n, the first n tokens of
-the first ``--windows`` plays that are at least n tokens long (the windows of ``clex eval ppl --protocol chunked``
+the first ``--windows`` plays (one count, or one per length) that are at least n tokens long (the windows of ``clex eval ppl --protocol chunked``
 with one sample per play). Each window is one request: its first n-1 tokens as the prompt, ``max_tokens`` 1 (so the
 request's final length is n, the t of ``clex eval`` at n), ``prompt_logprobs`` 1, float32; perplexity over the
 n-2 tokens the prompt scores. Served, one server at a time, with the same vLLM flags:
 
 - ``per_request``: ``clex serve`` on the CLEX model (the far recipe's options; ``--folder`` for a trained one, else
   an untrained ODE);
-- ``pinned``: ``clex export --length N`` of the same model (N = the longest length), stock vLLM (t = N/L for all);
+- ``pinned``: ``clex export --length N`` of the same model (N = ``--pinned-length``, default the longest length),
+  stock vLLM with the same ``--max-model-len`` (t = N/L for all);
 - with ``--yarn-factor F``: SmolLM2 with YaRN factor F (no training), ``yarn_per_request`` by ``clex serve`` and
   ``yarn_static`` by stock vLLM, for n <= F·L.
 
@@ -39,12 +40,12 @@ ROOT = Path(__file__).resolve().parents[2]
 FAR = dict(prior="yarn", log_scale=True, angle_cap=True, past_max="prior", train_t="integer-quadratic", max_factor=16)
 
 
-def windows(tokenizer, lengths: list[int], count: int) -> dict[int, dict[str, list[int]]]:
+def windows(tokenizer, lengths: list[int], counts: list[int]) -> dict[int, dict[str, list[int]]]:
     from clex.data.corpus import split_plays
 
     docs = {name: tokenizer(text, add_special_tokens=False).input_ids for name, text in split_plays()[1].items()}
     out = {}
-    for n in lengths:
+    for n, count in zip(lengths, counts):
         long_enough = [(name, ids[:n]) for name, ids in docs.items() if len(ids) >= n]
         out[n] = dict(long_enough[:count])
     return out
@@ -124,7 +125,12 @@ def main(argv=None) -> int:
         start_timeout=1200.0,
         **{
             "--lengths": (lambda s: [int(x) for x in s.split(",")], [2048, 8192, 16384], "lengths, comma-separated"),
-            "--windows": (int, 2, "windows (plays) per length"),
+            "--windows": (
+                lambda s: [int(x) for x in s.split(",")],
+                [2],
+                "windows (plays) per length, or one per length",
+            ),
+            "--pinned-length": (int, None, "N of the pinned export (default: the longest length)"),
             "--folder": (str, None, "a trained CLEX folder (default: SmolLM2 + the far recipe's options, untrained)"),
             "--yarn-factor": (float, 0.0, "also measure SmolLM2 + YaRN of this factor (0: no)"),
             "--parts": (str, "per_request,pinned,clex,unscaled,yarn", "what to measure, comma-separated"),
@@ -155,8 +161,11 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(convert())
     L = clex.get_clex_rotary(model).original_length
     lengths = sorted(args.lengths)
-    wins = windows(tokenizer, lengths, args.windows)
-    N = lengths[-1]
+    counts = args.windows * len(lengths) if len(args.windows) == 1 else args.windows
+    if len(counts) != len(lengths):
+        raise ValueError(f"--windows must be one count or one per length ({len(lengths)}), got {args.windows}")
+    wins = windows(tokenizer, lengths, counts)
+    N = args.pinned_length or lengths[-1]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "TOKENIZERS_PARALLELISM": "false"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     stock = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model"]
@@ -170,12 +179,12 @@ def main(argv=None) -> int:
         "runs": {},
     }
     nll = {}
+    if "pinned" in parts:  # first: a refused export should not wait for the rest
+        export = clex.export(model, work / "export", length=N, tokenizer_from=convert())
     if "clex" in parts:
         t0 = time.perf_counter()
         nll["clex"] = local_nll(model, wins, L)
         result["runs"]["clex"] = {"s": round(time.perf_counter() - t0, 1)}
-    if "pinned" in parts:
-        export = clex.export(model, work / "export", length=N, tokenizer_from=convert())
     del model
     if "per_request" in parts:
         run = serve("per_request", per_request + [str(folder)], wins, args, env, work)
@@ -211,6 +220,16 @@ def main(argv=None) -> int:
             result["runs"][name] = run
         result["yarn_factor"] = args.yarn_factor
     result["ppl"] = {name: summarise(values) for name, values in nll.items()}
+    if "clex" in nll:  # every scored token against clex's own: max |difference| of its NLL
+        result["max_abs_nll_vs_clex"] = {
+            name: {
+                n: max(abs(a - b) for doc in docs for a, b in zip(docs[doc], nll["clex"][n][doc]))
+                for n, docs in values.items()
+                if n in nll["clex"]
+            }
+            for name, values in nll.items()
+            if name != "clex"
+        }
     result.update(
         vllm_env=vllm_versions(args.vllm_python),
         clex_env={"torch": torch.__version__, "transformers": transformers.__version__},

@@ -1,6 +1,6 @@
 """Memory of per-request scaling's tables at 128k, against per-t cos/sin caches (run in vLLM's python).
 
-    /work/venvs/vllm/bin/python experiments/serving/table_memory.py --out experiments/serving/results/table_memory.json
+    /work/venvs/vllm/bin/python experiments/serving/table_memory.py --out experiments/serving/per-request/table_memory.json
 
 For head_dim 64 and 128 (L = 8,192, max_model_len P = 131,072: t up to 16), a CLEX model (the far recipe's options,
 an untrained ODE) and a YaRN model (factor 16) get the tables :class:`clex.serve.models.RequestRope` builds: θ for

@@ -23,8 +23,9 @@ def test_every_request_is_served_at_its_own_t(tmp_path, model):
     greedy, sampled = r["concurrent"]["greedy"], r["concurrent"]["sampled"]
     rows = greedy + sampled + r["prefix"]["requests"] + [r["reserve"]["served"]]
     assert max(row["max_abs"] for row in rows) <= 1e-4  # measured ~5e-6 (float32)
-    # the longest sampled prompt asks past the context: vLLM lowers its max_tokens, its t is max_model_len's
-    assert any(row["length"] == r["max_model_len"] < row["prompt"] + row["max_tokens"] for row in sampled)
+    if model == "tiny-yarn-qwen2":  # its longest sampled request asks past the context (max_model_len = 8 L):
+        # vLLM lowers its max_tokens, and it is served (within 1e-4 above) at the t of max_model_len
+        assert any(row["length"] == r["max_model_len"] < row["prompt"] + row["max_tokens"] for row in sampled)
     assert len({row["t"] for row in greedy}) >= 5  # different t in one batch, t = 1 among them
     assert min(row["t"] for row in greedy) == 1.0 and max(row["t"] for row in greedy) == 8.0  # 8: static YaRN
     assert max(row["prompt"] for row in greedy) > 64  # --max-num-batched-tokens 64: prefilled in chunks

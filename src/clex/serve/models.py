@@ -48,7 +48,7 @@ from .plugin import LENGTH_KEY, check_vllm, install_runner_hook
 from .scaling import RequestScaling, scaling_for
 
 #: weight names a folder may hold for its rotary, which vLLM's models have no parameter for
-_ROTARY_WEIGHTS = (*ODE_WEIGHTS, "rotary_emb.inv_freq", "clex_layer.inv_freq")
+_ROTARY_WEIGHTS = (*ODE_WEIGHTS, "rotary_emb.temperature", "rotary_emb.inv_freq", "clex_layer.inv_freq")
 
 
 class RequestRope(nn.Module):
@@ -74,14 +74,9 @@ class RequestRope(nn.Module):
         self.register_buffer("theta", torch.zeros(len(self.ts), half, device=device), persistent=False)
         cos_sin_scale = torch.tensor([scaling.cos_sin_scale(v) for v in self.ts], dtype=torch.float32)
         self.register_buffer("cos_sin_scale", cos_sin_scale.to(device), persistent=False)
-        scale = (
-            [scaling.query_scale(n, v) for n, v in zip(lengths.tolist(), t.tolist())] if scaling.scales_queries else []
-        )
-        if self.query_scaling == "rotation":
-            scale = [math.sqrt(v) for v in scale]
-        self.register_buffer(
-            "length_query_scale", torch.tensor(scale, dtype=torch.float32, device=device), persistent=False
-        )
+        self._lengths_t = t
+        size = self.period + 1 if scaling.scales_queries else 0  # filled by solve(): a learned temperature is a weight
+        self.register_buffer("length_query_scale", torch.ones(size, device=device), persistent=False)
         self.register_buffer("cos_sin", torch.zeros(tokens, 2 * half, dtype=dtype, device=device), persistent=False)
         scale = torch.ones(tokens, device=device) if self.query_scaling == "multiply" else None
         self.register_buffer("token_query_scale", scale, persistent=False)
@@ -89,10 +84,16 @@ class RequestRope(nn.Module):
         self.ready = False
 
     def solve(self) -> None:
-        """θ(t) for every t of the grid (after the weights are loaded: CLEX's θ needs its ODE)."""
+        """θ(t) for every t of the grid and the query scale of every final length (after the weights are loaded:
+        CLEX's θ needs its ODE, a learned temperature its weights)."""
         with torch.no_grad():
             for i, t in enumerate(self.ts):
                 self.theta[i].copy_(self.scaling.theta(t))
+            if self.scaling.scales_queries:
+                scale = [self.scaling.query_scale(n, t) for n, t in enumerate(self._lengths_t.tolist())]
+                if self.query_scaling == "rotation":
+                    scale = [math.sqrt(v) for v in scale]
+                self.length_query_scale.copy_(torch.tensor(scale, dtype=torch.float32))
         self.ready = True
 
     def request_positions(self, length: int, prompt: int, dims: int) -> tuple[torch.Tensor, int]:
@@ -241,7 +242,7 @@ class _PerRequest:
                     yield name, tensor
 
         loaded = super().load_weights(model_weights())
-        self.clex_rope.scaling.load_ode({k: v for k, v in rotary.items() if k.endswith(ODE_WEIGHTS)})
+        self.clex_rope.scaling.load_ode({k: v for k, v in rotary.items() if not k.endswith("inv_freq")})
         self.clex_rope.solve()
         return loaded
 

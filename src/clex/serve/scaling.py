@@ -104,6 +104,12 @@ class CLEXScaling(RequestScaling):
     kind = "clex"
 
     def __init__(self, config: CLEXConfig, *, rotary_dim: int, base: float):
+        if getattr(config, "adapter_rank", 0):
+            raise ValueError(
+                f"a CLEX model with t-conditioned adapters (adapter_rank={config.adapter_rank}) cannot be served per "
+                "request: its weights change with t, and a vLLM batch has one set of weights; serve a pinned export "
+                "(clex export merges them at N/L) or generate with clex"
+            )
         L = int(config.original_length)
         super().__init__(original_length=L, rotary_dim=rotary_dim, base=base, max_length=int(L * config.max_factor))
         self.rotary = CLEXRotaryEmbedding(config, self.inv_freq, original_length=L, rope_theta=self.base).eval()
@@ -111,13 +117,19 @@ class CLEXScaling(RequestScaling):
         self._loaded = False
 
     def load_ode(self, weights: dict[str, Tensor]) -> None:
-        """The ODE weights, by the suffixes clex saves them under (``ode_up_proj``, ``ode_down_proj``)."""
+        """The ODE weights, by the suffixes clex saves them under (``ode_up_proj``, ``ode_down_proj``), and a learned
+        temperature's (``rotary_emb.temperature``, with ``mscale="learned"``)."""
         dyn = self.rotary.dynamics
-        for name in ODE_WEIGHTS:
-            hits = [v for k, v in weights.items() if k.endswith(name)]
+        own = [(dyn, name, name) for name in ODE_WEIGHTS]
+        if getattr(self.rotary, "temperature", None) is not None:
+            own.append((self.rotary, "temperature", "rotary_emb.temperature"))
+        elif any(k.endswith("rotary_emb.temperature") for k in weights):
+            raise ValueError("the CLEX folder holds a learned temperature, but its config says mscale != 'learned'")
+        for module, name, suffix in own:
+            hits = [v for k, v in weights.items() if k.endswith(suffix)]
             if len(hits) != 1:
-                raise ValueError(f"expected one `{name}` tensor in the CLEX folder's weights, found {len(hits)}")
-            param = getattr(dyn, name)
+                raise ValueError(f"expected one `{suffix}` tensor in the CLEX folder's weights, found {len(hits)}")
+            param = getattr(module, name)
             if hits[0].shape != param.shape:
                 raise ValueError(f"`{name}` has shape {tuple(hits[0].shape)}, expected {tuple(param.shape)}")
             with torch.no_grad():

@@ -114,7 +114,7 @@ def test_yarn_temperature_scales_attention_logits_by_the_square_of_the_mscale():
     [
         ("prior", "yarnn", "CLEXConfig.prior must be one of 'ntk', 'yarn', got 'yarnn'"),
         ("past_max", "hold", "CLEXConfig.past_max must be one of 'ode', 'prior', got 'hold'"),
-        ("mscale", True, "CLEXConfig.mscale must be one of 'none', 'yarn', got True"),
+        ("mscale", True, "CLEXConfig.mscale must be one of 'none', 'yarn', 'learned', got True"),
         ("angle_cap", "yes", "CLEXConfig.angle_cap must be True or False, got 'yes'"),
     ],
 )

@@ -21,6 +21,7 @@ from torch import nn
 from ..core.config import CLEXConfig, check_keys
 from .lookup import get_clex_rotary
 from .patch import apply_clex, split_rope_parameters
+from .t_adapter import ADAPTER
 
 #: Reference config keys that are CLEXConfig fields of the same name and meaning.
 OFFICIAL_KEYS = ("max_factor", "param_factor", "act", "time_dt")
@@ -221,4 +222,31 @@ def load_model(
                 )
             with torch.no_grad():
                 param.copy_(hits[0].to(param.dtype))
+        _load_learned_functions_of_t(model, path, saved)
     return model.to(device) if device is not None else model
+
+
+def _load_learned_functions_of_t(model: nn.Module, path: Path, saved: CLEXConfig) -> None:
+    """The learned temperature and the t-conditioned adapters (:mod:`clex.hf.t_adapter`), by their exact state
+    dict names. Those the saved config has must be in the weights; ones a load-time override adds start fresh."""
+    from .lookup import find_rotary
+
+    rotary_name, rotary = find_rotary(model)
+    wanted = {}
+    if saved.mscale == "learned" and rotary.temperature is not None:
+        wanted[f"{rotary_name}.temperature"] = rotary.temperature
+    if saved.adapter_rank and saved.adapter_rank == rotary.config.adapter_rank:
+        wanted.update({k: p for k, p in model.named_parameters() if f".{ADAPTER}." in k})
+    if not wanted:
+        return
+    found = _read_weights(path, tuple(wanted))
+    for key, param in wanted.items():
+        value = found.get(key)
+        if value is None or value.shape != param.shape:
+            what = "missing" if value is None else f"of shape {tuple(value.shape)}, expected {tuple(param.shape)}"
+            raise ValueError(
+                f"{path}: the weights' `{key}` is {what} (its config has mscale={saved.mscale!r}, "
+                f"adapter_rank={saved.adapter_rank})"
+            )
+        with torch.no_grad():
+            param.copy_(value.to(param.dtype))

@@ -19,6 +19,7 @@ from ..core.config import CLEXConfig, check_keys
 from ..core.rotary_embedding import CLEXRotaryEmbedding
 from .fused_rotation import FUSED_ROTATION, use_fused_rotation
 from .lookup import find_rotary, get_clex_rotary, text_config
+from .t_adapter import attach_t_adapters
 
 CLEX_KEYS = {"rope_type", *CLEXConfig.field_names()}
 
@@ -113,6 +114,7 @@ def apply_clex(
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     model.save_pretrained = types.MethodType(_save_pretrained, model)
     use_fused_rotation(model, new, fused_rotation)
+    attach_t_adapters(model)  # CLEXConfig.adapter_rank > 0: weights conditioned on t (clex.hf.t_adapter)
     if exact_cache:
         from .generation import enable_exact_cache  # generation builds on this module
 

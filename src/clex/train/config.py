@@ -47,6 +47,8 @@ class TrainConfig:
     lr: float = 2e-5
     clex_lr: float | None = None  # lr of the CLEX ODE weights (None: lr); Adam moves W_down by ~lr a step, and
     # the network's output scales with λd, so a large lr makes θ(t) jagged
+    t_lr: float | None = None  # lr of CLEX's learned functions of t (the learned temperature's weights, the
+    # t-conditioned adapters' gate powers; None: lr): a few scalars that must move far in a few hundred steps
     warmup_ratio: float = 0.03  # linear warmup over this fraction of the steps
     schedule: str = "cosine"  # cosine | linear | constant (after the warmup)
     weight_decay: float = 0.0
@@ -60,6 +62,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    save_adapter: bool = False  # lora: also write the adapters unmerged to final/adapter (peft's format)
 
     # --- precision, devices, seeds ---
     seed: int = 0  # model init, data order, held-out split, t draws, PoSE positions
@@ -122,6 +125,12 @@ class TrainConfig:
             bad("lr", "a number > 0")
         if self.clex_lr is not None and self.clex_lr <= 0:
             bad("clex_lr", "a number > 0, or null for lr")
+        if self.t_lr is not None and self.t_lr <= 0:
+            bad("t_lr", "a number > 0, or null for lr")
+        if self.save_adapter and self.train != "lora":
+            raise ValueError(
+                f"TrainConfig.save_adapter=true needs train='lora' (the adapters it saves), got train={self.train!r}"
+            )
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 bad(name, "a number in [0, 1)")

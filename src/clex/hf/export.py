@@ -55,7 +55,7 @@ _TOKENIZER_FILES = (
 def longrope_parameters(model, length: int) -> dict:
     """The ``rope_parameters`` (type longrope) that hold a CLEX model's θ(length / L) past L (module docstring)."""
     rotary = get_clex_rotary(model)
-    c, L = rotary.config, rotary.original_length
+    L = rotary.original_length
     if isinstance(length, bool) or not isinstance(length, int) or length < L:
         raise ValueError(f"length must be an integer >= L = {L} (the model's original length), got {length!r}")
     t = length / L

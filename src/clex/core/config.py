@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from torchdiffeq._impl.odeint import SOLVERS as TORCHDIFFEQ_SOLVERS
 
 from .equations import ACTIVATIONS, PRIORS
-from .policies import INFERENCE_T, POSITION_SAMPLERS, T_SAMPLERS
+from .policies import INFERENCE_T, POSITION_SAMPLERS, T_SAMPLERS, T_SEQUENCES
 
 #: Our own solvers (fixed grid, residual formulation): ``rk4-fused`` is torchdiffeq's rk4 written as one
 #: plain-torch loop in float64 with an exact hand-written backward.
@@ -88,7 +88,8 @@ class CLEXConfig:
 
     # --- training: what one step draws ---
     train_t: str = "integer"  # t sampler: integer (paper), integer-linear (P(t) ∝ t), integer-quadratic (∝ t²),
-    # integer-mixed (½ integer + ½ integer-quadratic), uniform, log-uniform
+    # integer-mixed (½ integer + ½ integer-quadratic), uniform, log-uniform; or an even sequence (each t gets its
+    # expected share of the steps, whatever the seed): integer-quadratic-even (∝ t²), integer-cubic-even (∝ t³)
     position_sampler: str = "random"  # extrapolated positions: random (paper) or pose
     position_span: str = "sequence"  # positions span n·t (sequence: the paper) or max(n, L)·t (original: rows
     # shorter than L still see positions up to L·t)
@@ -150,7 +151,7 @@ class CLEXConfig:
                 f"CLEXConfig.prior={self.prior!r} needs formulation='residual' (the reference formulation integrates "
                 f"the NTK prior only), got formulation={self.formulation!r}"
             )
-        choice("train_t", tuple(T_SAMPLERS))
+        choice("train_t", (*T_SAMPLERS, *T_SEQUENCES))
         choice("position_sampler", tuple(POSITION_SAMPLERS))
         choice("position_span", POSITION_SPANS)
         choice("solve_device", SOLVE_DEVICES)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .config import CLEXConfig
 from .equations import angle_cap, log_t_fraction, prior_shift, rope_angles, yarn_mscale
-from .policies import INFERENCE_T, POSITION_SAMPLERS, T_SAMPLERS, step_generator
+from .policies import INFERENCE_T, POSITION_SAMPLERS, T_SAMPLERS, T_SEQUENCES, step_generator
 from .solve import solve_log_freqs
 
 
@@ -271,8 +271,11 @@ class CLEXRotaryEmbedding(nn.Module):
         """
         c = self.config
         gen = step_generator(c.seed, self.draws)
+        if c.train_t in T_SEQUENCES:
+            t = T_SEQUENCES[c.train_t](self.draws, c.seed, c.max_factor)
+        else:
+            t = T_SAMPLERS[c.train_t](gen, c.max_factor)
         self.draws += 1
-        t = T_SAMPLERS[c.train_t](gen, c.max_factor)
         length = self.original_length
         if c.position_span == "original":
             t = max(t, n / length)

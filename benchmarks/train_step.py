@@ -24,6 +24,9 @@ Variants (any subset, plain always first):
 - ours-recommended   ours with the recommended recipe's options (prior, mscale, angle_cap, past_max)
 - ours-far    ours with the far recipe's options (log_scale instead of mscale, t drawn P(t) ∝ t²: its own
               t draws, so its ODE solves reach larger t than the other variants')
+- ours-every  ours-far with the every recipe's additions (recipes/smollm2-clex-every.yaml): the learned temperature,
+              rank-8 t-conditioned adapters on q_proj and o_proj (their forward hooks on only while it runs), t as
+              an even sequence with P(t) ∝ t²
 
 All variants share ONE model (the same weights, one AdamW over everything): a variant is a rotary module
 swapped in, so that a 7B-shaped model fits once, not once per variant. Every CLEX variant draws the same t
@@ -68,6 +71,7 @@ from common import (
 import clex  # noqa: E402
 from clex.hf.compat import set_activation_checkpointing  # noqa: E402
 from clex.hf.methods import METHODS  # noqa: E402
+from clex.hf.t_adapter import attach_t_adapters  # noqa: E402
 
 SHAPES = {"tiny": TINY, "smollm2-135m": SMOLLM2, "tinyllama-1b": TINYLLAMA_1B, "llama2-7b": LLAMA2_7B}
 #: variant -> (kind, CLEXConfig overrides, apply_clex's fused_rotation or None for its default)
@@ -85,6 +89,19 @@ VARIANTS = {
     "ours-far": (
         "clex",
         dict(prior="yarn", log_scale=True, angle_cap=True, past_max="prior", train_t="integer-quadratic"),
+        None,
+    ),
+    "ours-every": (
+        "clex",
+        dict(
+            prior="yarn",
+            log_scale=True,
+            angle_cap=True,
+            past_max="prior",
+            train_t="integer-quadratic-even",
+            mscale="learned",
+            adapter_rank=8,
+        ),
         None,
     ),
 }
@@ -127,6 +144,12 @@ class SharedModel:
 
     def use(self, variant: str, layers: int) -> None:
         self.inner.rotary_emb = self.rotaries[variant]
+        for v, rotary in self.rotaries.items():  # t-conditioned adapters: their hooks on for their variant only
+            hooks = getattr(rotary, "_clex_t_adapters", None)
+            if hooks is not None and v != variant:
+                hooks.remove()
+            elif hooks is not None and not hooks._handles:
+                attach_t_adapters(self.model)
         for attn, s in zip(self.attention, self.base_scaling):  # a CLEX temperature must not leak into others
             attn.scaling = s
         self.inner.layers = self.layers[:layers]

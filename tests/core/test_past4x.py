@@ -174,7 +174,10 @@ def test_even_t_sequences_give_every_t_its_share_of_every_prefix_whatever_the_se
         for n in (50, 200, 400):
             counts = Counter(ts[:n])
             assert all(abs(counts[float(k)] - n * p) < 2 for k, p in probs.items())
-    iid = {seed: Counter(T_SAMPLERS["integer-quadratic"](step_generator(seed, k), 16.0) for k in range(200)) for seed in range(4)}
+    iid = {
+        seed: Counter(T_SAMPLERS["integer-quadratic"](step_generator(seed, k), 16.0) for k in range(200))
+        for seed in range(4)
+    }
     assert max(c[16.0] for c in iid.values()) - min(c[16.0] for c in iid.values()) > 2  # i.i.d. draws: seed luck
 
 

@@ -4,7 +4,7 @@ Each stage spreads its jobs over several processes on one GPU (a 135M model at 8
 idle, so N runs side by side cost about what one does):
 
     python experiments/run.py train --base BASE --work W --out OUT --parallel 11 --steps 200 \
-        --runs far-s0=clex-far:save_adapter=true yarn16-s0=yarn:factor=16 every-s1=clex-every:seed=1 ...
+        --runs far-s0=clex-far:save_adapter=true yarn16-s0=yarn:factor=16 every-s1=experiments/one-model-every-length/every.yaml:seed=1 ...
     python experiments/run.py eval --base BASE --work W --out OUT --parallel 5 \
         --docs plays=plays.txt kjv=kjv.txt --lengths 8192,16384,32768,65536,131072 \
         --models far-s0=far-s0 prior=base:clex=1 far-on-yarn16=far-s0:weights_only=1,yarn=16 ...
@@ -14,7 +14,8 @@ idle, so N runs side by side cost about what one does):
     python experiments/run.py artifact --work W --run far-s0 --out DIR    # adapter + CLEX weights (a few MB)
     python experiments/run.py rebuild --base BASE --artifact DIR --out MODEL   # a clex model folder again
 
---runs NAME=RECIPE[:KEY=VALUE,...]: recipes/smollm2-RECIPE.yaml with the same budget for every run (steps x
+--runs NAME=RECIPE[:KEY=VALUE,...]: recipes/smollm2-RECIPE.yaml (or RECIPE itself where it is a .yaml path) with the
+same budget for every run (steps x
 batch x seq_len) plus these TrainConfig overrides (``steps=1000`` gives one run a larger budget; ``save_every=100``
 checkpoints it); trained into W/NAME (skipped if W/NAME/final exists; an interrupted run resumes from its latest
 checkpoint, or starts again if it left none).
@@ -84,7 +85,7 @@ def train_one(a) -> None:
     name, _, rest = a.run.partition("=")
     recipe, _, extra = rest.partition(":")
     cfg = TrainConfig.from_file(
-        f"recipes/smollm2-{recipe}.yaml",
+        recipe if recipe.endswith((".yaml", ".yml")) else f"recipes/smollm2-{recipe}.yaml",
         [
             f"model={a.base}",
             f"out_dir={Path(a.work) / name}",

@@ -198,3 +198,23 @@ def test_bad_settings_are_refused_with_the_field_and_the_allowed_values():
         prepare_model(model, "clex", factor=8, clex={"adapter_rank": 4})
     with pytest.raises(ValueError, match="a learned temperature has its own weights"):
         prepare_model(model, "clex", factor=8, clex={"mscale": "learned"})
+
+
+def test_a_learned_temperature_trains_with_the_full_gradient_whatever_the_rotation_backend():
+    # the fused rotation's backward keeps only the angle's part of the cos/sin gradient: apply_clex's "auto" must
+    # leave it off for mscale="learned" (with it on, the temperature's gradient was ~1e-12: rounding, not signal)
+    grads = {}
+    for fused in ("off", "auto"):
+        model = clex.apply_clex(tiny_model("llama"), max_factor=8, mscale="learned", fused_rotation=fused, **FAR)
+        rotary = clex.get_clex_rotary(model)
+        with torch.no_grad():
+            rotary.temperature.copy_(torch.tensor([0.4, -0.15]))
+        rotary.draw = lambda n: (2.5, torch.arange(n, dtype=torch.float32))
+        model.train()
+        x = ids(40)
+        model(x, labels=x).loss.backward()
+        grads[fused] = rotary.temperature.grad
+    assert grads["off"].abs().min() > 1e-6
+    assert torch.allclose(grads["auto"], grads["off"], rtol=1e-4, atol=0)
+    with pytest.raises(ValueError, match="fused_rotation='torch' cannot train mscale='learned'"):
+        clex.apply_clex(tiny_model("llama"), mscale="learned", fused_rotation="torch")

@@ -310,7 +310,7 @@ class CLEXRotaryEmbedding(nn.Module):
         if self.training and self.temperature is not None:
             magnitude = self.temperature_at(top_t, grad=True).sqrt()
             scale = self.query_scale_for(kv_len, top_t, temperature=False)
-        else:  # inference: the whole q·k factor in `scaling`, so cached keys never carry t (see query_scale_for)
+        else:  # inference: the whole q·k factor in `scaling`, so cached keys never hold t (see query_scale_for)
             scale = self.query_scale_for(kv_len, top_t)
         vars(self).update(last_inv_freq=theta.detach() if theta.requires_grad else theta, query_scale=scale)
         with torch.autocast(x.device.type, enabled=False):

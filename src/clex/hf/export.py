@@ -17,7 +17,7 @@ export is the plain model with that temperature (said in the folder's ``clex_exp
 ``short_mscale`` / ``long_mscale`` instead of ``attention_factor`` (both are written). ``log_scale`` scales q·k
 by log(n)/log(L) for a forward over n > L keys; the export pins it at n = N, as it pins t (and as ``clex eval``
 and :func:`clex.generate_fixed_t` do), so ``attention_factor`` also carries sqrt(log N / log L); a learned
-temperature (``mscale="learned"``) is carried the same way, as sqrt(τ(N/L)): ``attention_factor`` is the square
+temperature (``mscale="learned"``) enters the same way, as sqrt(τ(N/L)): ``attention_factor`` is the square
 root of the rotary's ``query_scale_for(N, N/L)`` in every case. t-conditioned adapters (:mod:`clex.hf.t_adapter`)
 are merged into their layers' weights at t = N/L (below L too: the folder says so).
 

@@ -52,6 +52,7 @@ def apply_clex(
     fused_rotation: how each layer's rotation backpropagates into CLEX's cos/sin while training
     (:mod:`clex.hf.fused_rotation`): "auto" (one Triton kernel on a GPU where Triton imports, else eager torch),
     "torch", "triton", or "off" (stock autograd). The same values and gradients (float64: to rounding);
+    with ``mscale="learned"`` "auto" means "off" (the fused backward passes no gradient to the magnitude of cos/sin);
     inference and plain RoPE always run transformers' own function.
     ``original_length`` (L) defaults to the model's ``max_position_embeddings``. The model must use plain
     RoPE (``rope_type`` "default"): CLEX starts from the model's own frequencies θ⁰.
@@ -70,6 +71,15 @@ def apply_clex(
         )
     if overrides:
         config = config.replace(**overrides)
+    if config.mscale == "learned" and fused_rotation != "off":
+        # the fused rotation's backward passes only the angle's part of the cos/sin gradient (cos² + sin² taken
+        # as fixed): a temperature riding on their magnitude would get no gradient. "auto" picks stock autograd.
+        if fused_rotation != "auto":
+            raise ValueError(
+                f"apply_clex's fused_rotation={fused_rotation!r} cannot train mscale='learned' (its backward drops "
+                "the gradient of cos/sin's magnitude, where the learned temperature rides); use 'auto' or 'off'"
+            )
+        fused_rotation = "off"
     name, old = find_rotary(model)
     if isinstance(old, CLEXRotaryEmbedding):
         raise ValueError(f"{type(model).__name__} already has CLEX at `{name}`")

@@ -89,6 +89,10 @@ def _select_trainable(model, config: TrainConfig):
     elif config.train == "clex":
         for p in model.parameters():
             p.requires_grad_(False)
+    if config.clex_lr == 0:  # frozen: θ(t) is the prior's (the ODE still runs, without a backward)
+        for p in clex_params:
+            p.requires_grad_(False)
+        clex_params = []
     for p in clex_params + t_functions + (t_weights if config.train != "clex" else []):
         p.requires_grad_(True)  # the ODE weights and the learned functions of t train in every mode
     own = {id(p) for p in clex_params + t_functions}

@@ -1,9 +1,9 @@
 """SmolLM2-135M on one GPU: fine-tune CLEX, PI and YaRN at the model's full 8k window with one budget, then
-perplexity at 8k..64k and passkey at 16k..64k beside the untouched model (issue 8; the CPU version is
+perplexity at 8k..64k and passkey at 16k..64k beside the untouched model (the CPU version is
 experiments/smollm2-8k/run-cpu.sh). Every stage's wall time is recorded; results go to $OUT (or results/smollm2-gpu).
 
     python experiments/smollm2-8k/run.py --gguf path/to/SmolLM2-135M-Instruct.Q4_1.gguf [--steps 100]
-    # in two calls on a machine that forgets between sessions (same --work):
+    # or in two steps, training then evaluation (same --work):
     python experiments/smollm2-8k/run.py --gguf ... --stages train --runs clex=clex clex-16x=clex:factor=16 pi=pi yarn=yarn
     python experiments/smollm2-8k/run.py --gguf ... --stages eval --runs ... --variants clex-logscale=clex:log_scale=true
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The performance benchmarks on one GPU (issue 8), CLEX beside plain RoPE in one process each, SmolLM2-135M's
+# The performance benchmarks on one GPU, CLEX beside plain RoPE in one process each, SmolLM2-135M's
 # shape (random init, nothing downloaded), bfloat16. JSON (+ the printed Markdown tables) go to $OUT
 # (default results/bench-gpu). ~6 minutes on one H100.
 #

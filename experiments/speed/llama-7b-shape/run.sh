@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 16 on one GPU (random weights, nothing downloaded): the training step at LLaMA-2-7B's layer shape and a
+# CLEX's training cost at 7B scale on one GPU (random weights, nothing downloaded): the training step at LLaMA-2-7B's layer shape and a
 # ~1B TinyLlama-like shape, plain RoPE / YaRN / CLEX with stock autograd through cos/sin / CLEX with the fused
 # rotation (Triton, and its eager-torch backward), 4k and 16k tokens, gradient checkpointing off and on, two
 # layer counts each (2 and as many as fit); first the rotation alone (correctness against float64 + its cost).

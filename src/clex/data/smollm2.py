@@ -182,7 +182,8 @@ def load_smollm2(
         device: where to put the model; None = CPU.
         clex: apply CLEX fresh with this config (None = plain RoPE, as released). L = 8192 by default.
         attn_implementation: "sdpa" (default of transformers), "eager", ...
-        gguf, cache_dir: as in :func:`convert`.
+        gguf: the GGUF file, as in :func:`convert`.
+        cache_dir: the cache root, as in :func:`convert`.
     """
     from transformers import AutoTokenizer
 

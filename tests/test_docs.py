@@ -43,13 +43,6 @@ GLOBAL_FLAGS = {"--help", "--version", "--debug"}
 PENDING = {
     "clex serve": "`clex serve` (the vLLM plugin's command)",
     "clex.recipes": "the named recipes of the library",
-    "clex demo --overwrite": "--fresh becomes --overwrite",
-    "clex models smollm2 --overwrite": "--force becomes --overwrite",
-    "clex plot freqs --out-dir": "--out becomes --out-dir / --name",
-    "clex plot freqs --name": "--out becomes --out-dir / --name",
-    "clex eval passkey --samples": "--trials becomes --samples",
-    "clex eval needle --samples": "--trials becomes --samples",
-    "clex train CONFIG": "clex train takes CONFIG and KEY=VALUE overrides positionally, as python -m clex.train",
 }
 
 

@@ -65,7 +65,7 @@ for m in $METHODS; do
   if [ -f "$OUT/$m/final/config.json" ]; then echo "== train $m: done before, skipped"; continue; fi
   resume=false; compgen -G "$OUT/$m/checkpoint-*" > /dev/null && resume=true
   # shellcheck disable=SC2086  # EXTRA is a list of key=value words
-  timed "train $m" python -m clex.cli train --config "recipes/smollm2-$m.yaml" --override \
+  timed "train $m" python -m clex.cli train "recipes/smollm2-$m.yaml" \
     "model=$BASE" "out_dir=$OUT/$m" "seq_len=$SEQ_LEN" "batch_size=$BATCH" "steps=$STEPS" "dtype=$DTYPE" \
     "resume=$resume" $EXTRA
 done
@@ -82,7 +82,7 @@ for spec in "${MODELS[@]}"; do
     eval ppl --models "$spec" --lengths "$PPL_LONG_LENGTHS" --max-documents "$PPL_LONG_DOCS" --protocol chunked \
     --device "$DEVICE" --dtype "$EVAL_DTYPE" --out-dir "$OUT/eval" --name "ppl-long_$name" --no-plot
   [ -f "$OUT/eval/passkey_$name.json" ] || timed "passkey $name" python -m clex.cli eval passkey \
-    --models "$spec" --lengths "$PASSKEY_LENGTHS" --depths "$PASSKEY_DEPTHS" --trials "$PASSKEY_TRIALS" \
+    --models "$spec" --lengths "$PASSKEY_LENGTHS" --depths "$PASSKEY_DEPTHS" --samples "$PASSKEY_TRIALS" \
     --device "$DEVICE" --dtype "$EVAL_DTYPE" --out-dir "$OUT/eval" --name "passkey_$name" --no-plot
 done
 
@@ -111,7 +111,7 @@ for task, plot in (("ppl", plot_ppl), ("passkey", plot_retrieval)):
     write_results(out, task, payload, rows, title=f"SmolLM2-135M: {task} by length")
     plot(payload, out / f"{task}.png")
 if (out / "clex" / "final").is_dir():
-    plot_freqs(out / "clex" / "final", ts=(1, 2, 4, 8), out=out / "freqs.png")
+    plot_freqs(out / "clex" / "final", ts=(1, 2, 4, 8), out_dir=out, name="freqs", overwrite=True)
 EOF
 python - "$TIMES" <<'EOF'
 import csv, sys

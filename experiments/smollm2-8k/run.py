@@ -129,10 +129,11 @@ def main() -> None:
         dtype=a.dtype,
         out_dir=str(out),
         name="ppl",
+        overwrite=True,  # this stage's own result, remade when the stage runs again
     )
     for name in finals:
         if name.startswith("clex"):
-            timed(f"freqs {name}", plot_freqs, finals[name], ts=(1, 2, 4, 8, 16), out=out / f"freqs_{name}.png")
+            timed(f"freqs {name}", plot_freqs, finals[name], ts=(1, 2, 4, 8, 16), out_dir=out, name=f"freqs_{name}")
             (out / f"freqs_{name}.json").unlink(missing_ok=True)
     depths = tuple(float(x) for x in a.passkey_depths.split(","))
     timed(
@@ -141,11 +142,12 @@ def main() -> None:
         specs,
         lengths=a.passkey_lengths,
         depths=depths,
-        trials=a.passkey_trials,
+        samples=a.passkey_trials,
         device=device,
         dtype=a.dtype,
         out_dir=str(out),
         name="passkey",
+        overwrite=True,
     )
     for f in ("ppl.md", "passkey.md"):
         print((out / f).read_text())

@@ -189,7 +189,7 @@ def _train(cfg: dict, out: Path, label: str) -> tuple[Path, float]:
     if changed:
         raise ValueError(
             f"{out} holds a {label} trained with other settings ({', '.join(changed)} differ): rerun with "
-            "--fresh (which deletes the demo's out_dir first) or give another --out-dir"
+            "--overwrite (which deletes what the demo wrote in out_dir first) or give another --out-dir"
         )
     if (final / "config.json").is_file():
         print(f"[demo] {label}: already trained ({final})")
@@ -212,7 +212,7 @@ def run(
     quick: bool = False,
     scale: str = "default",
     seed: int = 0,
-    fresh: bool = False,
+    overwrite: bool = False,
     variants: list[str] | None = None,
 ) -> dict:
     """Reproduce the paper's table in miniature: pre-train, fine-tune CLEX and baselines, perplexity vs length.
@@ -222,7 +222,7 @@ def run(
         quick: the CI smoke run (about two minutes; same as --scale quick)
         scale: quick | default | large
         seed: seed of every stage (model init, data order, t draws, evaluation windows)
-        fresh: delete out_dir first instead of reusing finished stages
+        overwrite: delete what an earlier demo wrote in out_dir (models/, demo.*, ppl.*) instead of reusing its finished stages; other files stay
         variants: the fine-tunes to run (default: the scale's), names from demo.VARIANTS, e.g. clex-4x yarn8-4x
     """
     from .data.presets import MODEL_PRESETS
@@ -238,8 +238,8 @@ def run(
             raise ValueError(f"variants: unknown {unknown}; allowed: {', '.join(VARIANTS)}")
         s = dataclasses.replace(s, variants=tuple(variants))
     out = Path(out_dir)
-    if fresh and out.exists():
-        shutil.rmtree(out)
+    if overwrite:
+        _remove_earlier_demo(out)
     models = out / "models"
     L = int(MODEL_PRESETS[s.preset]["max_position_embeddings"])
     t0 = time.perf_counter()
@@ -304,6 +304,7 @@ def run(
         out_dir=str(out),
         name="ppl",
         plot=True,
+        overwrite=True,  # the demo's own table, remade from its models on every run
     )
     times["evaluation"] = time.perf_counter() - start
     table = _paper_table(payload, s, L)
@@ -323,6 +324,15 @@ def run(
     shutil.copyfile(out / "ppl.png", out / "demo.png")
     print("\n" + md)
     return summary
+
+
+def _remove_earlier_demo(out: Path) -> None:
+    """What a demo writes in ``out`` (its models and its tables), and nothing else of the folder."""
+    if (out / "models").is_dir():
+        shutil.rmtree(out / "models")
+    for name in ("demo", "ppl"):
+        for suffix in (".json", ".md", ".png", ".partial.json"):
+            (out / f"{name}{suffix}").unlink(missing_ok=True)
 
 
 def _paper_table(payload: dict, s: DemoScale, L: int) -> list[dict]:

@@ -141,7 +141,7 @@ def check_length(model, length: int) -> None:
 
 
 def export(
-    model,
+    model: torch.nn.Module,
     out: str | Path,
     *,
     length: int,

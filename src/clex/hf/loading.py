@@ -9,7 +9,7 @@ The authors' checkpoints (DAMO-NLP-SG/CLEX) carry ``rope_scaling = {"type": "cle
 ``model.clex_layer.proj_func.ode_up_proj`` / ``ode_down_proj`` (and ``model.clex_layer.inv_freq``).
 
 Nothing of a folder runs: every ``from_pretrained`` here passes ``trust_remote_code=False`` (so transformers never
-asks), and a folder whose ``config.json`` or ``tokenizer_config.json`` carries an ``auto_map`` (a pointer at a
+asks) and ``use_kernels=False`` (no kernel code fetched from the hub), and a folder whose ``config.json`` or ``tokenizer_config.json`` carries an ``auto_map`` (a pointer at a
 ``.py`` file of custom code) is refused before anything is read (:func:`refuse_remote_code`), except the one
 entry clex writes itself into saved CLEX folders (:data:`clex.hf.patch.OWN_AUTO_MAP`: ``clex_model.py``, which
 only forwards stock transformers to clex, and which :func:`load_model` never runs: it reads those folders
@@ -230,7 +230,7 @@ def load_model(
     device: str | torch.device | None = None,
     attn_implementation: str | None = None,
     clex: CLEXConfig | dict | None = None,
-    **overrides,
+    **overrides: object,
 ) -> nn.Module:
     """Load a causal LM from a local folder, with CLEX when its config says so (or when ``clex`` is given).
 
@@ -276,7 +276,8 @@ def load_model(
         raise ValueError(f"{path / 'config.json'} has no model_type; expected a transformers model folder")
     check_weight_files(path)
     config = AutoConfig.for_model(model_type, **cleaned)
-    kwargs = {"config": config, "trust_remote_code": False, "local_files_only": True}
+    # use_kernels=False: transformers >= 5.25 would otherwise fetch hub kernels (code) where `kernels` is installed
+    kwargs = {"config": config, "trust_remote_code": False, "local_files_only": True, "use_kernels": False}
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype)
     if attn_implementation is not None:

@@ -42,7 +42,7 @@ def apply_clex(
     *,
     exact_cache: bool = True,
     fused_rotation: str = "auto",
-    **overrides,
+    **overrides: object,
 ) -> nn.Module:
     """Replace the model's RoPE with CLEX, in place, and return the model.
 

@@ -449,7 +449,7 @@ def run(config: TrainConfig) -> Path:
     return final
 
 
-def finetune(config: TrainConfig | dict | str | Path | None = None, **overrides) -> Path:
+def finetune(config: TrainConfig | dict | str | Path | None = None, **overrides: object) -> Path:
     """Fine-tune a RoPE model with CLEX or a baseline (PI, NTK, YaRN, ...) and return the final model's folder.
 
         final = clex.finetune("recipes/tiny-clex.yaml", steps=100, out_dir="runs/mine")

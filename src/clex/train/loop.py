@@ -41,6 +41,7 @@ from ..data.presets import build_model, count_parameters
 from ..hf.compat import set_activation_checkpointing
 from ..hf.lookup import find_rotary
 from ..hf.methods import original_length_of, pose_position_ids, prepare_model
+from ..hf.t_adapter import TAdapter
 from . import lora
 from .checkpoints import resume_checkpoint, save_checkpoint
 from .config import TrainConfig, read_config_file
@@ -73,10 +74,13 @@ def lr_schedule(optimizer, kind: str, *, warmup: int, steps: int) -> torch.optim
 def _select_trainable(model, config: TrainConfig):
     """Freeze what ``config.train`` leaves out; LoRA wraps the model with peft.
     -> (model, optimizer parameter groups: the model's trainable weights, then the ODE weights at clex_lr)"""
-    clex_params = []
+    clex_params, t_functions, t_weights = [], [], []
     _, rot = find_rotary(model)
     if isinstance(rot, CLEXRotaryEmbedding):
         clex_params = list(rot.dynamics.parameters())
+        adapters = [m for m in model.modules() if isinstance(m, TAdapter)]
+        t_functions = [rot.temperature] * (rot.temperature is not None) + [a.gate_power for a in adapters]
+        t_weights = [p for a in adapters for p in (a.down, a.up)]
     if config.train == "lora":
         model = lora.wrap(
             model,
@@ -88,12 +92,18 @@ def _select_trainable(model, config: TrainConfig):
     elif config.train == "clex":
         for p in model.parameters():
             p.requires_grad_(False)
-    for p in clex_params:  # the ODE weights train in every mode
-        p.requires_grad_(True)
-    ode = {id(p) for p in clex_params}
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in ode]}]
-    if clex_params:  # their own group, for their own lr
+    if config.clex_lr == 0:  # frozen: θ(t) is the prior's (the ODE still runs, without a backward)
+        for p in clex_params:
+            p.requires_grad_(False)
+        clex_params = []
+    for p in clex_params + t_functions + (t_weights if config.train != "clex" else []):
+        p.requires_grad_(True)  # the ODE weights and the learned functions of t train in every mode
+    own = {id(p) for p in clex_params + t_functions}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in own]}]
+    if clex_params:  # their own groups, for their own lr
         groups.append({"params": clex_params, "lr": config.clex_lr or config.lr})
+    if t_functions:
+        groups.append({"params": t_functions, "lr": config.t_lr or config.lr})
     return model, [g for g in groups if g["params"]]
 
 
@@ -417,9 +427,13 @@ def run(config: TrainConfig) -> Path:
     if config.train == "lora" and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         # sharded weights cannot be merged in place: gather them, merge the state dict (clex.train.lora)
         full = accelerator.get_state_dict(model)
+        if config.save_adapter and main_proc:
+            lora.save_adapter(unwrapped, final / "adapter", state_dict=full)
         state_dict = lora.merge_state_dict(full, rank=config.lora_rank, alpha=config.lora_alpha) if main_proc else None
         unwrapped = unwrapped.get_base_model()
     elif config.train == "lora":
+        if config.save_adapter and main_proc:
+            lora.save_adapter(unwrapped, final / "adapter")
         unwrapped = unwrapped.merge_and_unload()
         state_dict = None if world == 1 else accelerator.get_state_dict(unwrapped)
     else:
@@ -435,7 +449,7 @@ def run(config: TrainConfig) -> Path:
     return final
 
 
-def finetune(config: TrainConfig | dict | str | Path | None = None, **overrides) -> Path:
+def finetune(config: TrainConfig | dict | str | Path | None = None, **overrides: object) -> Path:
     """Fine-tune a RoPE model with CLEX or a baseline (PI, NTK, YaRN, ...) and return the final model's folder.
 
         final = clex.finetune("recipes/tiny-clex.yaml", steps=100, out_dir="runs/mine")

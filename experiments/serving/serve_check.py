@@ -24,7 +24,7 @@ The reference is clex's model in this python at each request's t: for CLEX, ``cl
 for YaRN / dynamic NTK, transformers' model with its rotary rebuilt at factor t (plain RoPE at t = 1). One forward
 over prompt + output scores every prompt and output token (teacher forcing). Writes JSON (max |Δ log-prob| per
 check, the t of every request, times, versions) and prints it. Models (``--model``): ``tiny-clex`` (a tiny random
-Llama, L = 32, head_dim 64, CLEX with the far recipe's options and a random ODE, float32), ``tiny-yarn-qwen2`` /
+Llama, L = 32, head_dim 64, CLEX with the far recipe's options, a random ODE and a learned temperature (``mscale="learned"``), float32), ``tiny-yarn-qwen2`` /
 ``tiny-yarn-llama`` / ``tiny-dynamic-llama`` (tiny random models with YaRN factor 8 / dynamic NTK factor 8),
 ``smollm2-far`` (SmolLM2-135M with the far recipe's options, untrained ODE; held-out plays as prompts), or
 ``--folder DIR`` (a CLEX folder, e.g. a trained model).
@@ -88,14 +88,16 @@ def build(kind: str, work: Path) -> tuple[Path, dict]:
     if kind == "tiny-clex":
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(tiny_config("llama", {"rope_type": "default"})).eval()
-        model = clex.apply_clex(model, exact_cache=False, **FAR)
+        options = {**FAR, "mscale": "learned"}  # the log scale times a learned temperature τ(t)
+        model = clex.apply_clex(model, exact_cache=False, **options)
+        rotary = clex.get_clex_rotary(model)
         with torch.no_grad():
-            clex.get_clex_rotary(model).dynamics.ode_down_proj.normal_(
-                0, 0.2, generator=torch.Generator().manual_seed(3)
-            )
+            rotary.dynamics.ode_down_proj.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
+            rotary.temperature.copy_(torch.tensor([0.4, -0.2]))  # τ(t) from 1 (t = 1) to 1.22 (t = 16)
         model.save_pretrained(folder)
         tiny_tokenizer(folder)
-        return folder, {"model": "tiny random Llama + CLEX (far recipe's options, random ODE)", "clex": FAR}
+        about = "tiny random Llama + CLEX (far recipe's options, random ODE, a learned temperature)"
+        return folder, {"model": about, "clex": options}
     if kind.startswith("tiny-"):
         _, rope_type, family = kind.split("-")
         rope = {"rope_type": rope_type, "factor": 8.0}

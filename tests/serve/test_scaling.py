@@ -134,3 +134,36 @@ def test_what_cannot_be_served_per_request_is_refused_by_name(params, message):
     raw = {"hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 64, "rope_parameters": params}
     with pytest.raises(ValueError, match=message):
         scaling_for(raw)
+
+
+def test_a_learned_temperature_is_served_in_each_lengths_query_scale(tmp_path):
+    model = clex.apply_clex(tiny_model("llama"), exact_cache=False, **{**FAR, "mscale": "learned"})
+    rotary = clex.get_clex_rotary(model)
+    with torch.no_grad():
+        rotary.temperature.copy_(torch.tensor([0.3, -0.1]))
+    model.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    untrained = scaling_for(raw)  # τ = 1 until the weights are in
+    scaling = scaling_for(raw)
+    scaling.load_ode(load_file(str(tmp_path / "model.safetensors")))
+    for length in (40, 123, 256):  # past L = 16: t > 1
+        t = scaling.t_for(length)
+        with fixed_t(model, t, log_scale_length=length), torch.no_grad():
+            model(torch.zeros(1, 3, dtype=torch.long))
+        assert scaling.query_scale(length, t) == rotary.query_scale
+        assert scaling.query_scale(length, t) != untrained.query_scale(length, t)  # τ(t) != 1 past t = 1
+    assert scaling.cache_key(40) != scaling.cache_key(41)  # t and the query scale in the prefix-cache key
+
+
+def test_a_folder_and_its_config_must_agree_on_a_learned_temperature(clex_folder, tmp_path):
+    _, folder = clex_folder  # mscale "none"
+    scaling = scaling_for(json.loads((folder / "config.json").read_text()))
+    weights = {**load_file(str(folder / "model.safetensors")), "model.rotary_emb.temperature": torch.zeros(2)}
+    with pytest.raises(ValueError, match="holds a learned temperature, but its config says mscale != 'learned'"):
+        scaling.load_ode(weights)
+
+
+def test_t_conditioned_adapters_are_refused_in_one_line(tmp_path):
+    clex.apply_clex(tiny_model("llama"), exact_cache=False, adapter_rank=2).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"t-conditioned adapters \(adapter_rank=2\) cannot be served per request"):
+        scaling_for(json.loads((tmp_path / "config.json").read_text()))

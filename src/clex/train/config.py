@@ -18,6 +18,7 @@ import yaml
 from ..core.config import CLEXConfig
 from ..core.io import atomic_write_text
 from ..hf.methods import METHODS
+from ..recipes import get as get_recipe
 
 TRAINABLE = ("all", "clex", "lora")
 DTYPES = ("float32", "bfloat16")
@@ -28,6 +29,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 class TrainConfig:
     # --- model and method ---
     model: str = "tiny-llama"  # a preset of clex.data.presets.MODEL_PRESETS, or a local model folder
+    recipe: str | None = None  # a name of clex.recipes (paper, recommended, far): its method, factor, pose and
+    # clex fields go under the ones given explicitly (from_dict / from_file: in files and overrides)
     method: str = "clex"  # a name of clex.hf.methods.METHODS
     factor: float = 16.0  # target length / L: the baselines' scale, the PoSE span, CLEX's max_factor (default)
     clex: dict = field(default_factory=dict)  # CLEXConfig fields for method clex; seed defaults to `seed`
@@ -140,6 +143,13 @@ class TrainConfig:
             )
         if self.rope and self.method in ("clex", "none"):
             raise ValueError(f"TrainConfig.rope parameters apply to the transformers rope methods, not {self.method!r}")
+        if self.recipe is not None:
+            recipe = get_recipe(self.recipe)
+            if not set(recipe.clex) <= set(self.clex):  # TrainConfig(recipe=...) directly: nothing merged
+                raise ValueError(
+                    f"TrainConfig.recipe={self.recipe!r} is applied by TrainConfig.from_dict / from_file; in Python "
+                    f"use TrainConfig(**clex.recipes.get({self.recipe!r}).train_fields(...))"
+                )
         if self.method == "clex":
             self.clex_config()  # validates the fields now, with CLEXConfig's messages
 
@@ -165,6 +175,8 @@ class TrainConfig:
         unknown = sorted(set(d) - set(names))
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {unknown}; fields: {', '.join(names)}")
+        if d.get("recipe") is not None:  # the recipe's fields under the explicit ones
+            d = get_recipe(d["recipe"]).train_fields(**d)
         return cls(**d)
 
     @classmethod

@@ -25,8 +25,10 @@ import json
 import math
 import multiprocessing
 import os
+import platform
 import resource
 import shutil
+import threading
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -123,7 +125,7 @@ def run(
             steps=s.finetune_steps,
             batch_size=max(1, s.finetune_rows // v.rows),
             lr=s.finetune_lr,
-            clex_lr=s.clex_lr,
+            **({"clex_lr": s.clex_lr} if v.recipe else {}),
             save_every=max(1, s.finetune_steps // 2),
             log_every=max(1, s.finetune_steps // 10),
             **v.train_fields(),
@@ -152,6 +154,7 @@ def run(
     summary = {
         "scale": dataclasses.asdict(s),
         "seed": seed,
+        "machine": _machine(),
         "L": L,
         "token_budget": budget,
         "seconds": wall,
@@ -217,6 +220,12 @@ def _train(cfg: dict, out: Path, label: str) -> tuple[Path, float, float]:
     return out / "final", seconds, cpu
 
 
+def _machine() -> dict:
+    import torch
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
+
+
 def _losses(out: Path) -> str:
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     last = [r["loss"] for r in records if "loss" in r][-1:] or [float("nan")]
@@ -224,8 +233,15 @@ def _losses(out: Path) -> str:
     return f"final train loss {last[0]:.3f}" + (f", held-out loss {evals[-1]:.3f}" if evals else "")
 
 
-def _worker_init() -> None:
+def _worker_init(parent: int) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported in this process: one thread, no spinning pool
+
+    def watch():  # the demo was killed (a SIGTERM ends it without cleaning up): stop too, leave nothing running
+        while os.getppid() == parent:
+            time.sleep(2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _train_logged(cfg: dict, out: Path) -> tuple[float, float]:
@@ -252,7 +268,9 @@ def _finetune(jobs: dict, workers: int, threads: int, budget: int, wall: dict, c
             _, wall[name], cpu[name] = _train({**cfg, "threads": threads}, out, label)
     elif at_once > 1:
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch thread pool forked
-        with concurrent.futures.ProcessPoolExecutor(at_once, mp_context=context, initializer=_worker_init) as pool:
+        with concurrent.futures.ProcessPoolExecutor(
+            at_once, mp_context=context, initializer=_worker_init, initargs=(os.getpid(),)
+        ) as pool:
             futures = {
                 pool.submit(_train_logged, {**cfg, "threads": 1}, out): name for name, (cfg, out, _) in todo.items()
             }

@@ -137,6 +137,10 @@ def run(
     from .eval.perplexity import run_ppl
 
     lengths = [L * k for k in s.lengths]
+    if s.threads:  # set here too: when every training stage was reused, no training run has set it
+        import torch
+
+        torch.set_num_threads(s.threads)
     start, start_cpu = time.perf_counter(), _cpu_seconds()
     payload = run_ppl(
         [f"{n}={p}" for n, p in finals.items()],

@@ -121,7 +121,8 @@ class DemoScale:
     lengths: tuple[int, ...] = (1, 2, 4, 8, 16)  # evaluation lengths, x L
     eval_samples: int = 4  # sequences per held-out play and length
     workers: int = 0  # fine-tunes at once, a process of one torch thread each (0: all of them; 1: one by one here)
-    threads: int = 0  # torch threads of pre-training and evaluation (0: torch's default, one per core)
+    threads: int = 0  # torch threads of pre-training and evaluation (0: torch's default, one per core; 1 is faster
+    # on a busy CPU, where a second thread waits for the first at every operation)
 
 
 SCALES: dict[str, DemoScale] = {
@@ -140,14 +141,15 @@ SCALES: dict[str, DemoScale] = {
         workers=2,
         threads=1,
     ),
-    # The default: the recommended and far recipes against YaRN s=8, s=16 and PI (experiments/miniature).
+    # The default: the recommended and far recipes against YaRN s=8, s=16 and PI (experiments/miniature/README.md:
+    # ~9 min on 2 cores, measured from the CPU seconds of each stage).
     "default": DemoScale(
         "tiny-llama",
-        1200,
+        800,
         16,
         2e-3,
-        400,
-        16,
+        300,
+        8,
         5e-4,
         variants=("clex-rec-4x", "clex-far-4x", "yarn8-4x", "yarn16-4x", "pi-4x"),
         threads=1,

@@ -170,7 +170,7 @@ def run(
             **{f"ratio_{k}": v for k, v in ratio["paths"].items()},
         },
     }
-    _figure(out / "ppl.png", out / "ratio.png", out / "demo.png")
+    _figure(table, lengths, out / "demo.png")
     md = _markdown(summary, lengths, scale)
     atomic_write_text(out / "demo.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "demo.md", md)
@@ -348,17 +348,33 @@ def _markdown(summary: dict, lengths: list[int], scale: str) -> str:
     return "\n".join(lines)
 
 
-def _figure(ppl_png: Path, ratio_png: Path, out: Path) -> None:
-    """The perplexity and ratio plots side by side in one PNG."""
+def _figure(table: list[dict], lengths: list[int], out: Path) -> None:
+    """Perplexity and ratio to the best against length, side by side, one colour per model in both."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
-    for ax, png in zip(axes, (ppl_png, ratio_png)):
-        ax.imshow(plt.imread(str(png)))
-        ax.axis("off")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6))
+    for r in table:
+        (line,) = left.plot(lengths, [r["ppl"][n] for n in lengths], marker="o", label=r["model"])
+        label = f"{r['model']} (worst {r['worst']:.2f})"
+        right.plot(lengths, [r["ratio"][n] for n in lengths], marker="o", color=line.get_color(), label=label)
+    right.axhline(1.0, color="grey", linewidth=1)
+    left.set_yscale("log")
+    left.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    left.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    for ax, ylabel, title in (
+        (left, "perplexity (per byte, log scale)", "Perplexity on the held-out plays"),
+        (right, "perplexity / the best model's", "Ratio to the best model at each length (1 = best)"),
+    ):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set(xlabel="evaluation length (tokens)", ylabel=ylabel, title=title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)

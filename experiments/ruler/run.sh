@@ -4,7 +4,7 @@
 #   e.g. bash experiments/ruler/run.sh runs/ruler base=runs/base clex=runs/clex yarn=runs/yarn:yarn:factor=8 pi=runs/pi
 # SPEC: a model spec of `clex eval` (src/clex/eval/specs.py). Installs the wheels of .whl/ruler/ (lm-eval 0.4.13
 # and what it needs beyond torch/transformers/accelerate/peft/pandas/pyarrow/scipy/scikit-learn/sacrebleu/...,
-# cp312 manylinux x86_64, ~16 MB; carry .whl/ruler) with --no-deps, skipping every package already installed
+# cp312 manylinux x86_64, ~16 MB, put there beforehand) with --no-deps, skipping every package already installed
 # (nothing the machine has is replaced), then runs `clex eval ruler` from this checkout (PYTHONPATH=src),
 # offline. NLTK data is not needed: only the essay tasks, which are skipped, split sentences.
 # Knobs (environment): RULER_LENGTHS (default "8192 16384 32768 65536"), RULER_SAMPLES (samples per task x
@@ -36,7 +36,7 @@ if [ -n "$missing" ]; then
     # shellcheck disable=SC2086
     "$python" -m pip install -q --no-deps --no-index $missing
 fi
-echo "gpu_ruler: installed $(echo "$missing" | grep -c . || true) wheels in $((SECONDS - start)) s"
+echo "ruler/run.sh: installed $(echo "$missing" | grep -c . || true) wheels in $((SECONDS - start)) s"
 [ "$out" = --install ] && exit 0
 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -46,4 +46,4 @@ samples="${RULER_SAMPLES:-4}"
 "$python" -m clex.cli eval ruler --models "$@" --lengths ${RULER_LENGTHS:-8192 16384 32768 65536} \
     ${RULER_TASKS:+--tasks $RULER_TASKS} --samples "$samples" --batch-size "${RULER_BATCH:-$samples}" \
     --device "${RULER_DEVICE:-cuda}" --dtype "${RULER_DTYPE:-bfloat16}" --out-dir "$out"
-echo "gpu_ruler: done in $((SECONDS - start)) s; results in $out/ruler.{json,md,png}"
+echo "ruler/run.sh: done in $((SECONDS - start)) s; results in $out/ruler.{json,md,png}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 16: the paper's DeepSpeed set-up (configs/accelerate/deepspeed-zero3.yaml: ZeRO-3, parameters and optimizer
+# The paper's DeepSpeed set-up (configs/accelerate/deepspeed-zero3.yaml: ZeRO-3, parameters and optimizer
 # state offloaded to the CPU) run once for real, one process, on the SmolLM2 CLEX recipe: install DeepSpeed from
 # .whl/ds (offline: a pure-Python wheel built with DS_BUILD_OPS=0, its ops JIT-built at run time with ninja/nvcc,
 # plus hjson and pydantic's wheels for cp312), train 6 steps with a checkpoint every 3, resume from step 3 (the

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One-process runs of the SmolLM2 CLEX recipe at 8k rows under each accelerate config (issue 18, on a machine of
-# one GPU): plain (no launcher), ddp.yaml, fsdp.yaml and deepspeed-zero3.yaml, 20 steps each from the same seed,
+# One-process runs of the SmolLM2 CLEX recipe at 8k rows under each accelerate config (on a machine of one
+# GPU): plain (no launcher), ddp.yaml, fsdp.yaml and deepspeed-zero3.yaml, 20 steps each from the same seed,
 # beside each other on the one GPU (so tokens/s here is not a speed figure; the loss curves and each run's peak
 # memory are). Then the FSDP and ZeRO-3 runs are resumed from their step-10 checkpoint (the step-20 one and the
 # final model deleted) and their resumed loss curve compared with the uninterrupted one.
@@ -80,7 +80,7 @@ for name in ["fsdp", "zero3"]:
         diff = max((abs(la[s] - lb[s]) for s in la if s > 10 and s in lb), default=None)
         rows[f"{name}_resume_max_abs_loss_diff"] = diff
         table.append(f"| {name} resumed at 10 | max abs loss difference at steps 12-20: {diff} | | |")
-(out / "scaleout1.json").write_text(json.dumps(rows, indent=1) + "\n")
-(out / "scaleout1.md").write_text("\n".join(table) + "\n")
+(out / "scale-out.json").write_text(json.dumps(rows, indent=1) + "\n")
+(out / "scale-out.md").write_text("\n".join(table) + "\n")
 print("\n".join(table))
 EOF

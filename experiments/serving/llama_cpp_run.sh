@@ -11,6 +11,6 @@ start=$SECONDS
 python -m venv --system-site-packages "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 "$venv/bin/python" -m pip install --no-cache-dir "llama-cpp-python==$version"
-echo "llama_cpp_recipe: venv + build ${version} took $((SECONDS - start)) s"
+echo "llama_cpp_run.sh: venv + build ${version} took $((SECONDS - start)) s"
 "$venv/bin/python" experiments/serving/llama_cpp_check.py --out experiments/serving/results/llama_cpp.json
 "$venv/bin/python" -m pytest tests/hf/test_engines.py -k llama_cpp -q

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SmolLM2-135M-Instruct (L0 = 8192) -> fine-tune with CLEX, PI and YaRN (same budget) -> perplexity at
-# 4k/8k/16k/32k and passkey at 8k/16k/32k, beside the base model. Issue 6. Every step's wall time goes to
+# 4k/8k/16k/32k and passkey at 8k/16k/32k, beside the base model. Every step's wall time goes to
 # $OUT/timings.tsv (and timings.md); results to $OUT (default results/smollm2/).
 #
 #   bash experiments/smollm2-8k/run-cpu.sh                                              # everything; finished steps are skipped
@@ -19,7 +19,7 @@
 #             the default 150 steps ~27 min a method
 #   ppl       one model, 2 documents at 4k/8k/16k: ~4 min; 32k on PPL_LONG_DOCS=1 document: ~5 min
 #   passkey   one model, 3 depths x 1 trial at 8k and 16k: ~4.3 min; each 32k trial ~3.8 min more
-# The README's run (STEPS=80, PASSKEY_LENGTHS=8192,16384, then one 32k passkey each): ~2 h in all.
+# The run in experiments/smollm2-8k/README.md (STEPS=80, PASSKEY_LENGTHS=8192,16384, then one 32k passkey each): ~2 h.
 # On a GPU (PROFILE=gpu) the same script trains on rows of L = 8192 tokens (so CLEX's extrapolated positions
 # span L·t exactly), batch 4, 400 steps, bfloat16, and evaluates on cuda with 10 passkey trials a cell and
 # every held-out play: minutes, not hours, on one H100.
@@ -65,7 +65,7 @@ for m in $METHODS; do
   if [ -f "$OUT/$m/final/config.json" ]; then echo "== train $m: done before, skipped"; continue; fi
   resume=false; compgen -G "$OUT/$m/checkpoint-*" > /dev/null && resume=true
   # shellcheck disable=SC2086  # EXTRA is a list of key=value words
-  timed "train $m" python -m clex.cli train --config "recipes/smollm2-$m.yaml" --override \
+  timed "train $m" python -m clex.cli train "recipes/smollm2-$m.yaml" \
     "model=$BASE" "out_dir=$OUT/$m" "seq_len=$SEQ_LEN" "batch_size=$BATCH" "steps=$STEPS" "dtype=$DTYPE" \
     "resume=$resume" $EXTRA
 done
@@ -82,7 +82,7 @@ for spec in "${MODELS[@]}"; do
     eval ppl --models "$spec" --lengths "$PPL_LONG_LENGTHS" --max-documents "$PPL_LONG_DOCS" --protocol chunked \
     --device "$DEVICE" --dtype "$EVAL_DTYPE" --out-dir "$OUT/eval" --name "ppl-long_$name" --no-plot
   [ -f "$OUT/eval/passkey_$name.json" ] || timed "passkey $name" python -m clex.cli eval passkey \
-    --models "$spec" --lengths "$PASSKEY_LENGTHS" --depths "$PASSKEY_DEPTHS" --trials "$PASSKEY_TRIALS" \
+    --models "$spec" --lengths "$PASSKEY_LENGTHS" --depths "$PASSKEY_DEPTHS" --samples "$PASSKEY_TRIALS" \
     --device "$DEVICE" --dtype "$EVAL_DTYPE" --out-dir "$OUT/eval" --name "passkey_$name" --no-plot
 done
 
@@ -111,7 +111,7 @@ for task, plot in (("ppl", plot_ppl), ("passkey", plot_retrieval)):
     write_results(out, task, payload, rows, title=f"SmolLM2-135M: {task} by length")
     plot(payload, out / f"{task}.png")
 if (out / "clex" / "final").is_dir():
-    plot_freqs(out / "clex" / "final", ts=(1, 2, 4, 8), out=out / "freqs.png")
+    plot_freqs(out / "clex" / "final", ts=(1, 2, 4, 8), out_dir=out, name="freqs", overwrite=True)
 EOF
 python - "$TIMES" <<'EOF'
 import csv, sys

@@ -1,9 +1,9 @@
 """SmolLM2-135M on one GPU: fine-tune CLEX, PI and YaRN at the model's full 8k window with one budget, then
-perplexity at 8k..64k and passkey at 16k..64k beside the untouched model (issue 8; the CPU version is
+perplexity at 8k..64k and passkey at 16k..64k beside the untouched model (the CPU version is
 experiments/smollm2-8k/run-cpu.sh). Every stage's wall time is recorded; results go to $OUT (or results/smollm2-gpu).
 
     python experiments/smollm2-8k/run.py --gguf path/to/SmolLM2-135M-Instruct.Q4_1.gguf [--steps 100]
-    # in two calls on a machine that forgets between sessions (same --work):
+    # or in two steps, training then evaluation (same --work):
     python experiments/smollm2-8k/run.py --gguf ... --stages train --runs clex=clex clex-16x=clex:factor=16 pi=pi yarn=yarn
     python experiments/smollm2-8k/run.py --gguf ... --stages eval --runs ... --variants clex-logscale=clex:log_scale=true
 
@@ -129,10 +129,11 @@ def main() -> None:
         dtype=a.dtype,
         out_dir=str(out),
         name="ppl",
+        overwrite=True,  # this stage's own result, remade when the stage runs again
     )
     for name in finals:
         if name.startswith("clex"):
-            timed(f"freqs {name}", plot_freqs, finals[name], ts=(1, 2, 4, 8, 16), out=out / f"freqs_{name}.png")
+            timed(f"freqs {name}", plot_freqs, finals[name], ts=(1, 2, 4, 8, 16), out_dir=out, name=f"freqs_{name}")
             (out / f"freqs_{name}.json").unlink(missing_ok=True)
     depths = tuple(float(x) for x in a.passkey_depths.split(","))
     timed(
@@ -141,11 +142,12 @@ def main() -> None:
         specs,
         lengths=a.passkey_lengths,
         depths=depths,
-        trials=a.passkey_trials,
+        samples=a.passkey_trials,
         device=device,
         dtype=a.dtype,
         out_dir=str(out),
         name="passkey",
+        overwrite=True,
     )
     for f in ("ppl.md", "passkey.md"):
         print((out / f).read_text())

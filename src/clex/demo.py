@@ -37,8 +37,8 @@ from .core.io import atomic_write_bytes, atomic_write_text
 from .demo_variants import SCALES, VARIANTS, DemoScale, ScaleName, VariantName
 
 #: What the demo writes into out_dir (and what ``overwrite`` removes: nothing else there is touched).
-OUTPUTS = ("models", "demo.json", "demo.md", "demo.png", "ppl.json", "ppl.md", "ppl.png")
-OUTPUTS += ("ratio.json", "ratio.md", "ratio.png")
+OUTPUTS = ("models", *(f"{name}{suffix}" for name in ("demo", "ppl", "ratio") for suffix in (".json", ".md", ".png")))
+OUTPUTS += ("ppl.partial.json",)
 
 
 def run(
@@ -55,7 +55,7 @@ def run(
         out_dir: where results and models go (stages already there are reused)
         scale: quick (the CI smoke run: the plumbing, not the claim), default, or large (every variant, a bigger model)
         seed: seed of every stage (model init, data order, t draws, evaluation windows)
-        overwrite: remove the demo's earlier results and models in out_dir first instead of reusing them
+        overwrite: remove what an earlier demo wrote in out_dir (models/, demo.*, ppl.*, ratio.*) instead of reusing its finished stages; other files stay
         variants: the fine-tunes to run (default: the scale's), names of clex.demo_variants.VARIANTS
         workers: fine-tunes at once, one process of one thread each (default: the scale's; 0: all; 1: one by one)
     """
@@ -151,8 +151,9 @@ def run(
         out_dir=str(out),
         name="ppl",
         plot=True,
+        overwrite=True,  # the demo's own table, remade from its models on every run
     )
-    ratio = run_compare([payload["paths"]["json"]], out_dir=str(out), name="ratio", plot=True)
+    ratio = run_compare([payload["paths"]["json"]], out_dir=str(out), name="ratio", plot=True, overwrite=True)
     wall["evaluation"], cpu["evaluation"] = time.perf_counter() - start, _cpu_seconds() - start_cpu
     table = _table(payload, ratio, L)
     summary = {

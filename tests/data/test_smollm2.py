@@ -118,7 +118,7 @@ def test_converted_folder_is_plain_and_matches_the_gguf(tiny_gguf, converted):
     assert tokenizer.decode(ids[0]) == "the cat sat on the mat, then the hat"
 
 
-def test_conversion_is_cached_and_force_reconverts(tiny_gguf, converted, monkeypatch):
+def test_conversion_is_cached_and_overwrite_reconverts(tiny_gguf, converted, monkeypatch):
     root, folder = converted
     calls = []
     real = smollm2._convert_into
@@ -126,7 +126,7 @@ def test_conversion_is_cached_and_force_reconverts(tiny_gguf, converted, monkeyp
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert smollm2.convert(tiny_gguf, root) == folder
     assert calls == [] and (folder / "model.safetensors").stat().st_mtime_ns == stamp
-    assert smollm2.convert(tiny_gguf, root, force=True) == folder
+    assert smollm2.convert(tiny_gguf, root, overwrite=True) == folder
     assert len(calls) == 1 and (folder / smollm2.SOURCE_FILE).is_file()
     assert sorted(p.name for p in root.iterdir()) == [folder.name]  # no temporary or old folders
 
@@ -209,3 +209,32 @@ def test_recipes_share_one_budget():
 
 def test_pipeline_script_parses():
     subprocess.run(["bash", "-n", str(RECIPES.parent / "experiments" / "smollm2-8k" / "run-cpu.sh")], check=True)
+
+
+def test_a_damaged_converted_folder_is_refused_not_reported_as_converted(tiny_gguf, tmp_path, capsys):
+    from clex.cli import main
+
+    folder = smollm2.convert(tiny_gguf, tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    args = ["models", "smollm2", "--gguf", str(tiny_gguf), "--cache-dir", str(tmp_path)]
+    capsys.readouterr()
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("clex: error: ") and captured.err.count("\n") == 1, captured.err
+    assert "model.safetensors is not a readable safetensors file" in captured.err and "--overwrite" in captured.err
+    assert '"folder"' not in captured.out
+    assert main([*args, "--overwrite"]) == 0  # converts again
+    assert smollm2.load_smollm2(gguf=tiny_gguf, cache_dir=tmp_path)[0] is not None
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_an_empty_or_truncated_gguf_is_named_in_one_line(tiny_gguf, tmp_path, capsys, damage):
+    from clex.cli import main
+
+    bad = tmp_path / f"{damage}.gguf"
+    bad.write_bytes(b"" if damage == "empty" else tiny_gguf.read_bytes()[: tiny_gguf.stat().st_size // 2])
+    assert main(["models", "smollm2", "--gguf", str(bad), "--cache-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"clex: error: {bad} is ") and err.count("\n") == 1 and "Traceback" not in err
+    assert not list((tmp_path / "c").glob("*")) if (tmp_path / "c").exists() else True

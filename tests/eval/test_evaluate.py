@@ -11,7 +11,8 @@ import clex
 from clex.data.tokenizer import byte_tokenizer
 from clex.eval import perplexity as evaluate
 from clex.eval.perplexity import nll_chunked, nll_sliding, run_ppl
-from clex.eval.specs import ModelSpec, fixed_clex_t, load_spec
+from clex.eval.specs import ModelSpec, load_spec
+from clex.hf.generation import fixed_clex_t
 from clex.hf.methods import prepare_model
 
 L = 16  # the tiny models' max_position_embeddings
@@ -275,7 +276,7 @@ def test_no_models_says_models_is_required():
 
 def test_documents_are_read_by_the_training_reader_with_names(tmp_path):
     from clex.data.texts import load_texts
-    from clex.eval.specs import load_documents
+    from clex.eval.documents import load_documents
 
     (tmp_path / "a.txt").write_text("alpha")
     (tmp_path / "sub").mkdir()
@@ -302,6 +303,7 @@ def test_chunk_none_is_the_training_length_and_recorded_as_none(tmp_path):
         documents=docs,
         chunk=L,
         out_dir=str(tmp_path),
+        name="given",
         plot=False,
     )
     assert out["config"]["chunk"] is None and given["config"]["chunk"] == L
@@ -328,3 +330,26 @@ def test_the_context_ratio_compares_the_same_last_L_tokens_with_the_whole_window
         short = full_nll(model, x[-2 * L :])[-L:].mean()
     assert res[96]["context_ratio"] == pytest.approx(float(torch.exp(whole - short)), rel=1e-5)
     assert "context ratio" in (tmp_path / "ppl.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("{p}::factor=4", r"gives parameters \['factor'\] but no METHOD to take them"),
+        ("{p}:none:factor=4", r"method 'none' \(the model unchanged\) takes no parameters, got \['factor'\]"),
+        ("{p}:yran:factor=4", r"unknown method 'yran'.*\(did you mean 'yarn'\?\)"),
+    ],
+)
+def test_nothing_of_a_spec_is_dropped(tmp_path, spec, message):
+    """A factor without a method, or given to `none`, was dropped and the row labelled as if scaled."""
+    with pytest.raises(ValueError, match=message):
+        run_ppl([spec.format(p=tmp_path)], lengths=[20], out_dir=str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()  # refused before any model was loaded or file written
+
+
+def test_a_length_that_cannot_fit_in_memory_is_refused_before_the_forward(tmp_path):
+    from clex.eval.retrieval import run_passkey
+
+    model = byte_model(use_clex=True)
+    with pytest.raises(ValueError, match=r"lengths=1000000000 needs at least .* GiB, but this machine has .* GiB free"):
+        run_passkey([("m", model, byte_tokenizer())], lengths=[10**9], out_dir=str(tmp_path), plot=False)

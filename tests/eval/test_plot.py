@@ -43,7 +43,7 @@ def test_ppl_and_retrieval_plots_are_written(tmp_path):
 
 def test_freqs_of_an_untrained_clex_model_are_the_ntk_prior_and_baselines_are_transformers(tmp_path):
     model = clex.apply_clex(tiny_model("llama"), max_factor=16)
-    out = plot_freqs(model, ts="1,2,4", out=tmp_path / "freqs.png")
+    out = plot_freqs(model, ts="1,2,4", out_dir=tmp_path, name="freqs")
     assert is_png(tmp_path / "freqs.png") and json.loads((tmp_path / "freqs.json").read_text())["original_length"] == 16
     theta0 = torch.tensor(out["theta0"])
     for t in ("1", "2", "4"):
@@ -63,22 +63,38 @@ def test_freqs_from_a_saved_folder_and_a_trained_clex_differs_from_its_prior(tmp
     with torch.no_grad():
         clex.get_clex_rotary(model).dynamics.ode_down_proj.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
     model.save_pretrained(tmp_path / "m")
-    out = plot_freqs(str(tmp_path / "m"), ts=[4], out=tmp_path / "f.png")
+    out = plot_freqs(str(tmp_path / "m"), ts=[4], out_dir=tmp_path, name="f")
     curves = out["t"]["4"]
     assert max(abs(a - b) for a, b in zip(curves["CLEX (learned)"], curves["CLEX prior (NTK α=2t-1)"])) > 1e-3
     assert is_png(tmp_path / "f.png")
     # a bare rotary works too (a minimal config is rebuilt from θ⁰), with the same baselines
-    again = plot_freqs(clex.get_clex_rotary(model), ts=[4], out=tmp_path / "g.png")
+    again = plot_freqs(clex.get_clex_rotary(model), ts=[4], out_dir=tmp_path, name="g")
     torch.testing.assert_close(torch.tensor(again["t"]["4"]["YaRN"]), torch.tensor(curves["YaRN"]))
 
 
 def test_freqs_needs_a_clex_model(tmp_path):
     with pytest.raises(ValueError, match="needs a CLEX model"):
-        plot_freqs(tiny_model("llama"), out=tmp_path / "x.png")
-    with pytest.raises(ValueError, match="ts must be length factors >= 1"):
-        plot_freqs(clex.apply_clex(tiny_model("llama")), ts=[0.5], out=tmp_path / "x.png")
+        plot_freqs(tiny_model("llama"), out_dir=tmp_path, name="x")
+    with pytest.raises(ValueError, match="ts must be finite length factors >= 1"):
+        plot_freqs(clex.apply_clex(tiny_model("llama")), ts=[0.5], out_dir=tmp_path, name="x")
     with pytest.raises(FileNotFoundError, match="model folder not found"):
-        plot_freqs(str(tmp_path / "nowhere"), out=tmp_path / "x.png")
+        plot_freqs(str(tmp_path / "nowhere"), out_dir=tmp_path, name="x")
+    with pytest.raises(ValueError, match="ts must be finite length factors >= 1"):
+        plot_freqs(clex.apply_clex(tiny_model("llama")), ts=[float("inf")], out_dir=tmp_path, name="x")
+
+
+def test_freqs_refuse_to_replace_an_earlier_figure_and_write_nothing_outside(tmp_path):
+    model = clex.apply_clex(tiny_model("llama"), max_factor=4)
+    plot_freqs(model, ts=[2], out_dir=tmp_path, name="f")
+    stamp = (tmp_path / "f.png").stat().st_mtime_ns
+    with pytest.raises(ValueError, match=r"f\.json exists \(an earlier result named 'f'\); pass --overwrite"):
+        plot_freqs(model, ts=[2], out_dir=tmp_path, name="f")
+    assert (tmp_path / "f.png").stat().st_mtime_ns == stamp
+    plot_freqs(model, ts=[2], out_dir=tmp_path, name="f", overwrite=True)
+    for bad in ("../f", "a/b", ".hidden"):
+        with pytest.raises(ValueError, match="name must be a plain file stem"):
+            plot_freqs(model, ts=[2], out_dir=tmp_path / "sub", name=bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json", "f.png"]
 
 
 def test_freqs_show_each_pairs_largest_angle_against_its_pretraining_range(tmp_path):
@@ -87,7 +103,7 @@ def test_freqs_show_each_pairs_largest_angle_against_its_pretraining_range(tmp_p
     model = clex.apply_clex(tiny_model("llama"), max_factor=16, angle_cap=True)
     with torch.no_grad():
         clex.get_clex_rotary(model).dynamics.ode_down_proj.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
-    out = plot_freqs(model, ts=[6], out=tmp_path / "f.png")
+    out = plot_freqs(model, ts=[6], out_dir=tmp_path, name="f")
     never = out["never_turned"]
     assert any(never) and not all(never)
     ratios = out["angle_ratio"]["6"]

@@ -10,7 +10,7 @@ from conftest import tiny_model
 import clex
 from clex.data.tokenizer import byte_tokenizer
 from clex.eval.retrieval import assemble, greedy_decode, run_needle, run_passkey
-from clex.eval.specs import fixed_clex_t
+from clex.hf.generation import fixed_clex_t
 
 V = 257
 
@@ -49,12 +49,12 @@ def test_passkey_is_solved_by_a_copier_and_not_by_a_random_model(tmp_path):
         [("copier", Copier(), tok), ("random", Random(), tok)],
         lengths=[300, 600],
         depths="0,0.5,1",
-        trials=3,
+        samples=3,
         out_dir=str(tmp_path),
     )
     assert out["models"]["copier"]["mean"] == 1.0 and out["models"]["random"]["mean"] == 0.0
     rec = out["models"]["copier"]["records"]
-    assert len(rec) == 2 * 3 * 3 and len({r["answer"] for r in rec}) > 10  # fresh keys per trial
+    assert len(rec) == 2 * 3 * 3 and len({r["answer"] for r in rec}) > 10  # fresh keys per sample
     assert all(r["output"].strip().startswith(r["answer"]) for r in rec)
     saved = json.loads((tmp_path / "passkey.json").read_text())
     assert saved["models"]["copier"]["grid"]["600"]["0.5"] == 1.0 and saved["seed"] == 0
@@ -68,7 +68,7 @@ def test_needle_in_real_text_is_solved_by_the_copier_only(tmp_path):
         [("copier", Copier(), tok), ("random", Random(1), tok)],
         lengths=[400],
         depths=[0, 0.5, 1],
-        trials=2,
+        samples=2,
         template="compact",
         out_dir=str(tmp_path),
         seed=3,
@@ -78,18 +78,19 @@ def test_needle_in_real_text_is_solved_by_the_copier_only(tmp_path):
     assert (tmp_path / "needle.png").stat().st_size > 5000
 
 
-def test_trials_depend_on_the_seed_only(tmp_path):
+def test_samples_depend_on_the_seed_only(tmp_path):
     tok = byte_tokenizer()
     runs = [
         run_passkey(
             [("c", Copier(), tok)],
             lengths=[200],
             depths=[0.5],
-            trials=3,
+            samples=3,
             template="compact",
             seed=s,
             plot=False,
             out_dir=str(tmp_path),
+            overwrite=True,
         )
         for s in (0, 0, 1)
     ]
@@ -114,10 +115,10 @@ def test_prompts_have_exactly_n_tokens_with_the_key_at_its_depth():
 def test_bad_input_is_refused_clearly(tmp_path):
     tok = byte_tokenizer()
     with pytest.raises(ValueError, match="too short"):
-        run_passkey([("c", Copier(), tok)], lengths=[50], trials=1, out_dir=str(tmp_path))
+        run_passkey([("c", Copier(), tok)], lengths=[50], samples=1, out_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"depths must be finite fractions in \[0, 1\]"):
         run_passkey([("c", Copier(), tok)], lengths=[300], depths=[1.5], out_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="template must be one of compact, standard, got 'short'"):
+    with pytest.raises(ValueError, match="template must be one of standard, compact, got 'short'"):
         run_passkey([("c", Copier(), tok)], lengths=[300], template="short", out_dir=str(tmp_path))
     with pytest.raises(ValueError, match="no known training length"):
         run_passkey([("c", Copier(), tok)], out_dir=str(tmp_path))
@@ -151,13 +152,13 @@ def test_clex_decoding_with_fixed_t_matches_full_forwards():
         ({"depths": [0.5, float("inf")]}, r"depths must be finite fractions in \[0, 1\].*got inf"),
         ({"depths": "-0.1"}, r"depths must be finite fractions.*got '-0.1'"),
         ({"depths": []}, r"depths must be finite fractions.*got none"),
-        ({"trials": 0}, r"trials must be an integer >= 1, got 0"),
+        ({"samples": 0}, r"samples must be an integer >= 1, got 0"),
         ({"lengths": [1]}, r"lengths must be integers >= 2"),
         ({"device": "cuda:x"}, r"device must be one of cpu, cuda, cuda:N"),
         ({"dtype": "float64"}, r"dtype must be one of float32, bfloat16, float16.*got 'float64'"),
     ],
 )
 def test_bad_values_name_the_field_the_value_and_what_is_allowed(kwargs, message, tmp_path):
-    args = {"lengths": [300], "trials": 1, "out_dir": str(tmp_path), "plot": False, **kwargs}
+    args = {"lengths": [300], "samples": 1, "out_dir": str(tmp_path), "plot": False, **kwargs}
     with pytest.raises(ValueError, match=message):
         run_passkey([("c", Copier(), byte_tokenizer())], **args)

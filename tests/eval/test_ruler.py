@@ -142,15 +142,11 @@ def test_cells_done_before_a_crash_are_kept_in_a_partial_json(tmp_path, monkeypa
     assert saved["models"]["oracle"]["results"]["niah_single_1"]["600"]["score"] == 1.0
     assert "700" not in saved["models"]["oracle"]["results"]["niah_single_1"]
     assert not (tmp_path / "ruler.json").exists()
-    monkeypatch.setattr(ruler, "ruler_scores", real)  # a whole run leaves the final files only
-    run_ruler(
-        [("oracle", oracle, byte_tokenizer())],
-        lengths="600",
-        tasks="niah_single_1",
-        samples=1,
-        out_dir=str(tmp_path),
-        plot=False,
-    )
+    monkeypatch.setattr(ruler, "ruler_scores", real)
+    again = dict(lengths="600", tasks="niah_single_1", samples=1, out_dir=str(tmp_path), plot=False)
+    with pytest.raises(ValueError, match=r"ruler\.partial\.json exists .*pass --overwrite"):  # kept unless asked
+        run_ruler([("oracle", oracle, byte_tokenizer())], **again)
+    run_ruler([("oracle", oracle, byte_tokenizer())], **again, overwrite=True)  # a whole run leaves the final files
     assert (tmp_path / "ruler.json").exists() and not (tmp_path / "ruler.partial.json").exists()
 
 

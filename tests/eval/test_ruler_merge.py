@@ -80,3 +80,39 @@ def test_the_merged_table_never_overwrites_an_input(tmp_path):
     with pytest.raises(ValueError, match=r"would overwrite its input .*ruler.json; pick another out_dir or name"):
         merge_ruler([a, b], out_dir=str(tmp_path), plot=False)
     assert (tmp_path / "ruler.json").read_text() == before
+
+
+def _edit(path, change):
+    payload = json.loads(open(path).read())
+    change(payload)
+    open(path, "w").write(json.dumps(payload))
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda p: p.pop("config"), r"has no 'config' mapping"),
+        (lambda p: p["models"]["clex"].pop("mean"), r"model 'clex' has no 'mean'"),
+        (lambda p: p["models"]["clex"]["mean"].update({"long": {"score": 1}}), r"mean has the length key 'long'"),
+        (lambda p: p["config"].update(lengths=[600, 700, 800]), r"has no cell at length\(s\) \[800\]"),
+        (lambda p: p["models"]["clex"]["results"].pop("ruler_cwe"), r"no results for task\(s\) \['ruler_cwe'\]"),
+        (lambda p: p["config"].update(lengths="600"), r"config.lengths must be a list of integers, got '600'"),
+    ],
+    ids=["no config", "no mean", "length key", "lengths the cells lack", "task missing", "lengths not a list"],
+)
+def test_a_malformed_result_is_named_with_its_field_in_one_line(tmp_path, capsys, change, message):
+    path = _edit(_run(tmp_path / "a.json", {"clex": 0.5}), change)
+    assert main(["eval", "ruler-merge", "--results", path, "--out-dir", str(tmp_path / "o"), "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"clex: error: results: {path}") and err.count("\n") == 1, err
+    assert __import__("re").search(message, err), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_binary_file_is_named_in_one_line(tmp_path, capsys):
+    binary = tmp_path / "ruler.json"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    assert main(["eval", "ruler-merge", "--results", str(binary), "--out-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"clex: error: results: cannot read {binary} as the JSON") and err.count("\n") == 1

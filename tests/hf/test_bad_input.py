@@ -52,7 +52,9 @@ def test_load_model_dtype_and_device_are_checked(plain_folder):
         clex.load_model(plain_folder, dtype="foo")
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16 .*got torch.int64"):
         clex.load_model(plain_folder, dtype=torch.int64)
-    with pytest.raises(ValueError, match="device must be a torch device such as 'cpu'.*got 'foo'"):
+    with pytest.raises(
+        ValueError, match=r"load_model's device must be one of cpu, cuda, cuda:N \(N a GPU index\), mps, got 'foo'"
+    ):
         clex.load_model(plain_folder, device="foo")
     assert next(clex.load_model(plain_folder, dtype="bfloat16").parameters()).dtype == torch.bfloat16
 
@@ -196,3 +198,51 @@ def test_solve_log_freqs_defaults_are_clexconfigs():
     x = solve_log_freqs(torch.ones(2), up, down, [2.0], act="tanh", prior_base=1e4)
     y = solve_log_freqs(torch.ones(2), up, down, [2.0], act="tanh", prior_base=1e4, method=defaults.method)
     assert torch.equal(x, y)
+
+
+def test_apply_clex_on_something_else_than_a_model_says_so():
+    for thing in (None, "runs/clex", 3):
+        with pytest.raises(ValueError, match=r"apply_clex's model must be a transformers model .*got "):
+            clex.apply_clex(thing)
+
+
+def test_a_pickled_bin_folder_is_refused_naming_the_file_and_nothing_runs(tmp_path, capsys):
+    """Only a pytorch_model.bin whose pickle would call a function: refused by torch's weights_only loader, in one
+    line naming the file (torch's own message is a dozen lines naming none)."""
+    import os
+
+    from clex.cli import main
+
+    model = tiny_model("llama", vocab_size=257)
+    model.config.save_pretrained(tmp_path)
+
+    class Planted:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'MARKER'}",))
+
+    torch.save({"model.embed_tokens.weight": Planted()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model.bin is not a weights file of plain tensors") as e:
+        clex.load_model(tmp_path)
+    assert "\n" not in str(e.value) and "posix.system" in str(e.value) and not (tmp_path / "MARKER").exists()
+    from clex.data.tokenizer import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(tmp_path)
+    assert main(["eval", "ppl", "--models", str(tmp_path), "--lengths", "20", "--out-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("clex: error:")]
+    assert len(lines) == 1 and "pytorch_model.bin" in lines[0] and not (tmp_path / "MARKER").exists()
+    # a .bin of plain tensors still loads
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    assert clex.load_model(tmp_path) is not None
+
+
+def test_the_warning_past_max_factor_says_what_past_max_does():
+    import warnings
+
+    for past_max, words in (("prior", "following the prior's shape"), ("ode", "integrating the ODE further")):
+        model = clex.apply_clex(tiny_model("llama"), max_factor=2, past_max=past_max).eval()
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            model(torch.arange(60)[None])  # t = 60 / 16 > max_factor 2
+        text = " ".join(str(w.message) for w in caught if "max_factor" in str(w.message))
+        assert words in text and f"past_max='{past_max}'" in text, text

@@ -118,3 +118,95 @@ def test_generate_fixed_t_pins_the_log_scale_to_the_final_length():
     with torch.no_grad(), fixed_t(model, N / L, log_scale_length=N):
         want = model(out.sequences[:, :-1]).logits[:, 19:]  # one forward over the whole generation, scale of N
     assert (got - want).abs().max() <= 1e-5
+
+
+def saved_model(tmp_path):
+    from clex.data.tokenizer import byte_tokenizer
+
+    folder = tmp_path / "m"
+    clex.apply_clex(tiny_model("llama", vocab_size=257), max_factor=8).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "holding"])
+def test_an_export_never_goes_into_or_over_its_model_even_with_overwrite(tmp_path, capsys, where):
+    from clex.cli import main
+
+    folder = saved_model(tmp_path)
+    before = snapshot(folder)
+    out = {"same": folder, "inside": folder / "export", "holding": tmp_path}[where]
+    for extra in ([], ["--overwrite"]):
+        capsys.readouterr()
+        assert main(["export", str(folder), str(out), "--length", str(N), *extra]) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("clex: error:")]
+        assert len(lines) == 1 and "the model folder" in lines[0] and "never into or over it" in lines[0], err
+    assert snapshot(folder) == before  # the ODE weights, the tokenizer: all there
+    assert clex.get_clex_rotary(clex.load_model(folder)).config.max_factor == 8
+
+
+def test_overwrite_replaces_the_exports_own_files_and_keeps_the_users(tmp_path):
+    from clex.cli import main
+
+    folder = saved_model(tmp_path)
+    out = tmp_path / "out"
+    assert main(["export", str(folder), str(out), "--length", str(N)]) == 0
+    (out / "README.md").write_text("my notes")
+    (out / "eval").mkdir()
+    (out / "eval" / "ppl.json").write_text("{}")
+    assert main(["export", str(folder), str(out), "--length", str(2 * N), "--overwrite"]) == 0
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 2 * N
+    assert (out / "README.md").read_text() == "my notes" and (out / "eval" / "ppl.json").read_text() == "{}"
+
+
+def test_an_absurd_length_is_refused_before_any_allocation(tmp_path, capsys):
+    """--length 1e9: the frequencies of t = length / L would need far more memory than exists; refused at once."""
+    import time
+
+    from clex.cli import main
+
+    folder = saved_model(tmp_path)
+    start = time.perf_counter()
+    assert main(["export", str(folder), str(tmp_path / "out"), "--length", "1000000000"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("clex: error:")]
+    assert len(err) == 1 and "length=1000000000 needs at least" in err[0] and "GiB free" in err[0], err
+    assert time.perf_counter() - start < 60 and not (tmp_path / "out").exists()
+
+
+def test_tokenizer_pre_is_a_name_llama_cpp_knows_and_only_for_gguf(tmp_path, capsys):
+    from clex.cli import main
+
+    folder = saved_model(tmp_path)
+    gguf = ["export", str(folder), str(tmp_path / "m.gguf"), "--length", str(N), "--format", "gguf"]
+    with pytest.raises(SystemExit):
+        main([*gguf, "--tokenizer-pre", "bogus"])  # refused by the flag's choices, before anything loads
+    assert "'bogus' is not one of default, llama-bpe" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"tokenizer_pre 'bogus' is not a pre-tokenizer llama.cpp knows"):
+        export(
+            clex.load_model(folder),
+            tmp_path / "m.gguf",
+            length=N,
+            format="gguf",
+            tokenizer_from=folder,
+            tokenizer_pre="bogus",
+        )
+    assert main(["export", str(folder), str(tmp_path / "hf"), "--length", str(N), "--tokenizer-pre", "smollm"]) == 2
+    assert "--tokenizer-pre applies to --format gguf only" in capsys.readouterr().err
+    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "hf").exists()
+
+
+def test_exported_files_follow_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        export(trained(), tmp_path / "out", length=N)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert set(modes.values()) == {0o644}, modes

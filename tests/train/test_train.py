@@ -67,7 +67,11 @@ def test_config_files_and_overrides(tmp_path):
         (dict(method="rope-magic"), ["method", "clex", "yarn", "none"]),
         (dict(train="clex", method="pi"), ["train", "clex", "pi"]),
         (dict(clex={"max_factor": 0}), ["max_factor", ">= 1"]),
-        (dict(clex={"maxfactor": 8}), ["unknown", "maxfactor"]),
+        (dict(clex={"maxfactor": 8}), ["TrainConfig.clex has no field 'maxfactor' (did you mean 'max_factor'?)"]),
+        (dict(method="yran"), ["did you mean 'yarn'?"]),
+        (dict(pose=True, clex={"position_sampler": "random"}), ["pose=true", "clex.position_sampler='random'"]),
+        (dict(method="yarn", factor=8, rope={"factor": 2}), ["rope.factor=2", "TrainConfig.factor (8.0)"]),
+        (dict(method="yarn", rope={"rope_type": "linear"}), ["rope.rope_type", "TrainConfig.method ('yarn')"]),
         (dict(dtype="float8"), ["dtype", "bfloat16"]),
         (dict(steps=0), ["steps", ">= 1"]),
         (dict(held_out=1.0), ["held_out"]),
@@ -209,17 +213,22 @@ def test_two_processes_draw_the_same_t(tmp_path, text_dir):
 
 
 def test_main_is_the_cli_entry(tmp_path, text_dir, capsys):
-    """`clex train --config F --override k=v --resume` maps to main(config, override, resume)."""
+    """`clex train CONFIG k=v --resume` maps to main(CONFIG, k=v, resume=True): the grammar of `python -m
+    clex.train`, which `cli` passes through as it is."""
+    from clex.cli import main as clex_main
+    from clex.train.loop import cli, split_words
+
     (tmp_path / "r.yaml").write_text(f"model: micro-llama\nmethod: ntk\nfactor: 2\ndata: {text_dir}\nseq_len: 32\n")
     args = ["steps=2", f"out_dir={tmp_path / 'out'}", "save_every=1", "batch_size=2"]
-    assert main(str(tmp_path / "r.yaml"), override=args) == 0
+    assert clex_main(["train", str(tmp_path / "r.yaml"), *args]) == 0
     assert "final model" in capsys.readouterr().out
     with pytest.raises(ValueError, match="already holds a run"):
-        main(str(tmp_path / "r.yaml"), override=args)
-    assert main(str(tmp_path / "r.yaml"), override=args, resume=True) == 0  # nothing left to do
+        main(str(tmp_path / "r.yaml"), *args)
+    assert cli([str(tmp_path / "r.yaml"), *args, "resume=true"]) == 0  # nothing left to do
+    assert clex_main(["train", str(tmp_path / "r.yaml"), *args, "--resume"]) == 0
     resolved = TrainConfig.from_file(tmp_path / "out" / "config.yaml")
     assert resolved.method == "ntk" and resolved.steps == 2 and resolved.resume
-    assert "ntk" in main.__doc__ and "grad_accum" in main.__doc__
+    assert split_words(["steps=3"]) == (None, ["steps=3"]) and split_words(["a.yaml", "x=1"]) == ("a.yaml", ["x=1"])
 
 
 def test_the_ode_weights_get_their_own_learning_rate():
@@ -233,3 +242,22 @@ def test_the_ode_weights_get_their_own_learning_rate():
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in clex.get_clex_rotary(model).dynamics.parameters()}
     with pytest.raises(ValueError, match="TrainConfig.clex_lr must be a number > 0, or null for lr, got 0.0"):
         TrainConfig(clex_lr=0)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"batch_size": 10**6, "seq_len": 10**6}, r"batch_size x seq_len=1000000 x 1000000 needs at least"),
+        ({"factor": 1e9}, r"factor \(CLEX max_factor\)=1e\+09 needs at least"),
+    ],
+)
+def test_sizes_that_cannot_fit_are_refused_before_the_first_step_and_an_old_run_is_kept(
+    tmp_path, text_dir, fields, message
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1, "loss": 5.0}\n')  # a previous run, asked to be overwritten
+    config = TrainConfig(model="micro-llama", data=str(text_dir), steps=1, out_dir=str(out), overwrite=True, **fields)
+    with pytest.raises(ValueError, match=message + r" .* GiB, but this machine has .* GiB free"):
+        run(config)
+    assert (out / "log.jsonl").read_text() == '{"step": 1, "loss": 5.0}\n'  # refused before anything was removed

@@ -149,17 +149,14 @@ def test_overwrite_replaces_the_previous_run(finished, tmp_path, text_dir, capsy
 
 
 def test_overwrite_flag_and_field():
-    import argparse
-
-    from clex.cli import COMMANDS, _add_arguments
+    from clex.cli import COMMANDS, build_parser
 
     assert TrainConfig.from_file(None, ["overwrite=true"]).overwrite is True
     assert COMMANDS["train"] == "train.loop:main"
-    parser = argparse.ArgumentParser()
-    _add_arguments(parser, main)  # how `clex train` builds its flags from main's signature
-    ns = parser.parse_args(["--overwrite"])
-    assert ns.overwrite is True and ns.resume is False
-    assert "replace the run already in out_dir" in parser.format_help()
+    parser = build_parser(["train"])  # `clex train` builds its flags from main's signature (read from its source)
+    ns = parser.parse_args(["train", "r.yaml", "steps=3", "--overwrite"])
+    assert ns.overwrite is True and ns.resume is False and ns.words == ["r.yaml", "steps=3"]
+    assert "replace the run already in out_dir" in parser.leaf.format_help()
     with pytest.raises(ValueError, match="resume=true and overwrite=true"):
         TrainConfig(resume=True, overwrite=True)
     with pytest.raises(ValueError, match="TrainConfig.overwrite must be true or false, got 'yes please'"):
@@ -174,7 +171,7 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path, text_dir):
         run(tiny(out, text_dir, resume=True))
     assert (out / "log.jsonl").read_text() == '{"step": 1, "loss": 5.0}\n'  # the log is kept
     with pytest.raises(ValueError, match="no complete checkpoint"):
-        main(None, override=[f"out_dir={tmp_path / 'empty'}"], resume=True)
+        main(f"out_dir={tmp_path / 'empty'}", resume=True)
 
 
 def truncate(file):

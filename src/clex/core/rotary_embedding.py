@@ -179,9 +179,14 @@ class CLEXRotaryEmbedding(nn.Module):
 
     def _warn_past_max(self, t: float) -> None:
         if t > self.config.max_factor and not self._warned_past_max:
+            beyond = (
+                "following the prior's shape past it, the learned part held (past_max='prior')"
+                if self.config.past_max == "prior"
+                else "integrating the ODE further (past_max='ode')"
+            )
             warnings.warn(
                 f"CLEX: length factor t={t:g} is past max_factor={self.config.max_factor:g} (the trained range, "
-                f"{self.original_length * self.config.max_factor:g} tokens); integrating the ODE further.",
+                f"{self.original_length * self.config.max_factor:g} tokens); {beyond}.",
                 stacklevel=4,
             )
             self._warned_past_max = True

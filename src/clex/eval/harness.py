@@ -27,7 +27,7 @@ In Python, with a model already built (ours or anyone's)::
     lm_eval.simple_evaluate(model=lm, tasks=[...])
 
 which is lm-eval's documented ``HFLM(pretrained=<built model>)`` plus one thing: a CLEX model generates
-with t fixed to the t of the prompt plus ``max_gen_toks`` (:func:`clex.eval.specs.fixed_clex_t`), so the key
+with t fixed to the t of the prompt plus ``max_gen_toks`` (:func:`clex.hf.generation.fixed_clex_t`), so the key
 cache stays exact (plain HFLM would let t grow token by token). Other models generate as in HFLM. A folder
 made by ``clex export`` needs none of this: ``--model hf`` / ``--model vllm`` load it as it is.
 """
@@ -37,7 +37,9 @@ from __future__ import annotations
 import inspect
 import sys
 
-from .specs import ModelSpec, check_device, check_dtype, fixed_clex_t, load_spec
+from ..core.checks import check_device, check_dtype
+from ..hf.generation import fixed_clex_t
+from .specs import ModelSpec, load_spec
 
 #: the name lm-eval knows the model type by
 MODEL_NAME = "clex"

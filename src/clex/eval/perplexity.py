@@ -11,7 +11,7 @@ in what each scored token sees:
 - ``chunked`` (the CLEX reference): the n tokens are fed in non-overlapping chunks of ``chunk`` tokens
   (default: the model's training length L) with the key cache carried forward, so every token sees all
   earlier ones. A CLEX model's t would otherwise grow chunk by chunk and leave cached keys rotated with
-  stale frequencies; here t is pinned to the t of the full length n (:func:`clex.eval.specs.fixed_clex_t`),
+  stale frequencies; here t is pinned to the t of the full length n (:func:`clex.hf.generation.fixed_clex_t`),
   so the chunked loss equals one full forward's, and the cache is exact (``log_scale``'s query scale is
   pinned to n as well). transformers' ``dynamic`` scaling recomputes its frequencies as the cache grows
   and keeps the stale keys: that is its known behaviour, measured as is.
@@ -26,31 +26,23 @@ import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..core.checks import DType, check_count, check_device, check_dtype, parse_ints
 from ..hf.compat import cache_kwargs, output_cache
+from ..hf.generation import fixed_clex_t
 from ..hf.lookup import text_config
-from .report import finish_run
-from .specs import (
-    LoadedModel,
-    check_count,
-    check_device,
-    check_dtype,
-    check_models,
-    default_lengths,
-    each_model,
-    fixed_clex_t,
-    load_documents,
-    model_device,
-    parse_ints,
-    tokenize_documents,
-)
+from .documents import load_documents, tokenize_documents
+from .report import check_results, finish_run
+from .specs import LoadedModel, check_lengths_fit, check_models, default_lengths, each_model, model_device
 
-PROTOCOLS = ("sliding", "chunked")
+Protocol = Literal["sliding", "chunked"]
+PROTOCOLS: tuple[str, ...] = get_args(Protocol)
 
 
 def _check_head(model: nn.Module) -> nn.Module:
@@ -215,7 +207,7 @@ def run_ppl(
     models: Sequence[str | tuple] = (),
     *,
     lengths: Sequence[int] | str | None = None,
-    protocol: str = "chunked",
+    protocol: Protocol = "chunked",
     window: int | None = None,
     stride: int = 256,
     chunk: int | None = None,
@@ -225,12 +217,13 @@ def run_ppl(
     buckets: int = 8,
     loss_block: int = 1024,
     device: str = "cpu",
-    dtype: str | None = None,
+    dtype: DType | None = None,
     seed: int = 0,
     out_dir: str = "runs/eval",
     name: str = "ppl",
     plot: bool = True,
     context_ratio: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Perplexity against length for one or more models, side by side (JSON + Markdown + PNG).
 
@@ -256,10 +249,12 @@ def run_ppl(
         dtype: float32, bfloat16 or float16 (default: as saved)
         seed: seed of torch before each model
         out_dir: folder of the results (<name>.json, <name>.md, <name>.png)
-        name: file stem of the results
+        name: file stem of the results (a plain name: nothing is written outside out_dir)
         plot: draw <name>.png
         context_ratio: also score each window's last L tokens with only L tokens of context (lengths > 2 L)
+        overwrite: replace an earlier result of the same out_dir and name (else refused); other files stay
     """
+    check_results(out_dir, name, overwrite=overwrite)
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     for field_name, value in (
@@ -298,6 +293,7 @@ def run_ppl(
     for loaded in each_model(specs, seed=seed, device=device, dtype=dtype):  # one model in memory at a time
         if lengths is None:
             lengths = config["lengths"] = default_lengths(loaded, (1, 2, 4, 8, 16))
+        check_lengths_fit(loaded, lengths if protocol == "chunked" or window is None else [min(window, max(lengths))])
         tokens = tokenize_documents(loaded.tokenizer, docs)
         res = perplexity(
             loaded,

@@ -236,26 +236,36 @@ def plot_freqs(
     model: str | Path | nn.Module,
     *,
     ts: Sequence[float] | str = (1, 2, 4, 8, 16),
-    out: str | Path = "runs/plots/freqs.png",
+    out_dir: str | Path = "runs/plots",
+    name: str = "freqs",
+    overwrite: bool = False,
 ) -> dict:
     """Plot the learned frequencies θ(t) of a CLEX model beside PI, NTK and YaRN for the same t.
 
     Top row: θ_j(t) / θ⁰_j per pair. Bottom row: each pair's largest angle at L·t tokens against the largest
     it saw in pre-training, t·θ_j(t) / θ⁰_j; above 1 for a pair that never completed a turn in L (shaded) is
-    an angle the model never saw — where a far-end breakdown comes from. Writes the PNG at ``out`` and the
-    numbers beside it (same name, .json: ``never_turned`` and each curve's ``angle_ratio``). Returns them.
+    an angle the model never saw — where a far-end breakdown comes from. Writes ``<out_dir>/<name>.png`` and
+    the numbers beside it (``<name>.json``: ``never_turned`` and each curve's ``angle_ratio``). Returns them.
 
     Args:
         model: a CLEX model folder (in Python also a CLEX model or its CLEXRotaryEmbedding)
         ts: length factors t >= 1, one panel each, e.g. 1 2 4 8
-        out: the PNG to write (its numbers go beside it as .json)
+        out_dir: folder of the figure <name>.png and its numbers <name>.json
+        name: file stem of the figure and its numbers (a plain name: nothing is written outside out_dir)
+        overwrite: replace an earlier figure of the same out_dir and name (else refused); other files stay
     """
+    from ..core.checks import check_fits, solve_bytes
     from ..core.rotary_embedding import CLEXRotaryEmbedding
     from ..hf.loading import load_model
+    from .report import check_results, result_files
 
-    ts = [float(t) for t in (ts.split(",") if isinstance(ts, str) else ts)]
-    if not ts or min(ts) < 1:
-        raise ValueError(f"ts must be length factors >= 1 like '1,2,4,8', got {ts!r}")
+    check_results(out_dir, name, overwrite=overwrite)
+    try:
+        ts = [float(t) for t in (ts.split(",") if isinstance(ts, str) else ts)]
+    except (TypeError, ValueError):
+        raise ValueError(f"ts must be length factors >= 1 like '1,2,4,8', got {ts!r}") from None
+    if not ts or not all(math.isfinite(t) and t >= 1 for t in ts):
+        raise ValueError(f"ts must be finite length factors >= 1 like '1,2,4,8', got {ts!r}")
     owner = None
     if isinstance(model, CLEXRotaryEmbedding):
         rotary = model
@@ -267,6 +277,8 @@ def plot_freqs(
         if not isinstance(rotary, CLEXRotaryEmbedding):
             what = type(model).__name__ if owner is model else str(model)
             raise ValueError(f"plot freqs needs a CLEX model (rope_type 'clex'), but {what} has no CLEX rotary")
+    # each panel solves θ(t) on the rotary's step from 1 to t: refuse a t whose solve cannot fit in memory
+    check_fits("ts", max(ts), solve_bytes(math.ceil(max(ts) / rotary.config.time_dt), rotary.inv_freq.numel()))
     config, length = _rope_config(owner, rotary), rotary.original_length
     theta0 = rotary.inv_freq.float().cpu()
     never = (length * theta0 < 2 * math.pi).tolist()  # pairs that never completed a turn in L
@@ -277,11 +289,11 @@ def plot_freqs(
         with torch.no_grad():
             curves = {"CLEX (learned)": rotary.inv_freq_at(t).float().cpu(), **baseline_inv_freqs(config, t, length)}
         numbers["t"][f"{t:g}"] = {k: v.tolist() for k, v in curves.items()}
-        for name, theta in curves.items():
-            style = {"linewidth": 2.2} if name.startswith("CLEX (") else {"linewidth": 1.2, "zorder": 3}
-            if "prior" in name:
+        for label, theta in curves.items():
+            style = {"linewidth": 2.2} if label.startswith("CLEX (") else {"linewidth": 1.2, "zorder": 3}
+            if "prior" in label:
                 style.update(color="black", linestyle=":")
-            ax.plot(range(theta.numel()), (theta / theta0).numpy(), label=name, **style)
+            ax.plot(range(theta.numel()), (theta / theta0).numpy(), label=label, **style)
             low.plot(range(theta.numel()), (t * theta / theta0).numpy(), **style)
         numbers["angle_ratio"][f"{t:g}"] = {k: (t * v / theta0).tolist() for k, v in curves.items()}
         first = never.index(True) if True in never else len(never)
@@ -296,6 +308,9 @@ def plot_freqs(
     axes[1][0].set_ylabel("largest angle / pre-training's\n(shaded: pairs that never turned in L)")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"CLEX frequencies against PI, NTK and YaRN (L = {length})")
-    png = _save(fig, out)
-    atomic_write_text(Path(png).with_suffix(".json"), json.dumps(numbers, indent=1) + "\n")
-    return {**numbers, "paths": {"png": str(png), "json": str(Path(png).with_suffix(".json"))}}
+    png = _save(fig, Path(out_dir) / f"{name}.png")
+    data = atomic_write_text(Path(out_dir) / f"{name}.json", json.dumps(numbers, indent=1) + "\n")
+    for file in result_files(out_dir, name):  # what is left of an earlier result replaced (overwrite)
+        if file not in (png, data) and file.is_file():
+            file.unlink()
+    return {**numbers, "paths": {"png": str(png), "json": str(data)}}

@@ -7,6 +7,11 @@ Every file is written atomically (:func:`clex.core.io.atomic_write_text`): a kil
 or the new one, never half a file. :func:`finish_run` is the tail every evaluation shares: write the JSON and
 the table, draw the plot, and record the paths in the payload.
 
+The rule of every command that writes results: :func:`check_results` runs before any work. The name must be a
+plain file stem (nothing is written outside ``out_dir``), and an earlier result of the same ``out_dir`` and
+``name`` (any of ``<name>.json``, ``.md``, ``.png``, ``.partial.json``) is refused unless ``overwrite`` (the
+CLI's ``--overwrite``), which replaces those files and nothing else in the folder.
+
 ``rows`` are dicts with the same keys (the table's columns, in first-seen order unless ``columns`` is given).
 Non-finite floats become ``null`` in JSON (strict JSON has no NaN/inf) and "inf"/"nan" in the table.
 """
@@ -21,7 +26,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..core.checks import check_name
 from ..core.io import atomic_write_text
+
+#: the files of one result, by suffix: what check_results guards and overwrite replaces
+RESULT_SUFFIXES = (".json", ".md", ".png", ".partial.json")
 
 
 def versions() -> dict[str, str]:
@@ -82,6 +91,33 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, d
     return "\n".join(lines) + "\n"
 
 
+def result_files(out_dir: str | Path, name: str) -> list[Path]:
+    """The files a result named ``name`` in ``out_dir`` consists of (:data:`RESULT_SUFFIXES`)."""
+    return [Path(out_dir) / f"{name}{suffix}" for suffix in RESULT_SUFFIXES]
+
+
+def check_results(out_dir: str | Path, name: str, *, overwrite: bool = False) -> Path:
+    """Check where a result will go, before any work: ``name`` a plain file stem, ``out_dir`` not a file, and no
+    earlier result of that name there unless ``overwrite`` (its files are replaced by :func:`finish_run` only
+    when the new result is written: a failed run leaves the earlier one). Returns out_dir as a Path."""
+    check_name(name, "name")
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"overwrite must be True or False, got {overwrite!r}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out} is a file, not a folder; pick a folder for the results")
+    found = [f for f in result_files(out, name) if f.exists()]
+    if found and not overwrite:
+        raise ValueError(
+            f"{found[0]} exists (an earlier result named {name!r}); pass --overwrite (overwrite=True) to replace "
+            "that result, or pick another --name or --out-dir"
+        )
+    for file in found:
+        if file.is_dir():
+            raise ValueError(f"{file} is a folder, not a result file; move it away or pick another --name")
+    return out
+
+
 def write_results(
     out_dir: str | Path,
     name: str,
@@ -97,8 +133,7 @@ def write_results(
     The payload should carry its own ``config`` and ``seed``; ``versions`` and ``written_at`` are added
     when missing. Returns {"json": path, "markdown": path}.
     """
-    if not name or any(c in name for c in "/\\"):
-        raise ValueError(f"results name must be a plain file stem like 'ppl', got {name!r}")
+    check_name(name, "name")
     out = Path(out_dir)
     payload = {**payload}
     payload.setdefault("versions", versions())
@@ -128,9 +163,14 @@ def finish_run(
     plot: Callable[[dict, Path], Path] | None = None,
 ) -> dict:
     """The tail of every evaluation: :func:`write_results`, then ``plot(payload, <out_dir>/<name>.png)`` if
-    given; the written paths go into ``payload["paths"]`` (as strings). Returns the payload."""
+    given; the result's other files (an earlier result's plot, the partial file) are removed; the written paths
+    go into ``payload["paths"]`` (as strings). Returns the payload."""
     paths = write_results(out_dir, name, payload, rows, title=title, notes=notes)
     if plot is not None:
         paths["png"] = plot(payload, Path(out_dir) / f"{name}.png")
+    written = {Path(p) for p in paths.values()}
+    for file in result_files(out_dir, name):  # what is left of the result replaced (e.g. its plot), the partial file
+        if file not in written and file.is_file():
+            file.unlink()
     payload["paths"] = {k: str(v) for k, v in paths.items()}
     return payload

@@ -1,16 +1,16 @@
 """Retrieval at length: a passkey in filler text, and a needle in real text; accuracy by length x depth.
 
-Each trial builds a prompt of exactly n tokens: an instruction, a haystack with a key sentence inserted at
+Each sample builds a prompt of exactly n tokens: an instruction, a haystack with a key sentence inserted at
 depth d (0 = just after the instruction, 1 = just before the question; on the nearest sentence or line
-boundary), and a question whose answer is a random number. The model decodes greedily; the trial is solved
-when the first number it writes is the key. Trials depend on (seed, n, depth, trial) only, so every model
+boundary), and a question whose answer is a random number. The model decodes greedily; the sample is solved
+when the first number it writes is the key. Samples depend on (seed, n, depth, sample) only, so every model
 sees the same keys and haystacks.
 
 - ``passkey`` (Landmark attention / YaRN): 5-digit key in repeated filler sentences.
 - ``needle`` (needle in a haystack): "The magic number of <place> is <7 digits>." in real text (default: the
   held-out plays of the embedded corpus, from a random line of a random play).
 
-A CLEX model decodes with t fixed to the t of the prompt plus the answer (:func:`clex.eval.specs.fixed_clex_t`),
+A CLEX model decodes with t fixed to the t of the prompt plus the answer (:func:`clex.hf.generation.fixed_clex_t`),
 so the key cache stays exact. A model for this harness needs only ``model(input_ids=, cache=, use_cache=True,
 logits_to_keep=1) -> .logits [1, T, V], .cache`` (``past_key_values`` before transformers 5.24; see
 :mod:`clex.hf.compat`), and its tokenizer.
@@ -20,28 +20,22 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..core.checks import DType, check_count, check_device, check_dtype, parse_fractions, parse_ints
 from ..hf.compat import cache_kwargs, output_cache
-from .report import finish_run
-from .specs import (
-    check_count,
-    check_device,
-    check_dtype,
-    check_models,
-    default_lengths,
-    each_model,
-    fixed_clex_t,
-    load_documents,
-    model_device,
-    parse_fractions,
-    parse_ints,
-)
+from ..hf.generation import fixed_clex_t
+from .documents import load_documents
+from .report import check_results, finish_run
+from .specs import check_lengths_fit, check_models, default_lengths, each_model, model_device
 
 TASKS = ("passkey", "needle")
+#: the prompt wordings of :data:`TEMPLATES`
+Template = Literal["standard", "compact"]
 FILLER = ("The grass is green. ", "The sky is blue. ", "The sun is yellow. ", "Here we go. ", "There and back again. ")
 #: Prompt wording by task and template: (instruction, key sentence, question). "standard" is the wording of
 #: the passkey test of Landmark attention / YaRN; "compact" drops the instruction and shortens the rest, so
@@ -103,12 +97,11 @@ def assemble(
 
 
 class _Task:
-    """One retrieval task for one tokenizer: makes the prompt and answer of trial (n, depth, k)."""
+    """One retrieval task for one tokenizer: makes the prompt and answer of sample (n, depth, k)."""
 
     def __init__(self, task: str, tokenizer, seed: int, documents=None, template: str = "standard"):
         if (task, template) not in TEMPLATES:
-            allowed = sorted({t for _, t in TEMPLATES})
-            raise ValueError(f"template must be one of {', '.join(allowed)}, got {template!r}")
+            raise ValueError(f"template must be one of {', '.join(get_args(Template))}, got {template!r}")
         self.task, self.tok, self.seed = task, tokenizer, seed
         intro, self.key_text, self.question_text = TEMPLATES[task, template]
         self.intro = _ids(tokenizer, intro)
@@ -152,16 +145,16 @@ def retrieval_accuracy(
     task: str,
     lengths: Sequence[int],
     depths: Sequence[float],
-    trials: int,
+    samples: int,
     *,
     seed: int = 0,
     documents=None,
     template: str = "standard",
 ) -> dict:
-    """{"grid": {n: {depth: accuracy}}, "mean": accuracy, "records": [per trial]} for one loaded model."""
+    """{"grid": {n: {depth: accuracy}}, "mean": accuracy, "records": [per sample]} for one loaded model."""
     maker = _Task(task, loaded.tokenizer, seed, documents, template)
     grid, records = {}, []
-    jobs = [(n, i, d, k) for n in lengths for i, d in enumerate(depths) for k in range(trials)]
+    jobs = [(n, i, d, k) for n in lengths for i, d in enumerate(depths) for k in range(samples)]
     for n, i, d, k in tqdm(jobs, desc=f"{loaded.name} {task}", leave=False):
         ids, answer = maker.trial(n, i, d, k)
         new = maker.answer_tokens(answer)
@@ -170,19 +163,34 @@ def retrieval_accuracy(
         text = loaded.tokenizer.decode(out, skip_special_tokens=True)
         ok = first_number(text) == answer
         grid.setdefault(n, {}).setdefault(d, []).append(ok)
-        records.append({"length": n, "depth": d, "trial": k, "answer": answer, "output": text, "correct": ok})
+        records.append({"length": n, "depth": d, "sample": k, "answer": answer, "output": text, "correct": ok})
     grid = {n: {d: sum(v) / len(v) for d, v in row.items()} for n, row in grid.items()}
     return {"grid": grid, "mean": sum(r["correct"] for r in records) / len(records), "records": records}
 
 
 def _run(
-    task: str, models, *, lengths, depths, trials, documents, template, seed, device, dtype, out_dir, name, plot
+    task: str,
+    models,
+    *,
+    lengths,
+    depths,
+    samples,
+    documents,
+    template,
+    seed,
+    device,
+    dtype,
+    out_dir,
+    name,
+    plot,
+    overwrite,
 ) -> dict:
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-    check_count("trials", trials)
+    check_results(out_dir, name, overwrite=overwrite)
+    check_count("samples", samples)
     if (task, template) not in TEMPLATES:
-        raise ValueError(f"template must be one of {', '.join(sorted({t for _, t in TEMPLATES}))}, got {template!r}")
+        raise ValueError(f"template must be one of {', '.join(get_args(Template))}, got {template!r}")
     depths = parse_fractions(depths, "depths")
     device, dtype = check_device(device), check_dtype(dtype)
     specs = check_models(models)
@@ -193,7 +201,7 @@ def _run(
         "task": task,
         "lengths": lengths,
         "depths": depths,
-        "trials": trials,
+        "samples": samples,
         "template": template,
         "device": device,
         "dtype": dtype,
@@ -203,8 +211,9 @@ def _run(
     for loaded in each_model(specs, seed=seed, device=device, dtype=dtype):  # one model in memory at a time
         if lengths is None:
             lengths = config["lengths"] = default_lengths(loaded, (1, 2, 4, 8))
+        check_lengths_fit(loaded, lengths)
         res = retrieval_accuracy(
-            loaded, task, lengths, depths, trials, seed=seed, documents=documents, template=template
+            loaded, task, lengths, depths, samples, seed=seed, documents=documents, template=template
         )
         out[loaded.name] = {"spec": loaded.spec, "original_length": loaded.original_length, **res}
         del loaded
@@ -219,8 +228,8 @@ def _run(
         name,
         payload,
         rows,
-        title=f"{task} retrieval accuracy ({trials} trials a cell)",
-        notes="Cells: the fraction of trials whose first generated number is the key.",
+        title=f"{task} retrieval accuracy ({samples} samples a cell)",
+        notes="Cells: the fraction of samples whose first generated number is the key.",
         plot=_plot_retrieval if plot else None,
     )
 
@@ -231,46 +240,45 @@ def _plot_retrieval(payload: dict, png):
     return plot_retrieval(payload, png)
 
 
-_ARGS = """
-        models: model specs [NAME=]PATH[:METHOD[:K=V,...]] (see clex.eval.specs), or (name, model, tokenizer) triples
-        lengths: prompt lengths in tokens, integers >= 2 (default: 1, 2, 4, 8 x the first model's training length)
-        depths: where the key sits, fractions of the haystack in [0, 1], e.g. 0,0.5,1
-        trials: keys per (length, depth) cell, >= 1{documents}
-        template: prompt wording: standard (YaRN's) or compact (~40 tokens, for byte-level miniature models)
-        seed: seed of the keys and haystacks (the same for every model)
-        device: cpu, cuda, cuda:N or mps
-        dtype: float32, bfloat16 or float16 (default: as saved)
-        out_dir: folder of the results (<name>.json, <name>.md, the heatmap <name>.png)
-        name: file stem of the results
-        plot: draw the heatmap <name>.png
-"""
-
-
 def run_passkey(
     models: Sequence[str | tuple] = (),
     *,
     lengths: Sequence[int] | str | None = None,
     depths: Sequence[float] | str = (0.0, 0.25, 0.5, 0.75, 1.0),
-    trials: int = 10,
-    template: str = "standard",
+    samples: int = 10,
+    template: Template = "standard",
     seed: int = 0,
     device: str = "cpu",
-    dtype: str | None = None,
+    dtype: DType | None = None,
     out_dir: str = "runs/eval",
     name: str = "passkey",
     plot: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Passkey retrieval: accuracy by prompt length x depth of a 5-digit key in filler text (greedy).
 
     Writes <name>.json, <name>.md and the heatmap <name>.png in out_dir.
 
-    Args:{args}"""
+    Args:
+        models: model specs [NAME=]PATH[:METHOD[:K=V,...]] (see clex.eval.specs), or (name, model, tokenizer) triples
+        lengths: prompt lengths in tokens, integers >= 2 (default: 1, 2, 4, 8 x the first model's training length)
+        depths: where the key sits, fractions of the haystack in [0, 1], e.g. 0,0.5,1
+        samples: keys per (length, depth) cell, >= 1
+        template: prompt wording: standard (YaRN's) or compact (~40 tokens, for byte-level miniature models)
+        seed: seed of the keys and haystacks (the same for every model)
+        device: cpu, cuda, cuda:N or mps
+        dtype: float32, bfloat16 or float16 (default: as saved)
+        out_dir: folder of the results (<name>.json, <name>.md, the heatmap <name>.png)
+        name: file stem of the results (a plain name: nothing is written outside out_dir)
+        plot: draw the heatmap <name>.png
+        overwrite: replace an earlier result of the same out_dir and name (else refused); other files stay
+    """
     return _run(
         "passkey",
         models,
         lengths=lengths,
         depths=depths,
-        trials=trials,
+        samples=samples,
         documents=None,
         template=template,
         seed=seed,
@@ -279,6 +287,7 @@ def run_passkey(
         out_dir=out_dir,
         name=name,
         plot=plot,
+        overwrite=overwrite,
     )
 
 
@@ -287,28 +296,43 @@ def run_needle(
     *,
     lengths: Sequence[int] | str | None = None,
     depths: Sequence[float] | str = (0.0, 0.25, 0.5, 0.75, 1.0),
-    trials: int = 5,
+    samples: int = 5,
     documents: str | None = None,
-    template: str = "standard",
+    template: Template = "standard",
     seed: int = 0,
     device: str = "cpu",
-    dtype: str | None = None,
+    dtype: DType | None = None,
     out_dir: str = "runs/eval",
     name: str = "needle",
     plot: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Needle in a haystack: accuracy by length x depth of a 'magic number' sentence hidden in real text.
 
     The haystack is real text from a random line; otherwise as ``clex eval passkey``. Writes JSON, Markdown,
     heatmap.
 
-    Args:{args}"""
+    Args:
+        models: model specs [NAME=]PATH[:METHOD[:K=V,...]] (see clex.eval.specs), or (name, model, tokenizer) triples
+        lengths: prompt lengths in tokens, integers >= 2 (default: 1, 2, 4, 8 x the first model's training length)
+        depths: where the key sits, fractions of the haystack in [0, 1], e.g. 0,0.5,1
+        samples: keys per (length, depth) cell, >= 1
+        documents: the haystack's text: a .txt/.md/.jsonl file, a folder of them or a saved dataset (default: the held-out plays)
+        template: prompt wording: standard (YaRN's) or compact (~40 tokens, for byte-level miniature models)
+        seed: seed of the keys and haystacks (the same for every model)
+        device: cpu, cuda, cuda:N or mps
+        dtype: float32, bfloat16 or float16 (default: as saved)
+        out_dir: folder of the results (<name>.json, <name>.md, the heatmap <name>.png)
+        name: file stem of the results (a plain name: nothing is written outside out_dir)
+        plot: draw the heatmap <name>.png
+        overwrite: replace an earlier result of the same out_dir and name (else refused); other files stay
+    """
     return _run(
         "needle",
         models,
         lengths=lengths,
         depths=depths,
-        trials=trials,
+        samples=samples,
         documents=documents,
         template=template,
         seed=seed,
@@ -317,16 +341,5 @@ def run_needle(
         out_dir=out_dir,
         name=name,
         plot=plot,
+        overwrite=overwrite,
     )
-
-
-run_passkey.__doc__ = run_passkey.__doc__.format(args=_ARGS.format(documents="").rstrip() + "\n    ")
-run_needle.__doc__ = run_needle.__doc__.format(
-    args=_ARGS.format(
-        documents=(
-            "\n        documents: the haystack's text: a .txt/.md/.jsonl file, a folder of them or a saved dataset "
-            "(default: the held-out plays)"
-        )
-    ).rstrip()
-    + "\n    "
-)

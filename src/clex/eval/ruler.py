@@ -29,18 +29,12 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
+from ..core.checks import DType, check_count, check_device, check_dtype, parse_ints
 from ..core.io import atomic_write_text
 from .harness import clex_lm, missing_lm_eval
-from .report import finish_run
-from .ruler_tasks import SKIPPED, TASKS, check_tasks, generate
-from .specs import (
-    check_count,
-    check_device,
-    check_dtype,
-    check_models,
-    each_model,
-    parse_ints,
-)
+from .report import check_results, finish_run, result_files
+from .ruler_tasks import SKIPPED, TASKS, RulerTask, check_tasks, generate
+from .specs import check_lengths_fit, check_models, each_model
 
 #: room HFLM gets beyond n, so that it never cuts a prompt: lm-eval appends the answer prefix (up to ~100
 #: tokens for a byte tokenizer) to RULER's prompt of n - max_gen_toks tokens
@@ -187,15 +181,16 @@ def run_ruler(
     models: Sequence[str | tuple] = (),
     *,
     lengths: Sequence[int] | str = (8192, 16384, 32768, 65536),
-    tasks: Sequence[str] | str = tuple(TASKS),
+    tasks: Sequence[RulerTask] | str = tuple(TASKS),
     samples: int = 10,
     batch_size: int = 1,
     seed: int = 0,
     device: str = "cpu",
-    dtype: str | None = None,
+    dtype: DType | None = None,
     out_dir: str = "runs/eval",
     name: str = "ruler",
     plot: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """RULER's offline tasks through lm-evaluation-harness: score by task x length, with standard errors.
 
@@ -206,17 +201,19 @@ def run_ruler(
 
     Args:
         models: model specs [NAME=]PATH[:METHOD[:K=V,...]] (see clex.eval.specs), or (name, model, tokenizer) triples
-        lengths: prompt lengths in tokens (the RULER sequence length, prompt + answer), e.g. 8192,16384
-        tasks: offline RULER tasks of lm-eval: niah_single_1, niah_multikey_2, niah_multikey_3, ruler_vt, ruler_cwe, ruler_fwe
+        lengths: prompt lengths in tokens (the RULER sequence length, prompt + answer), e.g. 8192 16384 or 8192,16384
+        tasks: offline RULER tasks of lm-eval: niah_single_1, niah_multikey_2, niah_multikey_3, ruler_vt, ruler_cwe, ruler_fwe (default: all six; the others need downloads and are refused with the reason)
         samples: samples per (task, length) cell, >= 1 (standard error ~ 0.5 / sqrt(samples) at worst)
         batch_size: prompts generated together (lm-eval's batch_size; left-padded)
         seed: seed of the samples (the same for every model with the same tokenizer)
         device: cpu, cuda, cuda:N or mps
         dtype: float32, bfloat16 or float16 (default: as saved)
-        out_dir: folder of the results (<name>.json, <name>.md, the heatmap <name>.png)
-        name: file stem of the results
+        out_dir: folder of the results (<name>.json, <name>.md, the heatmap <name>.png; <name>.partial.json while it runs)
+        name: file stem of the results (a plain name: nothing is written outside out_dir)
         plot: draw the heatmap <name>.png
+        overwrite: replace an earlier result of the same out_dir and name (else refused); other files stay
     """
+    check_results(out_dir, name, overwrite=overwrite)  # before anything is written: the partial file too
     version = _lm_eval_version()
     tasks = check_tasks(tasks)
     lengths = parse_ints(lengths, "lengths")
@@ -235,7 +232,7 @@ def run_ruler(
         "metric": "RULER string match (lm-eval), mean over samples",
     }
     out, cache = {}, {}
-    progress = Path(out_dir) / f"{name}.partial.json"
+    progress = result_files(out_dir, name)[-1]  # <name>.partial.json, removed when the result is written
     with tempfile.TemporaryDirectory(prefix="clex-ruler-") as tmp, _offline(Path(tmp)):
         import lm_eval.tasks
         from lm_eval.tasks import TaskManager
@@ -243,6 +240,7 @@ def run_ruler(
         # lm-eval's RULER folder only: indexing all of lm-eval's tasks would take ~15 s
         manager = TaskManager(include_defaults=False, include_path=str(Path(lm_eval.tasks.__file__).parent / "ruler"))
         for loaded in each_model(specs, seed=seed, device=device, dtype=dtype):  # one model in memory at a time
+            check_lengths_fit(loaded, [n + _SLACK for n in lengths])
             results: dict[str, dict] = {task: {} for task in tasks}
             for n in lengths:
                 lm = clex_lm(loaded.model, loaded.tokenizer, max_length=n + _SLACK, batch_size=batch_size)
@@ -274,9 +272,7 @@ def run_ruler(
             }
             del loaded
     payload = {"task": "ruler", "config": config, "seed": seed, "models": out, "skipped": SKIPPED}
-    result = _write(payload, out_dir, name, plot)
-    progress.unlink(missing_ok=True)
-    return result
+    return _write(payload, out_dir, name, plot)  # finish_run removes the partial file
 
 
 def _write(payload: dict, out_dir, name: str, plot: bool) -> dict:
@@ -312,8 +308,71 @@ def _write(payload: dict, out_dir, name: str, plot: bool) -> dict:
 _SAME = ("lengths", "tasks", "samples", "lm_eval", "metric", "dtype")
 
 
+def _cells(where: str, cells, lengths: list[int]) -> dict[int, dict]:
+    """``{length: cell}`` of one task (or the mean) of one model, its keys integers, one cell per length."""
+    if not isinstance(cells, dict):
+        raise ValueError(f"{where} must be a mapping of lengths to cells, got {type(cells).__name__}")
+    out = {}
+    for key, cell in cells.items():
+        if not str(key).isdigit():
+            raise ValueError(f"{where} has the length key {key!r}; lengths must be integers")
+        if not isinstance(cell, dict) or not isinstance(cell.get("score"), (int, float, type(None))):
+            raise ValueError(f"{where} at length {key}: a cell must be a mapping with a numeric 'score'")
+        out[int(key)] = cell
+    missing = [n for n in lengths if n not in out]
+    if missing:
+        raise ValueError(f"{where} has no cell at length(s) {missing} of its config's lengths {lengths}")
+    return out
+
+
+def read_ruler(path: str | Path) -> dict:
+    """A ``clex eval ruler`` result, checked: every field the merge reads is there, lengths as integers. A
+    ValueError of one line naming the file and the field otherwise."""
+    where = f"results: {path}"
+    try:
+        payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"results: cannot read {path} as the JSON of `clex eval ruler` ({' '.join(str(e).split())[:200]})"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("task") != "ruler" or not isinstance(payload.get("models"), dict):
+        raise ValueError(f"{where} is not the JSON of `clex eval ruler` (no task 'ruler' with models)")
+    config = payload.get("config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{where} has no 'config' mapping (the run's lengths, tasks, samples)")
+    lengths, tasks = config.get("lengths"), config.get("tasks")
+    if (
+        not isinstance(lengths, list)
+        or not lengths
+        or not all(isinstance(n, int) and not isinstance(n, bool) for n in lengths)
+    ):
+        raise ValueError(f"{where}: config.lengths must be a list of integers, got {lengths!r}")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise ValueError(f"{where}: config.tasks must be a list of task names, got {tasks!r}")
+    models = {}
+    for model, entry in payload["models"].items():
+        here = f"{where}: model {model!r}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("results"), dict):
+            raise ValueError(f"{here} has no 'results' mapping of tasks")
+        if "mean" not in entry:
+            raise ValueError(f"{here} has no 'mean' (the score over tasks by length)")
+        missing = [t for t in tasks if t not in entry["results"]]
+        if missing:
+            raise ValueError(f"{here} has no results for task(s) {missing} of its config's tasks")
+        models[model] = {
+            **entry,
+            "mean": _cells(f"{here} mean", entry["mean"], lengths),
+            "results": {t: _cells(f"{here} task {t!r}", entry["results"][t], lengths) for t in tasks},
+        }
+    return {**payload, "models": models}
+
+
 def merge_ruler(
-    results: Sequence[str] = (), out_dir: str = "runs/eval", name: str = "ruler", plot: bool = True
+    results: Sequence[str] = (),
+    out_dir: str = "runs/eval",
+    name: str = "ruler",
+    plot: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Merge RULER results of separate runs (e.g. one process a model on one GPU) into one table.
     The runs must agree on lengths, tasks, samples, lm-eval version, dtype and seed; each model name may appear
@@ -322,30 +381,24 @@ def merge_ruler(
     Args:
         results: the <name>.json files of `clex eval ruler` runs
         out_dir: folder of the merged results (<name>.json, <name>.md, the heatmap <name>.png)
-        name: file stem of the merged results
+        name: file stem of the merged results (a plain name: nothing is written outside out_dir)
         plot: draw the heatmap <name>.png
+        overwrite: replace an earlier result of the same out_dir and name (never an input); other files stay
     """
     if isinstance(results, str):
         results = [results]
     if not results:
         raise ValueError("results: give at least one ruler.json of `clex eval ruler`, got none")
-    target = (Path(out_dir) / f"{name}.json").resolve()
-    if any(Path(p).resolve() == target for p in results):
+    targets = {f.resolve() for f in result_files(out_dir, name)}
+    clash = next((p for p in results if Path(p).resolve() in targets), None)
+    if clash is not None:
         raise ValueError(
-            f"out_dir/name: the merged table would overwrite its input {target}; pick another out_dir or name"
+            f"out_dir/name: the merged table would overwrite its input {clash}; pick another out_dir or name"
         )
+    check_results(out_dir, name, overwrite=overwrite)
     merged = None
     for path in results:
-        try:
-            payload = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"results: cannot read {path} as the JSON of `clex eval ruler` ({e})") from None
-        if (
-            not isinstance(payload, dict)
-            or payload.get("task") != "ruler"
-            or not isinstance(payload.get("models"), dict)
-        ):
-            raise ValueError(f"results: {path} is not the JSON of `clex eval ruler` (no task 'ruler' with models)")
+        payload = read_ruler(path)
         if merged is None:
             merged = {**payload, "models": {}, "config": dict(payload["config"]), "merged_from": []}
         for key in _SAME:
@@ -359,12 +412,7 @@ def merge_ruler(
         for model, entry in payload["models"].items():
             if model in merged["models"]:
                 raise ValueError(f"results: model {model!r} appears twice (again in {path}); rename one run")
-            # lengths back to ints, as run_ruler holds them (JSON keys are strings)
-            merged["models"][model] = {
-                **entry,
-                "mean": {int(n): c for n, c in entry["mean"].items()},
-                "results": {t: {int(n): c for n, c in cells.items()} for t, cells in entry["results"].items()},
-            }
+            merged["models"][model] = entry
         merged["merged_from"].append(str(path))
     merged.pop("paths", None)
     return _write(merged, out_dir, name, plot)

@@ -13,7 +13,25 @@ from __future__ import annotations
 
 import random
 import zlib
+from typing import Literal
 
+#: lm-eval's RULER task names, :data:`TASKS` then :data:`SKIPPED` (the CLI's choices for ``--tasks``, so that a
+#: skipped one is refused by :func:`check_tasks` with its reason; a test keeps this equal to the two registries).
+RulerTask = Literal[
+    "niah_single_1",
+    "niah_multikey_2",
+    "niah_multikey_3",
+    "ruler_vt",
+    "ruler_cwe",
+    "ruler_fwe",
+    "niah_single_2",
+    "niah_single_3",
+    "niah_multikey_1",
+    "niah_multiquery",
+    "niah_multivalue",
+    "ruler_qa_squad",
+    "ruler_qa_hotpot",
+]
 #: The offline RULER tasks: lm-eval task name -> (generator, its settings as in lm-eval's ruler/*_utils.py).
 TASKS = {
     "niah_single_1": ("niah", {"type_haystack": "repeat", "type_needle_k": "words", "type_needle_v": "numbers"}),

@@ -1,4 +1,4 @@
-"""What every evaluation shares: model specs, loading, CLEX's fixed t, and the held-out documents.
+"""Model specs: the models an evaluation compares, named as strings, parsed, loaded one at a time, and checked.
 
 A **model spec** names one model (or one RoPE method on a model) to evaluate, as a string::
 
@@ -24,18 +24,16 @@ Examples: ``runs/clex``, ``base=runs/base``, ``yarn4=runs/base:yarn:factor=4``, 
 
 In Python, an already-built ``(name, model, tokenizer)`` triple is accepted wherever a spec is.
 
-**CLEX and the key cache.** A CLEX model picks t from the number of keys, so the same key would be rotated
-with different frequencies as a sequence grows. :func:`fixed_clex_t` pins t, for the duration of a ``with``
-block, to the t of the final length, so a chunked forward or a generation uses the frequencies of ONE full
-forward over the final length, and every cached key stays exact.
+The documents every evaluation reads are in :mod:`clex.eval.documents`; the t pin that keeps a CLEX model's
+key cache exact (:func:`clex.hf.generation.fixed_clex_t`) is transformers glue, beside generation; the checks of
+generic arguments (lengths, counts, dtype, device) are :mod:`clex.core.checks`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import difflib
 import json
 import math
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +43,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.checks import check_fits, solve_bytes
 from ..core.rotary_embedding import CLEXRotaryEmbedding
-from ..hf.loading import DTYPES
 from ..hf.lookup import find_rotary, text_config
-from ..hf.methods import method_name, original_length_of, prepare_model
+from ..hf.methods import ALIASES, METHODS, method_name, original_length_of, prepare_model
+
+#: the spec grammar, quoted in every error about a spec's shape
+GRAMMAR = "[NAME=]PATH[:METHOD[:KEY=VALUE,...]]"
 
 
 def _value(text: str) -> Any:
@@ -70,6 +71,16 @@ def parse_params(text: str, where: str) -> dict:
     return params
 
 
+def _method(name: str, text: str) -> str:
+    """The registry name of a spec's METHOD; an unknown one is refused with the closest name and the valid ones."""
+    try:
+        return method_name(name)
+    except ValueError as e:
+        close = difflib.get_close_matches(str(name).strip().lower(), [*METHODS, *ALIASES], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"model spec {text!r}: {e}{hint}") from None
+
+
 @dataclass
 class ModelSpec:
     """One model to evaluate: a folder, an optional RoPE method with its parameters, a display name."""
@@ -81,7 +92,8 @@ class ModelSpec:
 
     @classmethod
     def parse(cls, text: str) -> ModelSpec:
-        """``[NAME=]PATH[:METHOD[:KEY=VALUE,...]]`` -> ModelSpec (see the module docstring)."""
+        """``[NAME=]PATH[:METHOD[:KEY=VALUE,...]]`` -> ModelSpec (see the module docstring). Parameters without
+        a method, or given to ``none`` (the model unchanged), are refused: nothing of a spec is dropped."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"a model spec must be a non-empty string like 'name=path:yarn:factor=4', got {text!r}")
         name = None
@@ -89,10 +101,20 @@ class ModelSpec:
         if "=" in head:
             name, _, head = head.partition("=")
         parts = rest.split(":", 1) if sep else []
-        method = method_name(parts[0]) if parts and parts[0] else None
+        method = _method(parts[0], text) if parts and parts[0].strip() else None
         params = parse_params(parts[1] if len(parts) > 1 else "", f"model spec {text!r}")
         if not head:
-            raise ValueError(f"model spec {text!r} has no model path; expected [NAME=]PATH[:METHOD[:KEY=VALUE,...]]")
+            raise ValueError(f"model spec {text!r} has no model path; expected {GRAMMAR}")
+        if params and method is None:
+            raise ValueError(
+                f"model spec {text!r} gives parameters {sorted(params)} but no METHOD to take them; expected "
+                f"{GRAMMAR}, e.g. {head}:yarn:factor=4; methods: {', '.join(METHODS)}"
+            )
+        if params and method == "none":
+            raise ValueError(
+                f"model spec {text!r}: method 'none' (the model unchanged) takes no parameters, got {sorted(params)}; "
+                f"give a scaling method for a factor, e.g. {head}:pi:factor=4"
+            )
         return cls(path=head, method=method, params=params, name=name or None)
 
     @property
@@ -144,31 +166,19 @@ def original_length_or_none(model: nn.Module) -> int | None:
     return int(length) if length else None
 
 
-def _load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise FileNotFoundError(
-            f"model folder {path} has no tokenizer (tokenizer.json or tokenizer_config.json); "
-            "save one there with tokenizer.save_pretrained"
-        )
-    return AutoTokenizer.from_pretrained(path)
-
-
 def load_spec(spec: str | ModelSpec, *, device: str = "cpu", dtype: str | None = None) -> LoadedModel:
     """Build the model of one spec (a string or :class:`ModelSpec`) on ``device`` in eval mode.
 
-    A baseline method goes through :func:`clex.hf.methods.prepare_model`, as in training.
+    A baseline method goes through :func:`clex.hf.methods.prepare_model`, as in training. The folder is read
+    by :func:`clex.load_model` and :func:`clex.hf.loading.load_tokenizer`: nothing in it runs.
     """
     from ..core.config import CLEXConfig
-    from ..hf.loading import clex_config_of, load_model, read_config
+    from ..hf.loading import clex_config_of, load_model, load_tokenizer, read_config
 
     spec = ModelSpec.parse(spec) if isinstance(spec, str) else spec
     path = Path(spec.path)
     if spec.path == "smollm2" and not path.exists():
-        from ..data.smollm2 import (
-            load_smollm2,  # the embedded GGUF model, converted once to a cached folder
-        )
+        from ..data.smollm2 import load_smollm2  # the embedded GGUF model, converted once to a cached folder
 
         fresh = CLEXConfig.from_dict(spec.params) if spec.method == "clex" else None
         model, tokenizer = load_smollm2(dtype=dtype or "float32", device=device, clex=fresh)
@@ -178,7 +188,7 @@ def load_spec(spec: str | ModelSpec, *, device: str = "cpu", dtype: str | None =
             model = load_model(path, dtype=dtype, device=device, clex=CLEXConfig.from_dict(spec.params))
         else:
             model = load_model(path, dtype=dtype, device=device, **(spec.params if spec.method == "clex" else {}))
-        tokenizer = _load_tokenizer(path)
+        tokenizer = load_tokenizer(path)
     if spec.method and spec.method != "clex":
         params = dict(spec.params)
         factor = params.pop("factor", 1 if spec.method == "none" else None)
@@ -210,13 +220,14 @@ def _is_triple(item) -> bool:
 
 
 def check_models(models) -> list:
-    """The models argument as a non-empty list (one spec, one triple, or a sequence of them)."""
+    """The models argument as a non-empty list (one spec, one triple, or a sequence of them); spec strings are
+    parsed here, so that a malformed one is refused before any model is loaded."""
     if isinstance(models, (str, ModelSpec, LoadedModel)) or _is_triple(models):
         models = [models]
     models = list(models or [])
     if not models:
         raise ValueError("models: give at least one model spec (--models SPEC [SPEC ...], e.g. runs/clex), got none")
-    return models
+    return [ModelSpec.parse(m) if isinstance(m, str) else m for m in models]
 
 
 def each_model(models: list, *, seed: int, device: str, dtype: str | None) -> Iterator[LoadedModel]:
@@ -245,120 +256,36 @@ def unique_names(names: list[str]) -> None:
         raise ValueError(f"model names must be unique, got {dupes} more than once; name them with NAME=PATH")
 
 
-@contextlib.contextmanager
-def fixed_clex_t(model: nn.Module, length: int) -> Iterator[float | None]:
-    """Within the block, a CLEX model uses the t of ``length`` keys for every forward (yields that t).
-
-    t is what the model's own policy gives a sequence of ``length`` keys, so a chunked forward (or a
-    generation) that ends at ``length`` uses the same frequencies as one full forward over ``length``
-    tokens, and the key cache stays exact. With ``log_scale`` the query scale is pinned to ``length`` too
-    (a full forward's). Models without CLEX are left alone (yields None).
-    """
-    rot = rotary_of(model)
-    if not isinstance(rot, CLEXRotaryEmbedding):
-        yield None
-        return
-    from ..hf.generation import fixed_t
-
-    t = float(rot.t_for_length(torch.tensor([int(length)]))[0])
-    with fixed_t(model, t, log_scale_length=int(length)):
-        yield t
-
-
-# --- documents ---------------------------------------------------------------------------------------------
-
-
-def load_documents(documents: str | Path | dict | None = None) -> dict[str, str]:
-    """{name: text}: None = the held-out plays of the embedded corpus; a dict is taken as is (names to texts);
-    a path is read by :func:`clex.data.texts.read_documents`, the reader training uses (.txt/.md files,
-    .jsonl lines, folders of them, saved datasets; errors name the file)."""
-    if documents is None:
-        from ..data.corpus import split_plays
-
-        return split_plays()[1]
-    if not isinstance(documents, dict):
-        from ..data.texts import read_documents
-
-        return read_documents(documents, what="documents")
-    bad = [k for k, v in documents.items() if not isinstance(v, str)]
-    if bad:
-        raise ValueError(f"documents: a dict must map names to text strings; not a string: {bad[:3]}")
-    docs = {str(k): v for k, v in documents.items() if v.strip()}
-    if not docs:
-        raise ValueError("documents: the dict given holds no text: every document is empty")
-    return docs
+def memory_for_length(loaded: LoadedModel, length: int) -> int:
+    """A lower bound of the bytes one sequence of ``length`` tokens takes in ``loaded``'s model: its key/value
+    cache and two hidden states, plus, for CLEX, the frequency table solved for the t of that length (the t
+    pin's table: one row per integer t up to length / L). The attention's own scratch space is not counted."""
+    model = loaded.model
+    config = text_config(model) if isinstance(model, nn.Module) and getattr(model, "config", None) else None
+    need = 0
+    if config is not None:
+        heads = getattr(config, "num_attention_heads", 1) or 1
+        hidden = getattr(config, "hidden_size", 0) or 0
+        head_dim = getattr(config, "head_dim", None) or (hidden // heads if hidden else 0)
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        layers = getattr(config, "num_hidden_layers", 0) or 0
+        param = next(model.parameters(), None)
+        size = param.element_size() if param is not None else 4
+        need += length * size * (2 * layers * kv_heads * head_dim + 2 * hidden)
+    rotary = rotary_of(model)
+    if isinstance(rotary, CLEXRotaryEmbedding):
+        need += solve_bytes(math.ceil(length / rotary.original_length), rotary.inv_freq.numel())
+    return need
 
 
-def tokenize_documents(tokenizer, docs: dict[str, str]) -> dict[str, list[int]]:
-    """{name: token ids} without special tokens (a document is scored as plain continuing text)."""
-    return {k: list(tokenizer(v, add_special_tokens=False)["input_ids"]) for k, v in docs.items()}
-
-
-def parse_ints(value, field: str) -> list[int]:
-    """A non-empty list of integers >= 2 from a list or a comma-separated string ("128,256")."""
-    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
-    out = []
-    for v in items:
-        text = str(v).strip()
-        if not text:
-            continue
-        if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
-            raise ValueError(f"{field} must be integers >= 2 like '128,256', got {v!r} in {value!r}")
-        try:
-            out.append(int(float(text)) if isinstance(v, float) else int(text))
-        except ValueError:
-            raise ValueError(f"{field} must be integers >= 2 like '128,256', got {v!r} in {value!r}") from None
-    if not out or min(out) < 2:
-        raise ValueError(f"{field} must be integers >= 2 like '128,256', got {value!r}")
-    return out
-
-
-def parse_fractions(value, field: str) -> list[float]:
-    """A non-empty list of finite numbers in [0, 1] from a list or a comma-separated string ("0,0.5,1")."""
-    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
-    out = []
-    for v in items:
-        try:
-            x = float(str(v).strip()) if not isinstance(v, bool) else math.nan
-        except ValueError:
-            x = math.nan
-        if not (math.isfinite(x) and 0 <= x <= 1):
-            raise ValueError(f"{field} must be finite fractions in [0, 1] like '0,0.5,1', got {v!r} in {value!r}")
-        out.append(x)
-    if not out:
-        raise ValueError(f"{field} must be finite fractions in [0, 1] like '0,0.5,1', got none")
-    return out
-
-
-def check_count(field: str, value, *, minimum: int = 1, allow_none: bool = False, none_means: str = "") -> None:
-    """A ValueError naming ``field`` unless ``value`` is an integer >= ``minimum`` (or None if allowed)."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        allowed = f"an integer >= {minimum}" + (
-            f" or None (= {none_means})" if allow_none and none_means else " or None" if allow_none else ""
-        )
-        raise ValueError(f"{field} must be {allowed}, got {value!r}")
-
-
-def check_dtype(dtype: str | None) -> str | None:
-    """``dtype`` if it is None or one of :data:`DTYPES`, else a ValueError naming the value and the allowed ones."""
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or none: as saved), got {dtype!r}")
-    return dtype
-
-
-def check_device(device: str) -> str:
-    """``device`` if it is cpu, cuda, cuda:N or mps and available here, else a ValueError naming it."""
-    text = str(device)
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", text):
-        raise ValueError(f"device must be one of cpu, cuda, cuda:N (N a GPU index), mps, got {device!r}")
-    if text.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} is not available: torch finds no CUDA GPU here; use --device cpu")
-        index = int(text.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} is not available: torch finds {torch.cuda.device_count()} CUDA GPU(s)")
-    if text == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' is not available here (torch.backends.mps.is_available() is False)")
-    return text
+def check_lengths_fit(loaded: LoadedModel, lengths: Sequence[int], *, field: str = "lengths") -> None:
+    """Refuse, before the first forward, a length that cannot fit in the memory free where the model lives
+    (:func:`memory_for_length`, a lower bound: a length refused here could never run)."""
+    longest = max(lengths)
+    check_fits(
+        field,
+        longest,
+        memory_for_length(loaded, longest),
+        device=model_device(loaded.model),
+        hint=f"{loaded.name} holds a key/value cache and, for CLEX, a frequency table per length: give shorter lengths",
+    )

@@ -26,17 +26,20 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
+from ..core.checks import check_fits, solve_bytes
 from ..core.equations import yarn_mscale
-from ..core.io import atomic_write_text
+from ..core.io import atomic_write_bytes, atomic_write_text, follow_umask
 from .generation import fixed_t
 from .lookup import get_clex_rotary, text_config
+from .to_gguf import TokenizerPre, check_tokenizer_pre
 
-FORMATS = ("hf", "gguf")
+Format = Literal["hf", "gguf"]
+FORMATS: tuple[str, ...] = get_args(Format)
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -51,10 +54,9 @@ _TOKENIZER_FILES = (
 
 def longrope_parameters(model, length: int) -> dict:
     """The ``rope_parameters`` (type longrope) that hold a CLEX model's θ(length / L) past L (module docstring)."""
+    check_length(model, length)
     rotary = get_clex_rotary(model)
     c, L = rotary.config, rotary.original_length
-    if isinstance(length, bool) or not isinstance(length, int) or length < L:
-        raise ValueError(f"length must be an integer >= L = {L} (the model's original length), got {length!r}")
     t = length / L
     # The θ a forward inside fixed_t(model, t) uses: the ODE solved on fixed_t's own t grid (its table when t is
     # on the grid). A separate solve (inv_freq_at) or the continuous policy's finer grid gives θ that differ by up
@@ -79,35 +81,110 @@ def longrope_parameters(model, length: int) -> dict:
     }
 
 
+def export_files(folder: Path) -> list[Path]:
+    """The files an hf export (or any ``save_pretrained`` with a tokenizer) writes that are in ``folder``: what
+    ``overwrite`` replaces; every other file of the folder stays."""
+    names = {"config.json", "generation_config.json", "clex_export.json", "clex_model.py", *_TOKENIZER_FILES}
+    found = [folder / n for n in sorted(names) if (folder / n).is_file()]
+    found += sorted(p for p in folder.glob("model*.safetensors*") if p.is_file())  # shards and their index
+    return found
+
+
+def _check_out(out: Path, source: str | Path | None, overwrite: bool, format: str) -> None:
+    """``out`` may be written: not the source folder, not inside it and not holding it (a user's model is never
+    written over, even with overwrite); an existing output only with ``overwrite``."""
+    if source is not None:
+        src, dst = Path(source).resolve(), out.resolve()
+        if dst == src or src in dst.parents or dst in src.parents:
+            relation = "is" if dst == src else "is inside" if src in dst.parents else "holds"
+            raise ValueError(
+                f"out {out} {relation} the model folder {source}: an export is written beside its model, never into "
+                "or over it (even with --overwrite); pick an out outside the model folder"
+            )
+    if format == "gguf":
+        if out.suffix != ".gguf":
+            raise ValueError(f"out must be a file name ending in .gguf for format gguf, got {str(out)!r}")
+        if out.is_dir():
+            raise ValueError(f"out {out} is a folder; format gguf writes one file (a name ending in .gguf)")
+        if out.exists() and not overwrite:
+            raise ValueError(f"out {out} exists: pick a new file name, or overwrite=True (--overwrite) to replace it")
+        return
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {out} is a file; format hf writes a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(
+            f"out {out} is not empty: pick a new folder, or overwrite=True (--overwrite) to replace the export "
+            "there (only the files an export writes are replaced)"
+        )
+
+
+def check_length(model, length: int) -> None:
+    """``length`` an integer >= L whose frequencies can be solved in the memory free here: the export solves the
+    ODE on fixed_t's grid, one row per integer t up to length / L (a clear error instead of the kernel's kill)."""
+    rotary = get_clex_rotary(model)
+    L = rotary.original_length
+    if isinstance(length, bool) or not isinstance(length, int) or length < L:
+        raise ValueError(f"length must be an integer >= L = {L} (the model's original length), got {length!r}")
+    check_fits(
+        "length",
+        length,
+        solve_bytes(math.ceil(length / L), rotary.inv_freq.numel()),
+        hint=f"θ(length / L) is solved over every integer t up to length / L (L = {L}): give a smaller length",
+    )
+
+
 def export(
     model,
     out: str | Path,
     *,
     length: int,
-    format: str = "hf",
+    format: Format = "hf",
     overwrite: bool = False,
     tokenizer_from: str | Path | None = None,
-    tokenizer_pre: str = "default",
+    tokenizer_pre: TokenizerPre | None = None,
+    source: str | Path | None = None,
 ) -> Path:
-    """Write ``out``: for ``format="hf"`` a folder that stock transformers loads with no clex and no remote code,
-    with CLEX's θ(length / L) past L and the model's own frequencies up to L (see the module docstring); for
-    ``format="gguf"`` a ``.gguf`` file for llama.cpp with θ(length / L) at every position (:mod:`clex.hf.to_gguf`;
-    it needs ``tokenizer_from``, a folder with the BPE tokenizer.json, and ``tokenizer_pre``, llama.cpp's
-    pre-tokenizer name)."""
+    """Write a CLEX model at one target length for engines that know nothing of CLEX.
+
+    ``format="hf"``: a folder that stock transformers (and vLLM) loads with no clex and no remote code, with
+    CLEX's θ(length / L) past L and the model's own frequencies up to L (transformers' longrope rope type; see
+    the module docstring). ``format="gguf"``: one ``.gguf`` file for llama.cpp with θ(length / L) at every
+    position (:mod:`clex.hf.to_gguf`). Everything is checked before anything is written or removed.
+
+    Args:
+        model: a CLEX model (:func:`clex.apply_clex`, or loaded with :func:`clex.load_model`)
+        out: the folder to write (hf: missing or empty, unless overwrite) or the .gguf file (gguf)
+        length: the target length N, an integer >= L (the model's original length); t = N / L
+        format: "hf" (longrope) or "gguf" (LLaMA-family GGUF with rope_freqs)
+        overwrite: replace an earlier export at ``out``: only the files an export writes (config, weights,
+            tokenizer, clex_export.json); other files of the folder stay
+        tokenizer_from: a folder whose tokenizer files are copied (hf) or written into the GGUF (gguf: needed,
+            a BPE tokenizer.json)
+        tokenizer_pre: gguf only: llama.cpp's pre-tokenizer name (None: "default"); "smollm" for SmolLM2,
+            "llama-bpe" for Llama 3
+        source: the model's own folder, if any: ``out`` may not be it, inside it, or hold it
+
+    Returns:
+        ``out``, the folder or file written.
+    """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
-    out = Path(out)
-    if format == "gguf":
-        return _export_gguf(
-            model, out, length=length, overwrite=overwrite, tokenizer_from=tokenizer_from, tokenizer_pre=tokenizer_pre
+    if tokenizer_pre is not None and format != "gguf":
+        raise ValueError(
+            f"tokenizer_pre={tokenizer_pre!r} applies to format gguf only (llama.cpp's pre-tokenizer); "
+            f"format {format!r} copies the tokenizer files as they are: leave tokenizer_pre out"
         )
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ValueError(
-                f"out {out} is not empty: pick a new folder, or overwrite=True (--overwrite) to replace it"
-            )
-        shutil.rmtree(out)
-    params = longrope_parameters(model, length)
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"overwrite must be True or False, got {overwrite!r}")
+    out = Path(out)
+    _check_out(out, source, overwrite, format)
+    check_length(model, length)
+    if format == "gguf":
+        check_tokenizer_pre(tokenizer_pre or "default")
+        return _export_gguf(model, out, length=length, tokenizer_from=tokenizer_from, tokenizer_pre=tokenizer_pre)
+    params = longrope_parameters(model, length)  # before anything at out is touched
+    for file in export_files(out) if out.is_dir() else []:  # an earlier export (overwrite): its files only
+        file.unlink()
     state = {k: v for k, v in model.state_dict().items() if ".dynamics." not in k}  # the ODE weights stay behind
     type(model).save_pretrained(model, out, state_dict=state)  # the class's own: no CLEX config, no remote code
     file = out / "config.json"
@@ -116,11 +193,10 @@ def export(
     raw["rope_parameters"] = params
     raw["max_position_embeddings"] = int(length)
     atomic_write_text(file, json.dumps(raw, indent=2, sort_keys=True) + "\n")
-    (out / "clex_model.py").unlink(missing_ok=True)
     if tokenizer_from is not None:
         for name in _TOKENIZER_FILES:
             if (Path(tokenizer_from) / name).is_file():
-                shutil.copyfile(Path(tokenizer_from) / name, out / name)
+                atomic_write_bytes(out / name, (Path(tokenizer_from) / name).read_bytes())
     c = get_clex_rotary(model).config
     note = {
         "exported_by": "clex",
@@ -130,6 +206,7 @@ def export(
         "below_L": "the plain model" + _below_L_scale(c),
     }
     atomic_write_text(out / "clex_export.json", json.dumps(note, indent=2) + "\n")
+    follow_umask(out)  # the weights too (safetensors writes 0600): a served or shared export is readable
     return out
 
 
@@ -139,15 +216,9 @@ def _below_L_scale(c) -> str:
     return f" with {' and '.join(parts)}" if parts else ""
 
 
-def _export_gguf(model, out: Path, *, length: int, overwrite: bool, tokenizer_from, tokenizer_pre: str) -> Path:
+def _export_gguf(model, out: Path, *, length: int, tokenizer_from, tokenizer_pre: str | None) -> Path:
     from .to_gguf import write_gguf
 
-    if out.suffix != ".gguf":
-        raise ValueError(f"out must be a file name ending in .gguf for format gguf, got {str(out)!r}")
-    if out.exists() and not overwrite:
-        raise ValueError(f"out {out} exists: pick a new file name, or overwrite=True (--overwrite) to replace it")
-    if out.is_dir():
-        raise ValueError(f"out {out} is a folder; format gguf writes one file (a name ending in .gguf)")
     params = longrope_parameters(model, length)
     L = params["original_max_position_embeddings"]
     note = {
@@ -158,25 +229,42 @@ def _export_gguf(model, out: Path, *, length: int, overwrite: bool, tokenizer_fr
         "below_L": "CLEX at the same t (llama.cpp applies rope_freqs at every position)",
     }
     return write_gguf(
-        model, out, length=length, params=params, note=note, tokenizer_from=tokenizer_from, tokenizer_pre=tokenizer_pre
+        model,
+        out,
+        length=length,
+        params=params,
+        note=note,
+        tokenizer_from=tokenizer_from,
+        tokenizer_pre=tokenizer_pre or "default",
     )
 
 
 def run(
-    model: str, out: str, *, length: int, format: str = "hf", overwrite: bool = False, tokenizer_pre: str = "default"
+    model: str,
+    out: str,
+    *,
+    length: int,
+    format: Format = "hf",
+    overwrite: bool = False,
+    tokenizer_pre: TokenizerPre | None = None,
 ) -> int:
     """Export a CLEX model folder for stock transformers / vLLM (longrope) or llama.cpp (GGUF) at one target length.
 
     Args:
         model: a CLEX model folder (saved by clex, or the authors' layout)
-        out: the folder to write (hf; must be empty or missing, unless --overwrite), or the .gguf file (gguf)
+        out: the folder to write (hf; must be empty or missing, unless --overwrite), or the .gguf file (gguf); never the model folder, inside it or holding it
         length: the target length N >= L: CLEX's θ(N/L) is used past L (hf: the plain model's frequencies up to L; gguf: θ(N/L) everywhere)
         format: hf (transformers' longrope rope type, also read by vLLM) or gguf (LLaMA-family GGUF with rope_freqs, for llama.cpp)
-        overwrite: replace a non-empty out folder or an existing .gguf file
-        tokenizer_pre: gguf only: llama.cpp's pre-tokenizer name (tokenizer.ggml.pre): smollm for SmolLM2, llama-bpe for Llama 3, default otherwise
+        overwrite: replace an earlier export at out (else refused): only the files an export writes; other files stay
+        tokenizer_pre: gguf only: llama.cpp's pre-tokenizer name (tokenizer.ggml.pre): smollm for SmolLM2, llama-bpe for Llama 3 (default: default)
     """
     from .loading import load_model
 
+    if isinstance(length, bool) or not isinstance(length, int):
+        raise ValueError(f"length must be an integer, got {length!r}")
+    if tokenizer_pre is not None and format != "gguf":  # before the model is loaded
+        raise ValueError(f"--tokenizer-pre applies to --format gguf only, got --format {format} with {tokenizer_pre!r}")
+    _check_out(Path(out), model, overwrite, format)  # before the model is loaded: nothing of it is at risk
     path = export(
         load_model(model),
         out,
@@ -185,6 +273,7 @@ def run(
         overwrite=overwrite,
         tokenizer_from=model,
         tokenizer_pre=tokenizer_pre,
+        source=model,
     )
     where = "everywhere" if format == "gguf" else "past L"
     print(

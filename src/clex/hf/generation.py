@@ -43,7 +43,8 @@ it, so left padding and custom ``position_ids`` are handled) lives on the cache 
 with a clear error (their keys cannot be rotated in place): the fixed-t policy works with them.
 
 Fixed t. :func:`fixed_t_for` picks one t from prompt length + max_new_tokens; :func:`fixed_t` sets it for a
-block and :func:`generate_fixed_t` wraps ``model.generate``: θ never changes, so nothing is re-rotated, at
+block (:func:`fixed_clex_t`: the t of a final length, for any model) and :func:`generate_fixed_t` wraps
+``model.generate``: θ never changes, so nothing is re-rotated, at
 the price of rotating short prefixes with the frequencies of the final length.
 """
 
@@ -56,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.policies import INFERENCE_T
+from ..core.rotary_embedding import CLEXRotaryEmbedding
 from .keycache import (
     REROTATE_MODES,
     SUPPORTED_LAYERS,
@@ -64,7 +66,7 @@ from .keycache import (
     rotate_keys_,
     rotation_delta,
 )
-from .lookup import get_clex_rotary
+from .lookup import find_rotary, get_clex_rotary
 
 __all__ = [
     "REROTATE_MODES",
@@ -73,6 +75,7 @@ __all__ = [
     "check_cache",
     "disable_exact_cache",
     "enable_exact_cache",
+    "fixed_clex_t",
     "fixed_t",
     "fixed_t_for",
     "generate_fixed_t",
@@ -89,9 +92,16 @@ def enable_exact_cache(model: nn.Module, *, rerotate: str = "on_change") -> Exac
 
     At every step each attention then sees all its keys rotated with the current θ: the reference's
     semantics, and for a one-layer model exactly one full forward with the current t (module docstring).
-    Idempotent: a second call with the same ``rerotate`` returns the hooks already in place.
-    rerotate: ``on_change`` (default) or ``every_step`` (the reference's cost; for benchmarks).
-    Undo with :func:`disable_exact_cache` or ``hooks.remove()``.
+    Idempotent: a second call with the same ``rerotate`` returns the hooks already in place. Undo with
+    :func:`disable_exact_cache` or ``hooks.remove()``.
+
+    Args:
+        model: a CLEX model (:func:`clex.apply_clex` calls this already unless ``exact_cache=False``)
+        rerotate: ``on_change`` (default: when a row's t changes) or ``every_step`` (the reference's cost;
+            for benchmarks)
+
+    Returns:
+        The hooks (:class:`ExactKeyCache`).
     """
     rotary = get_clex_rotary(model)
     old = getattr(rotary, "_clex_exact_cache", None)
@@ -105,7 +115,11 @@ def enable_exact_cache(model: nn.Module, *, rerotate: str = "on_change") -> Exac
 
 
 def disable_exact_cache(model: nn.Module) -> None:
-    """Remove the hooks of :func:`enable_exact_cache` (no-op if none)."""
+    """Remove the hooks of :func:`enable_exact_cache` (no-op if none).
+
+    Args:
+        model: a CLEX model
+    """
     hooks = getattr(get_clex_rotary(model), "_clex_exact_cache", None)
     if hooks is not None:
         hooks.remove()
@@ -116,6 +130,11 @@ def fixed_t_for(model: nn.Module, prompt_len: int, max_new_tokens: int) -> float
 
     ``continuous`` (rounded up to 1/t_resolution) and ``integer`` are used as configured; a model already on
     ``fixed`` uses ``continuous`` at its t_resolution.
+
+    Args:
+        model: a CLEX model
+        prompt_len: tokens of the (longest) prompt, >= 0
+        max_new_tokens: tokens the generation adds, >= 0
     """
     for name, value in (("prompt_len", prompt_len), ("max_new_tokens", max_new_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -144,6 +163,28 @@ def fixed_t(model: nn.Module, t: float, *, log_scale_length: int | None = None) 
         rotary.config, rotary.log_scale_length = saved, saved_length
 
 
+@contextlib.contextmanager
+def fixed_clex_t(model: nn.Module, length: int) -> Iterator[float | None]:
+    """Within the block, a CLEX model uses the t of ``length`` keys for every forward (yields that t).
+
+    t is what the model's own policy gives a sequence of ``length`` keys, so a chunked forward (or a
+    generation) that ends at ``length`` uses the same frequencies as one full forward over ``length``
+    tokens, and the key cache stays exact: the t pin every evaluation uses (perplexity's chunks, retrieval's
+    and RULER's generations). With ``log_scale`` the query scale is pinned to ``length`` too (a full
+    forward's). Any other model (plain RoPE, no RoPE, not a torch module) is left alone (yields None).
+    """
+    rotary = None
+    if isinstance(model, nn.Module):
+        with contextlib.suppress(ValueError):  # no RoPE, or several rotaries: not a CLEX model
+            rotary = find_rotary(model)[1]
+    if not isinstance(rotary, CLEXRotaryEmbedding):
+        yield None
+        return
+    t = float(rotary.t_for_length(torch.tensor([int(length)]))[0])
+    with fixed_t(model, t, log_scale_length=int(length)):
+        yield t
+
+
 def generate_fixed_t(
     model: nn.Module, input_ids: Tensor, *, max_new_tokens: int, attention_mask: Tensor | None = None, **kwargs
 ):
@@ -151,6 +192,16 @@ def generate_fixed_t(
 
     θ never changes during the generation, so no key is ever re-rotated; works with every cache type. With
     ``log_scale`` the query scale is pinned to that final length too (what an export at that length holds).
+
+    Args:
+        model: a CLEX model
+        input_ids: the prompt(s), [B, P]
+        max_new_tokens: tokens to generate
+        attention_mask: the prompts' mask ([B, P], left padding), or None for unpadded prompts
+        **kwargs: everything else ``model.generate`` takes (do_sample, temperature, ...)
+
+    Returns:
+        What ``model.generate`` returns.
     """
     prompt = int(attention_mask.sum(dim=-1).max()) if attention_mask is not None else input_ids.shape[-1]
     final = int(prompt) + int(max_new_tokens)

@@ -7,20 +7,29 @@ type); :func:`load_model` reads it, builds the plain-RoPE model, applies CLEX an
 The authors' checkpoints (DAMO-NLP-SG/CLEX) carry ``rope_scaling = {"type": "clex", "max_factor",
 "param_factor", "act", "time_dt", "factor"}``, a top-level ``log_scale``, and the weights
 ``model.clex_layer.proj_func.ode_up_proj`` / ``ode_down_proj`` (and ``model.clex_layer.inv_freq``).
+
+Nothing of a folder runs: every ``from_pretrained`` here passes ``trust_remote_code=False`` (so transformers never
+asks), and a folder whose ``config.json`` or ``tokenizer_config.json`` carries an ``auto_map`` (a pointer at a
+``.py`` file of custom code) is refused before anything is read (:func:`refuse_remote_code`), except the one
+entry clex writes itself into saved CLEX folders (:data:`clex.hf.patch.OWN_AUTO_MAP`: ``clex_model.py``, which
+only forwards stock transformers to clex, and which :func:`load_model` never runs: it reads those folders
+itself). Weights are read by safetensors or by ``torch.load(weights_only=True)``: plain tensors, never code.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..core.checks import check_device, check_dtype
 from ..core.config import CLEXConfig, check_keys
 from .lookup import get_clex_rotary
-from .patch import apply_clex, split_rope_parameters
+from .patch import OWN_AUTO_MAP, apply_clex, split_rope_parameters
 
 #: Reference config keys that are CLEXConfig fields of the same name and meaning.
 OFFICIAL_KEYS = ("max_factor", "param_factor", "act", "time_dt")
@@ -28,8 +37,75 @@ OFFICIAL_KEYS = ("max_factor", "param_factor", "act", "time_dt")
 #: release, read by no CLEX code; any other value is refused rather than ignored). Any further key is refused.
 OFFICIAL_FOREIGN_KEYS = ("type", "rope_type", "factor")
 ODE_WEIGHTS = ("ode_up_proj", "ode_down_proj")
-#: dtype names load_model takes.
-DTYPES = ("float32", "bfloat16", "float16")
+#: The files of a folder whose ``auto_map`` would make transformers import a .py file of the folder.
+CODE_MAPS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON: {_one_line(e)}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+#: auto_map entries of the authors' released CLEX folders that clex reads itself (their modeling file never runs)
+MODEL_MAPS = ("AutoConfig", "AutoModel", "AutoModelForCausalLM")
+
+
+def _is_authors_layout(raw: dict) -> bool:
+    official = raw.get("rope_scaling") or {}
+    return isinstance(official, dict) and "clex" in (official.get("type"), official.get("rope_type"))
+
+
+def refuse_remote_code(path: str | Path) -> None:
+    """A ValueError naming the file and the entry when the folder asks for custom code: an ``auto_map`` entry in
+    one of :data:`CODE_MAPS`, except, in config.json, clex's own (:data:`clex.hf.patch.OWN_AUTO_MAP`) and the
+    model entries of the authors' released CLEX layout (:data:`MODEL_MAPS`): :func:`load_model` builds those
+    models itself. clex never runs code from a model folder, and says so rather than letting transformers ask
+    on stdin."""
+    path = Path(path)
+    for name in CODE_MAPS:
+        file = path / name
+        if not file.is_file():
+            continue
+        raw = _read_json(file)
+        auto_map = raw.get("auto_map")
+        if not auto_map:
+            continue
+        entries = auto_map.items() if isinstance(auto_map, dict) else [("AutoTokenizer", auto_map)]  # legacy list
+        for key, ref in entries:
+            ours = OWN_AUTO_MAP.get(key) == ref or (_is_authors_layout(raw) and key in MODEL_MAPS)
+            if name == "config.json" and ours:
+                continue  # a CLEX folder (ours, the authors'): load_model builds its config and model itself
+            refs = [r for r in (ref if isinstance(ref, (list, tuple)) else [ref]) if isinstance(r, str)]
+            modules = ", ".join(sorted({r.split("--")[-1].rpartition(".")[0] + ".py" for r in refs})) or "a .py file"
+            raise ValueError(
+                f"{file}: auto_map entry {key!r}: {ref!r} asks to run custom code ({modules}); clex never runs code "
+                "from a model folder: delete the auto_map entry to load the folder with transformers' own classes"
+            )
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a local model folder, by ``AutoTokenizer`` with ``trust_remote_code=False`` (nothing of
+    the folder runs, nothing is fetched); a FileNotFoundError when the folder has none."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder not found: {path}")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise FileNotFoundError(
+            f"model folder {path} has no tokenizer (tokenizer.json or tokenizer_config.json); "
+            "save one there with tokenizer.save_pretrained"
+        )
+    refuse_remote_code(path)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}: its tokenizer cannot be loaded: {_one_line(e)}") from None
 
 
 def read_config(path: str | Path) -> dict:
@@ -40,10 +116,7 @@ def read_config(path: str | Path) -> dict:
     file = path / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a transformers model folder: it has no config.json")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from e
+    return _read_json(file)
 
 
 def clex_config_of(raw: dict) -> tuple[CLEXConfig | None, dict]:
@@ -104,44 +177,36 @@ def _one_line(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _check_weight_files(path: Path) -> None:
-    """Every safetensors file of the folder has a readable header and the size it declares (a truncated or
-    corrupt file is named here, not deep inside transformers)."""
+def check_weight_files(path: Path) -> None:
+    """Every weight file of the folder is readable: each safetensors file has a readable header and the size
+    it declares; where no safetensors file exists, each ``*.bin`` holds plain tensors only (torch's
+    ``weights_only`` loader; a pickle that would run code, or a damaged file, is named here in one line rather
+    than deep inside transformers)."""
     from safetensors import safe_open
 
-    for file in sorted(path.glob("*.safetensors")):
+    tensors = sorted(path.glob("*.safetensors"))
+    for file in tensors:
         try:
             with safe_open(str(file), framework="pt") as f:
                 f.keys()
         except Exception as e:
             raise ValueError(f"{file} is not a readable safetensors file: {_one_line(e)}") from e
-
-
-def _check_dtype(dtype):
-    if dtype is None:
-        return None
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return getattr(torch, dtype)
-    if isinstance(dtype, torch.dtype) and str(dtype).removeprefix("torch.") in DTYPES:
-        return dtype
-    raise ValueError(
-        f"load_model's dtype must be one of {', '.join(DTYPES)} (a name or a torch.dtype), or None, got {dtype!r}"
-    )
-
-
-def _check_device(device):
-    if device is None:
-        return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(
-            f"load_model's device must be a torch device such as 'cpu', 'cuda' or 'cuda:0', got {device!r}"
-        ) from e
-    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
-    if dev.type in available and not available[dev.type]():
-        raise ValueError(f"load_model's device {device!r} is not available on this machine (try 'cpu')")
-    return dev
+    for file in [] if tensors else sorted(path.glob("*.bin")):
+        try:
+            try:
+                torch.load(file, map_location="meta", weights_only=True, mmap=True)  # reads no tensor data
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                torch.load(file, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
+        except Exception as e:  # UnpicklingError (a pickle with code), RuntimeError (damaged), ...
+            # the why of torch's long message: its "WeightsUnpickler error: ..." or "... unsupported GLOBAL ..." line
+            found = re.search(r"WeightsUnpickler error: ([^\n]+)|^([^\n]*unsupported GLOBAL[^\n]*)$", str(e), re.M)
+            first = ((found.group(1) or found.group(2)) if found else _one_line(e)).split(". ")[0].strip()
+            raise ValueError(
+                f"{file} is not a weights file of plain tensors (torch's weights_only loader refuses it: {first}); "
+                "clex never unpickles code: convert it to safetensors where it came from"
+            ) from None
 
 
 @contextlib.contextmanager
@@ -170,14 +235,27 @@ def load_model(
 
     Folder kinds: saved by clex (``rope_parameters.rope_type == "clex"``), the authors' release layout
     (``rope_scaling.type == "clex"``), or a plain transformers folder (CLEX applied fresh if ``clex`` or
-    ``overrides`` are given). ``overrides`` change fields of the loaded CLEXConfig (e.g. inference_t).
+    ``overrides`` are given). Nothing of the folder runs (module docstring): a folder asking for custom code
+    is refused, naming the file.
+
+    Args:
+        path: the local model folder (config.json and safetensors weights; nothing is fetched)
+        dtype: "float32", "bfloat16" or "float16" (or the torch dtype); None: as saved
+        device: where to put the model ("cpu", "cuda", "cuda:N", "mps"); None: the CPU
+        attn_implementation: transformers' attention ("sdpa", "eager", ...); None: its default
+        clex: a CLEXConfig (or dict) to apply instead of the saved one, or to a plain folder
+        **overrides: CLEXConfig fields changed on the loaded config (e.g. ``inference_t="integer"``)
+
+    Returns:
+        The causal LM in eval mode, with CLEX when the folder (or ``clex``) says so.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    # Everything is checked before any weight is read. Nothing of the folder runs: the config object is
-    # built here (its auto_map, and the clex_model.py beside it, are never used; no trust_remote_code), and
-    # weights are read by safetensors or by torch.load(weights_only=True).
-    dtype, device = _check_dtype(dtype), _check_device(device)
+    # Everything is checked before any weight is read. Nothing of the folder runs (module docstring): the
+    # config object is built here, from_pretrained gets trust_remote_code=False, and weights are read by
+    # safetensors or by torch.load(weights_only=True).
+    dtype = check_dtype(dtype, where="load_model's dtype")
+    device = None if device is None else torch.device(check_device(device, where="load_model's device"))
     if clex is not None and not isinstance(clex, (CLEXConfig, dict)):
         raise ValueError(f"load_model's clex must be a CLEXConfig, a dict or None, got {type(clex).__name__}")
     if isinstance(clex, dict):
@@ -187,6 +265,7 @@ def load_model(
     )
     path = Path(path)
     raw = read_config(path)
+    refuse_remote_code(path)
     saved, cleaned = clex_config_of(raw)
     chosen = clex if clex is not None else saved
     if chosen is not None or overrides:
@@ -194,11 +273,11 @@ def load_model(
     model_type = cleaned.pop("model_type", None)
     if model_type is None:
         raise ValueError(f"{path / 'config.json'} has no model_type; expected a transformers model folder")
-    _check_weight_files(path)
+    check_weight_files(path)
     config = AutoConfig.for_model(model_type, **cleaned)
-    kwargs = {"config": config, "trust_remote_code": False}
+    kwargs = {"config": config, "trust_remote_code": False, "local_files_only": True}
     if dtype is not None:
-        kwargs["dtype"] = dtype
+        kwargs["dtype"] = getattr(torch, dtype)
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     with _quiet_transformers():

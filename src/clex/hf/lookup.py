@@ -32,7 +32,11 @@ def text_config(model: nn.Module):
 
 
 def get_clex_rotary(model: nn.Module) -> CLEXRotaryEmbedding:
-    """The model's CLEX rotary module; ValueError if CLEX was not applied."""
+    """The model's CLEX rotary module (its config, θ(t) and ODE weights); ValueError if CLEX was not applied.
+
+    Args:
+        model: a model that :func:`clex.apply_clex` changed (or :func:`clex.load_model` loaded with CLEX)
+    """
     _, rotary = find_rotary(model)
     if not isinstance(rotary, CLEXRotaryEmbedding):
         raise ValueError(f"{type(model).__name__} has no CLEX rotary module: call clex.apply_clex(model) first")

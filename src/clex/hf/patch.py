@@ -45,16 +45,28 @@ def apply_clex(
 ) -> nn.Module:
     """Replace the model's RoPE with CLEX, in place, and return the model.
 
-    config: a :class:`CLEXConfig`, a dict of its fields, or None for the defaults; keyword overrides win.
-    exact_cache: keep cached keys consistent when t changes during generation (:mod:`clex.hf.generation`:
-    cached keys are re-rotated once, in place, when a row's t changes).
-    fused_rotation: how each layer's rotation backpropagates into CLEX's cos/sin while training
-    (:mod:`clex.hf.fused_rotation`): "auto" (one Triton kernel on a GPU where Triton imports, else eager torch),
-    "torch", "triton", or "off" (stock autograd). The same values and gradients (float64: to rounding);
-    inference and plain RoPE always run transformers' own function.
     ``original_length`` (L) defaults to the model's ``max_position_embeddings``. The model must use plain
-    RoPE (``rope_type`` "default"): CLEX starts from the model's own frequencies θ⁰.
+    RoPE (``rope_type`` "default"): CLEX starts from the model's own frequencies θ⁰. ``model.save_pretrained``
+    then writes a folder that :func:`clex.load_model` reads back.
+
+    Args:
+        model: a transformers causal LM of a RoPE family (LLaMA, Mistral, Qwen2/3, Phi-3, GPT-NeoX, ...)
+        config: a :class:`CLEXConfig`, a dict of its fields, or None for the defaults
+        exact_cache: keep cached keys consistent when t changes during generation (:mod:`clex.hf.generation`:
+            cached keys are re-rotated once, in place, when a row's t changes)
+        fused_rotation: how each layer's rotation backpropagates into CLEX's cos/sin while training
+            (:mod:`clex.hf.fused_rotation`): "auto" (one Triton kernel on a GPU where Triton imports, else eager
+            torch), "torch", "triton", or "off" (stock autograd). The same values and gradients (float64: to
+            rounding); inference and plain RoPE always run transformers' own function.
+        **overrides: CLEXConfig fields that win over ``config``'s (e.g. ``max_factor=8``)
+
+    Returns:
+        ``model``, with a :class:`CLEXRotaryEmbedding` in place of its rotary module.
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"apply_clex's model must be a transformers model (a torch nn.Module with RoPE), got {type(model).__name__}"
+        )
     if isinstance(config, dict):
         config = CLEXConfig.from_dict(config)
     if config is None:
@@ -143,10 +155,14 @@ def _save_pretrained(model, save_directory, *args, **kwargs):
     raw = json.loads(file.read_text())
     plain = raw.get("rope_parameters") or {"rope_type": "default", "rope_theta": raw.get("rope_theta", 10000.0)}
     raw["rope_parameters"] = {**plain, **get_clex_rotary(model).config.to_dict(), "rope_type": "clex"}
-    raw["auto_map"] = {"AutoModelForCausalLM": "clex_model.CLEXForCausalLM"}
+    raw["auto_map"] = dict(OWN_AUTO_MAP)
     file.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
     (file.parent / "clex_model.py").write_text(REMOTE_CODE)
 
+
+#: The auto_map clex writes into a saved CLEX folder's config.json (the one clex's loaders accept: they never run
+#: clex_model.py, they read the folder themselves).
+OWN_AUTO_MAP = {"AutoModelForCausalLM": "clex_model.CLEXForCausalLM"}
 
 #: Written beside config.json so that stock transformers loads the folder with ``trust_remote_code=True``
 #: (through clex), and says what to install when clex is missing.

@@ -33,18 +33,116 @@ partial rotary, biases, Mistral's sliding window and N < L.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
-import tempfile
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
+from ..core.io import temporary_sibling
 from .lookup import text_config
 
 #: model_type -> GGUF architecture this writer maps.
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
+#: The pre-tokenizer names (``tokenizer.ggml.pre``) llama.cpp's loader knows (``llama_vocab::impl::load`` in
+#: ``src/llama-vocab.cpp``, late 2026; an older llama.cpp may lack the newest): any other name is refused
+#: there at load time, so it is refused here at export time. ``smollm`` for SmolLM2, ``llama-bpe`` for Llama 3.
+TokenizerPre = Literal[
+    "default",
+    "llama-bpe",
+    "llama3",
+    "llama-v3",
+    "smollm",
+    "gpt-2",
+    "tekken",
+    "llama4",
+    "gpt-4o",
+    "qwen2",
+    "qwen35",
+    "deepseek-llm",
+    "deepseek-coder",
+    "deepseek-v3",
+    "deepseek-r1-qwen",
+    "falcon",
+    "falcon3",
+    "falcon-h1",
+    "mpt",
+    "starcoder",
+    "refact",
+    "command-r",
+    "stablelm2",
+    "olmo",
+    "dbrx",
+    "smaug-bpe",
+    "poro-chat",
+    "glm4",
+    "chatglm-bpe",
+    "viking",
+    "jais",
+    "jais-2",
+    "codeshell",
+    "bloom",
+    "gpt3-finnish",
+    "exaone",
+    "exaone4",
+    "exaone-moe",
+    "chameleon",
+    "minerva-7b",
+    "megrez",
+    "pixtral",
+    "midm-2.0",
+    "lfm2",
+    "phi-2",
+    "jina-es",
+    "jina-de",
+    "jina-v1-en",
+    "jina-v2-es",
+    "jina-v2-de",
+    "jina-v2-code",
+    "jina-v5-nano",
+    "roberta-bpe",
+    "modern-bert",
+    "gigachat",
+    "a.x-4.0",
+    "mellum",
+    "mellum2",
+    "whitespace",
+    "minicpm5",
+    "spark2_5",
+    "youtu",
+    "gemma4",
+    "granite-embed-multi-311m",
+    "granite-embed-multi-97m",
+    "granite-docling",
+    "sarvam-moe",
+    "kormo",
+    "f2llmv2",
+    "kanana2",
+    "talkie",
+    "tiny_aya",
+    "cohere2moe",
+    "superbpe",
+    "trillion",
+    "bailingmoe",
+    "bailingmoe2",
+    "llada-moe",
+    "seed-coder",
+    "hunyuan",
+    "hunyuan-dense",
+    "hy_v4",
+    "joyai-llm",
+    "kimi-k2",
+    "ufakzeka",
+    "grok-2",
+    "afmoe",
+    "laguna",
+    "minimax-m2",
+    "solar-open",
+]
+TOKENIZER_PRES: tuple[str, ...] = get_args(TokenizerPre)
 # llama.cpp's token types (llama_token_type): NORMAL, CONTROL (special added tokens), USER_DEFINED, UNUSED.
 _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
 
@@ -157,6 +255,19 @@ def _add_tokenizer(writer, folder: Path, config, pre: str) -> None:
         writer.add_chat_template(chat)
 
 
+def check_tokenizer_pre(name) -> str:
+    """``name`` if llama.cpp knows it as a pre-tokenizer (:data:`TOKENIZER_PRES`), else a ValueError naming the
+    closest known name."""
+    if name not in TOKENIZER_PRES:
+        close = difflib.get_close_matches(str(name), TOKENIZER_PRES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"tokenizer_pre {name!r} is not a pre-tokenizer llama.cpp knows{hint}; e.g. smollm (SmolLM2), "
+            f"llama-bpe (Llama 3), default; all: {', '.join(TOKENIZER_PRES)}"
+        )
+    return name
+
+
 def write_gguf(
     model,
     out: Path,
@@ -186,10 +297,11 @@ def write_gguf(
         raise ValueError("format gguf: the model's config has no rope_theta (the RoPE base llama.cpp needs)")
     if tokenizer_from is None:
         raise ValueError("format gguf needs the model's tokenizer: pass tokenizer_from (a folder with tokenizer.json)")
+    check_tokenizer_pre(tokenizer_pre)
+    if not 0 < int(length) < 2**32:
+        raise ValueError(f"format gguf holds context lengths below 2^32 (a uint32), got length {length}")
     tensors = _gguf_tensors(model, config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
+    tmp = temporary_sibling(out)  # mode from the user's umask, like any file they write
     try:
         writer = gguf.GGUFWriter(tmp, "llama")
         writer.add_name(note.get("name", "clex-export"))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.io import atomic_write_text
+from ..core.io import atomic_write_text, follow_umask
 
 STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.json"
@@ -188,6 +188,7 @@ def save_checkpoint(accelerator, out_dir: str | Path, step: int, state: dict, *,
         if scheduler is not None:
             _write_json(tmp / SCHEDULER_FILE, scheduler_state(scheduler))
         _write_json(tmp / STATE_FILE, state)  # written last: its presence marks a complete checkpoint
+        follow_umask(tmp)  # accelerate's safetensors and torch files are 0600: the user's umask decides
         _fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. after a resume): move the old one aside first
             old = out_dir / f".tmp-old-{final.name}"

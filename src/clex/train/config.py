@@ -8,6 +8,7 @@ entry of a dict field (``clex``, ``rope``). The resolved config is written as YA
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -23,15 +24,29 @@ from ..recipes import get as get_recipe
 TRAINABLE = ("all", "clex", "lora")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "linear", "constant")
+#: rope keys that TrainConfig sets itself: given in `rope`, they would train another run than the one recorded
+_OWN_ROPE_KEYS = {"factor": "factor", "rope_type": "method"}
+
+
+def refuse_unknown(where: str, keys, allowed) -> None:
+    """A ValueError of one line for the first key not in ``allowed``: the closest valid name when there is
+    one ("did you mean"), else every valid name."""
+    allowed = list(allowed)
+    for key in keys:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            if close:
+                raise ValueError(f"{where} has no field {key!r} (did you mean {close[0]!r}?)")
+            raise ValueError(f"{where} has no field {key!r}; fields: {', '.join(allowed)}")
 
 
 @dataclass
 class TrainConfig:
     # --- model and method ---
     model: str = "tiny-llama"  # a preset of clex.data.presets.MODEL_PRESETS, or a local model folder
-    recipe: str | None = None  # a name of clex.recipes (paper, recommended, far): its method, factor, pose and
-    # clex fields go under the ones given explicitly (from_dict / from_file: in files and overrides)
-    method: str = "clex"  # a name of clex.hf.methods.METHODS
+    recipe: str | None = None  # paper | recommended | far (clex.recipes): its method, factor, pose and clex
+    # fields go under the ones given explicitly (from_dict / from_file: in files and overrides)
+    method: str = "clex"  # clex | pi | ntk | dynamic-ntk | yarn | longrope | llama3 | none (clex.hf.methods.METHODS)
     factor: float = 16.0  # target length / L: the baselines' scale, the PoSE span, CLEX's max_factor (default)
     clex: dict = field(default_factory=dict)  # CLEXConfig fields for method clex; seed defaults to `seed`
     rope: dict = field(default_factory=dict)  # extra transformers rope_parameters (e.g. beta_fast for yarn)
@@ -47,27 +62,27 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps
     batch_size: int = 8  # rows per process per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size * processes * grad_accum
-    lr: float = 2e-5
+    lr: float = 2e-5  # peak learning rate of AdamW (the paper: 2e-5 for a 7B model; from random weights, more)
     clex_lr: float | None = None  # lr of the CLEX ODE weights (None: lr); Adam moves W_down by ~lr a step, and
     # the network's output scales with λd, so a large lr makes θ(t) jagged
     warmup_ratio: float = 0.03  # linear warmup over this fraction of the steps
     schedule: str = "cosine"  # cosine | linear | constant (after the warmup)
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    adam_beta1: float = 0.9  # AdamW's beta1
+    adam_beta2: float = 0.999  # AdamW's beta2
     max_grad_norm: float = 1.0  # gradient clipping; 0 = none
 
     # --- what to train ---
     train: str = "all"  # all | clex (only the ODE weights) | lora (LoRA adapters + the ODE weights)
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    lora_rank: int = 8  # train=lora: the adapters' rank r
+    lora_alpha: float = 16.0  # train=lora: the adapters' scale is lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # train=lora: dropout on the adapters' input
+    lora_targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # adapted linears
 
     # --- precision, devices, seeds ---
     seed: int = 0  # model init, data order, held-out split, t draws, PoSE positions
     dtype: str = "float32"  # float32 | bfloat16 (autocast, float32 master weights); float32 on CPU
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, one more forward
     cpu: bool = False  # force the CPU even where a GPU is present
     threads: int = 0  # torch CPU threads per process (0: torch's default); 1 is fastest for tiny models on busy CPUs
 
@@ -90,8 +105,13 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.{name} must be {expected}, got {getattr(self, name)!r}")
 
         def choice(name, allowed):
-            if getattr(self, name) not in allowed:
-                bad(name, "one of " + ", ".join(repr(a) for a in allowed))
+            value = getattr(self, name)
+            if value not in allowed:
+                close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(
+                    f"TrainConfig.{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}{hint}"
+                )
 
         choice("method", tuple(METHODS))
         choice("train", TRAINABLE)
@@ -143,6 +163,12 @@ class TrainConfig:
             )
         if self.rope and self.method in ("clex", "none"):
             raise ValueError(f"TrainConfig.rope parameters apply to the transformers rope methods, not {self.method!r}")
+        for key, field_name in _OWN_ROPE_KEYS.items():
+            if key in self.rope:
+                raise ValueError(
+                    f"TrainConfig.rope.{key}={self.rope[key]!r}: the run's {key} is TrainConfig.{field_name} "
+                    f"({getattr(self, field_name)!r}); set {field_name}={self.rope[key]} instead of rope.{key}"
+                )
         if self.recipe is not None:
             recipe = get_recipe(self.recipe)
             if not set(recipe.clex) <= set(self.clex):  # TrainConfig(recipe=...) directly: nothing merged
@@ -155,14 +181,15 @@ class TrainConfig:
 
     def clex_config(self) -> CLEXConfig:
         """The CLEXConfig this run applies: max_factor = factor, seed = seed, then the ``clex`` fields."""
-        known = set(CLEXConfig.field_names())
-        unknown = sorted(set(self.clex) - known)
-        if unknown:
-            raise ValueError(
-                f"TrainConfig.clex has unknown fields {unknown}; CLEXConfig fields: {', '.join(sorted(known))}"
-            )
+        refuse_unknown("TrainConfig.clex", self.clex, CLEXConfig.field_names())
         fields_ = {"max_factor": self.factor, "seed": self.seed, **self.clex}
         if self.pose:
+            sampler = self.clex.get("position_sampler", "pose")
+            if sampler != "pose":
+                raise ValueError(
+                    f"TrainConfig.pose=true draws PoSE positions, but clex.position_sampler={sampler!r} asks for "
+                    "others: drop one of them (pose=true is clex.position_sampler=pose)"
+                )
             fields_["position_sampler"] = "pose"
         return CLEXConfig.from_dict(fields_)
 
@@ -171,10 +198,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; fields: {', '.join(names)}")
+        refuse_unknown("TrainConfig", d, [f.name for f in fields(cls)])
         if d.get("recipe") is not None:  # the recipe's fields under the explicit ones
             d = get_recipe(d["recipe"]).train_fields(**d)
         return cls(**d)
@@ -199,7 +223,10 @@ def read_config_file(path: str | Path) -> dict:
     """The mapping in a YAML or TOML config file; clear errors naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        siblings = [str(p) for p in path.parent.glob("*") if p.suffix.lower() in (".yaml", ".yml", ".toml")]
+        close = difflib.get_close_matches(str(path), siblings, n=1, cutoff=0.75) if path.parent.is_dir() else []
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise FileNotFoundError(f"config file not found: {path}{hint}")
     suffix = path.suffix.lower()
     try:
         if suffix in (".yaml", ".yml"):
@@ -228,12 +255,14 @@ def apply_override(d: dict, item: str) -> None:
         value = text
     head, dot, sub = key.partition(".")
     if dot:
-        if _KINDS.get(head) is not dict:
+        refuse_unknown("TrainConfig", [head], _KINDS)
+        if _KINDS[head] is not dict:
             raise ValueError(f"override {item!r}: only dict fields (clex, rope) take dotted keys")
+        if head == "clex":  # checked here too, so the message names the override
+            refuse_unknown("TrainConfig.clex", [sub], CLEXConfig.field_names())
         d[head] = {**(d.get(head) or {}), sub: value}
     else:
-        if head not in _KINDS:
-            raise ValueError(f"unknown TrainConfig field {head!r} in override {item!r}; fields: {', '.join(_KINDS)}")
+        refuse_unknown("TrainConfig", [head], _KINDS)
         d[head] = value
 
 

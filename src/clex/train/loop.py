@@ -1,7 +1,9 @@
 """Fine-tuning: CLEX and the baselines in one loop, on one process or many (accelerate: DDP, FSDP, DeepSpeed).
 
-``run(TrainConfig(...)) -> out_dir/final``; ``main(config, override, resume)`` is ``clex train``. Under
-``accelerate launch`` the same code runs on every process (configs in ``configs/accelerate/``).
+``finetune(config, **overrides) -> out_dir/final`` is the Python API (:func:`run` takes a TrainConfig as it is);
+``main("recipe.yaml", "steps=100", ...)`` is ``clex train`` and ``python -m clex.train`` (one grammar:
+``[CONFIG] [KEY=VALUE ...]``). Under ``accelerate launch`` the same code runs on every process (configs in
+``configs/accelerate/``).
 
 What a step is: ``grad_accum`` micro-batches per process, each ``batch_size`` packed rows of ``seq_len``
 tokens. Rows come from an endless stream of shuffled epochs (order from (seed, epoch)), rank r taking its
@@ -31,16 +33,17 @@ from pathlib import Path
 
 import torch
 
-from ..core.io import atomic_write_text
+from ..core.checks import check_fits, solve_bytes
+from ..core.io import atomic_write_text, follow_umask
 from ..core.policies import step_generator
 from ..core.rotary_embedding import CLEXRotaryEmbedding
 from ..data.presets import build_model, count_parameters
 from ..hf.compat import set_activation_checkpointing
 from ..hf.lookup import find_rotary
-from ..hf.methods import METHODS, original_length_of, pose_position_ids, prepare_model
+from ..hf.methods import original_length_of, pose_position_ids, prepare_model
 from . import lora
 from .checkpoints import resume_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, read_config_file
 from .packing import prepare_data, rows_at
 from .rundir import (
     check_out_dir,
@@ -50,7 +53,7 @@ from .rundir import (
     trim_log,
 )
 
-__all__ = ["TrainConfig", "run", "main"]
+__all__ = ["TrainConfig", "finetune", "run", "main"]
 
 
 def lr_schedule(optimizer, kind: str, *, warmup: int, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -130,6 +133,42 @@ def _deepspeed_fill(accelerator, config: TrainConfig) -> None:
         plugin.deepspeed_config["gradient_accumulation_steps"] = config.grad_accum
 
 
+def float32_rotary_policy(policy):
+    """FSDP1's mixed-precision policy with the rotary module and every buffer kept in float32.
+
+    accelerate's bf16 policy casts every parameter and buffer to bf16 for the forward: the CLEX ODE weights,
+    θ⁰ (``inv_freq``: relative error 2^-9, so at 64k positions an angle off by up to ~128 rad) and the
+    frequencies solved from them, where DDP's autocast keeps all of that in float32. FSDP runs the modules of
+    ``_module_classes_to_ignore`` unwrapped from mixed precision (their own FSDP unit, inputs cast to float32
+    and outputs back), so adding the CLEX rotary there gives FSDP the numerics of DDP for the part CLEX adds;
+    ``buffer_dtype`` float32 does the same for plain RoPE's θ⁰. -> a new MixedPrecision (None stays None)."""
+    if policy is None:
+        return None
+    from torch.distributed.fsdp import MixedPrecision
+
+    return MixedPrecision(
+        param_dtype=policy.param_dtype,
+        reduce_dtype=policy.reduce_dtype,
+        buffer_dtype=torch.float32,
+        keep_low_precision_grads=policy.keep_low_precision_grads,
+        cast_forward_inputs=policy.cast_forward_inputs,
+        cast_root_forward_inputs=policy.cast_root_forward_inputs,
+        _module_classes_to_ignore=tuple({*policy._module_classes_to_ignore, CLEXRotaryEmbedding}),
+    )
+
+
+def _fsdp_float32_rotary(accelerator) -> None:
+    """Under FSDP1 with mixed precision, the policy of :func:`float32_rotary_policy` (before ``prepare``)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and getattr(plugin, "fsdp_version", 1) == 1:
+        plugin.mixed_precision_policy = float32_rotary_policy(plugin.mixed_precision_policy)
+
+
+def nonfinite_gradients(model) -> list[str]:
+    """Names of the trained parameters whose gradient holds a nan or an inf (an empty list when all are finite)."""
+    return [n for n, p in model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+
+
 def _zero3_external_params(accelerator, rotary) -> None:
     """Under DeepSpeed ZeRO-3 a parameter is gathered when ITS module runs; the rotary reads the ODE weights
     of its `dynamics` child directly, so register them as the rotary's external parameters."""
@@ -163,8 +202,44 @@ def _evaluate(model, accelerator, eval_rows, config: TrainConfig) -> float:
     return float(total[0] / total[1])
 
 
+def _check_fits(model, config: TrainConfig, device) -> None:
+    """Refuse, before the first step, a batch or a factor that cannot fit in the memory free on ``device``: a
+    lower bound of one micro-batch (its float32 logits and two hidden states a layer) and of CLEX's ODE solve
+    (one step of time_dt at most, kept for the backward, up to max_factor)."""
+    from ..hf.lookup import text_config
+
+    cfg = text_config(model)
+    width = cfg.vocab_size + 2 * cfg.num_hidden_layers * cfg.hidden_size
+    check_fits(
+        "batch_size x seq_len",
+        f"{config.batch_size} x {config.seq_len}",
+        4 * config.batch_size * config.seq_len * width,
+        device=device,
+        hint="lower batch_size (raise grad_accum for the same global batch) or seq_len",
+    )
+    _, rotary = find_rotary(model)
+    if isinstance(rotary, CLEXRotaryEmbedding):
+        c = rotary.config
+        steps = math.ceil((c.max_factor - 1) / c.time_dt) + 1
+        check_fits(
+            "factor (CLEX max_factor)",
+            f"{c.max_factor:g}",
+            solve_bytes(steps, rotary.inv_freq.numel()),
+            hint=f"each step solves the ODE from t = 1 in steps of time_dt = {c.time_dt:g}: lower it or raise time_dt",
+        )
+
+
 def run(config: TrainConfig) -> Path:
-    """Fine-tune a model as ``config`` says; returns the folder of the final model (out_dir/final)."""
+    """Fine-tune a model as ``config`` says; returns the folder of the final model (out_dir/final).
+
+    Args:
+        config: every setting of the run (:class:`clex.TrainConfig`); :func:`finetune` builds it from a file,
+            a dict or keyword arguments
+
+    Returns:
+        ``out_dir/final``: a transformers folder with the tokenizer (CLEX: ``rope_parameters`` of type "clex"),
+        loadable with :func:`clex.load_model`.
+    """
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -174,11 +249,6 @@ def run(config: TrainConfig) -> Path:
     check_out_dir(config, out_dir)
     accelerator = _accelerator(config)
     main_proc, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
-    if config.overwrite and not config.resume:
-        if main_proc and previous_run(out_dir):
-            print(f"clex train: overwrite=true: removing the previous run in {out_dir}", flush=True)
-            remove_previous_run(out_dir)
-        accelerator.wait_for_everyone()
     set_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -192,6 +262,7 @@ def run(config: TrainConfig) -> Path:
     )
     _, rotary = find_rotary(model)
     rotary = rotary if isinstance(rotary, CLEXRotaryEmbedding) else None
+    _check_fits(model, config, accelerator.device)
     if config.gradient_checkpointing:
         set_activation_checkpointing(model)
         model.config.use_cache = False
@@ -207,6 +278,7 @@ def run(config: TrainConfig) -> Path:
     )
     _deepspeed_fill(accelerator, config)
     sizes = count_parameters(model), sum(p.numel() for g in groups for p in g["params"])  # before FSDP/ZeRO-3 shard
+    _fsdp_float32_rotary(accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     # made on the prepared optimizer (DeepSpeed may swap in its own); stepped by us once per optimizer step.
     # Not registered with accelerate (that would pickle it): checkpoints save its numbers as JSON.
@@ -215,7 +287,12 @@ def run(config: TrainConfig) -> Path:
     )
     _zero3_external_params(accelerator, rotary)
 
-    # --- fresh start or resume ---
+    # --- fresh start (the previous run removed only now: everything above could still refuse) or resume ---
+    if config.overwrite and not config.resume:
+        if main_proc and previous_run(out_dir):
+            print(f"clex train: overwrite=true: removing the previous run in {out_dir}", flush=True)
+            remove_previous_run(out_dir)
+        accelerator.wait_for_everyone()
     state = {"step": 0, "data_position": 0, "draws": 0, "tokens": 0}
     ckpt = None
     if config.resume:
@@ -268,7 +345,15 @@ def run(config: TrainConfig) -> Path:
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     # the wrapped model's parameters (frozen ones have no gradient, so the norm is the trained
                     # ones'): under FSDP accelerate clips through the model only when handed exactly these
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    if norm is not None and not math.isfinite(float(norm)):  # the step would make the weights nan
+                        bad = nonfinite_gradients(model)
+                        raise RuntimeError(
+                            f"step {step}: the gradient norm is {float(norm)} ({accelerator.distributed_type.value}, "
+                            f"dtype {config.dtype}, train={config.train}); non-finite gradients in {len(bad)} "
+                            f"parameter(s), e.g. {bad[:3]}; stopped before the optimizer step, the checkpoints in "
+                            f"{out_dir} are kept"
+                        )
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()
@@ -343,43 +428,77 @@ def run(config: TrainConfig) -> Path:
     if main_proc:
         tokenizer.save_pretrained(final)
         dataclasses.replace(config, overwrite=False).write_yaml(final / "clex_train.yaml")
+        follow_umask(final)  # safetensors writes 0600: the final model is as readable as the user's files
     if config.tensorboard:
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return final
 
 
-def main(
-    config: str | None = None, override: list[str] | None = None, resume: bool = False, overwrite: bool = False
-) -> int:
-    """Fine-tune a RoPE model with CLEX or a baseline (PI, NTK, YaRN, ...), from a YAML/TOML config.
+def finetune(config: TrainConfig | dict | str | Path | None = None, **overrides) -> Path:
+    """Fine-tune a RoPE model with CLEX or a baseline (PI, NTK, YaRN, ...) and return the final model's folder.
 
-    Methods: {methods}; `pose=true` adds PoSE positions to any of them. Every TrainConfig field can be
-    set in the file or overridden: {fields}. Several processes: `accelerate launch --config_file
-    configs/accelerate/{{ddp,fsdp,deepspeed-zero3}}.yaml -m clex.train CONFIG [key=value ...]`, or on CPUs
-    `torchrun --standalone --nproc_per_node N -m clex.train CONFIG [key=value ...]`.
+        final = clex.finetune("recipes/tiny-clex.yaml", steps=100, out_dir="runs/mine")
+        model = clex.load_model(final)
+
+    One process here; the same run on several (DDP, FSDP, DeepSpeed) is ``accelerate launch ... -m clex.train
+    CONFIG [KEY=VALUE ...]``. Checkpoints, the log and the resolved config go to ``out_dir``; a used out_dir is
+    refused unless ``overwrite=True`` or ``resume=True``.
 
     Args:
-        config: a YAML or TOML file of TrainConfig fields (e.g. recipes/tiny-clex.yaml); none = the defaults
-        override: key=value pairs that override the file, e.g. steps=100 method=yarn clex.max_factor=8
-        resume: continue from the newest complete checkpoint in out_dir (an error if it has none)
-        overwrite: replace the run already in out_dir (else a fresh run into a non-empty out_dir is refused)
+        config: a :class:`clex.TrainConfig`, a dict of its fields, or a YAML/TOML file of them (e.g.
+            "recipes/tiny-clex.yaml"); None: TrainConfig's defaults
+        **overrides: TrainConfig fields set over ``config``, e.g. ``steps=100``, ``method="yarn"``,
+            ``clex={"max_factor": 8}`` (a dict field is replaced whole)
+
+    Returns:
+        ``out_dir/final``: a transformers folder with the tokenizer (CLEX: ``rope_parameters`` of type "clex"),
+        loadable with :func:`clex.load_model`.
     """
+    if isinstance(config, TrainConfig):
+        fields = config.to_dict()
+    elif isinstance(config, dict):
+        fields = dict(config)
+    elif config is None or isinstance(config, (str, Path)):
+        fields = read_config_file(config) if config is not None else {}
+    else:
+        raise ValueError(
+            f"finetune's config must be a TrainConfig, a dict, a file path or None, got {type(config).__name__}"
+        )
+    return run(TrainConfig.from_dict({**fields, **overrides}))
+
+
+def split_words(words) -> tuple[str | None, list[str]]:
+    """``[CONFIG] [KEY=VALUE ...]`` -> (the config file or None, the overrides): the first word is the file when
+    it holds no ``=``. The one grammar of ``clex train`` and ``python -m clex.train``."""
+    words = [str(w) for w in words]
+    return (words[0], words[1:]) if words and "=" not in words[0] else (None, words)
+
+
+def main(*words: str, resume: bool = False, overwrite: bool = False) -> int:
+    """Fine-tune a RoPE model with CLEX or a baseline (PI, NTK, YaRN, ...): clex train [CONFIG] [KEY=VALUE ...].
+
+    CONFIG is a YAML or TOML file of TrainConfig fields (e.g. recipes/tiny-clex.yaml; none: the defaults); each
+    KEY=VALUE sets one field over it, its value read as YAML (100, 1e-4, true, null, [q_proj, v_proj]);
+    clex.KEY=VALUE and rope.KEY=VALUE set one entry of those two dict fields. `pose=true` adds PoSE positions to
+    any method. The same words run on several processes: `accelerate launch --config_file
+    configs/accelerate/{ddp,fsdp,deepspeed-zero3}.yaml -m clex.train CONFIG [KEY=VALUE ...]`, or on CPUs
+    `torchrun --standalone --nproc_per_node N -m clex.train CONFIG [KEY=VALUE ...]`.
+
+    Args:
+        words: [CONFIG] [KEY=VALUE ...]: a YAML/TOML file of TrainConfig fields (optional), then overrides, e.g. recipes/tiny-clex.yaml steps=100 clex.max_factor=8
+        resume: continue from the newest complete checkpoint in out_dir (an error if it has none)
+        overwrite: replace the run already in out_dir: its final/, log, config and checkpoints, nothing else (else a fresh run into a used out_dir is refused)
+    """
+    path, overrides = split_words(words)
     flags = (["resume=true"] if resume else []) + (["overwrite=true"] if overwrite else [])
-    cfg = TrainConfig.from_file(config, list(override or ()) + flags)
+    cfg = TrainConfig.from_file(path, overrides + flags)
     final = run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"final model: {final}", flush=True)
     return 0
 
 
-main.__doc__ = main.__doc__.format(
-    methods=", ".join(METHODS), fields=", ".join(f.name for f in dataclasses.fields(TrainConfig))
-)  # generated from the registries, so the help cannot drift
-
-
 def cli(argv: list[str] | None = None) -> int:
-    """``python -m clex.train CONFIG [key=value ...]`` (e.g. under accelerate launch or torchrun)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    path = args.pop(0) if args and "=" not in args[0] else None
-    return main(path, override=args)
+    """``python -m clex.train [CONFIG] [KEY=VALUE ...]`` (e.g. under accelerate launch or torchrun)."""
+    return main(*(sys.argv[1:] if argv is None else argv))

@@ -41,7 +41,9 @@ def _imports(file: Path) -> set[str]:
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            if mod == "clex" or mod.startswith("clex."):
+            if node.level and not node.module:  # `from . import recipes`: the submodules named
+                out |= {f"{mod}.{a.name}" for a in node.names}
+            elif mod == "clex" or mod.startswith("clex."):
                 out.add(mod)
         elif isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.startswith("clex")}

@@ -25,6 +25,12 @@ Variants (any subset, plain always first):
                      mscale, angle_cap, past_max, ...) at --max-factor
 - ours-far    ours with the far recipe's (clex.recipes.FAR: log_scale instead of mscale, t drawn P(t) ∝ t²: its own
               t draws, so its ODE solves reach larger t than the other variants')
+- ours-far-frozen-ode   ours-far with the ODE weights frozen (TrainConfig.clex_lr=0: θ(t) the prior's, no backward
+              through the solve)
+- ours-far-adapters     ours-far with rank-8 t-conditioned adapters on q_proj and o_proj (their forward hooks on only
+              while it runs) and t as an even sequence with P(t) ∝ t²
+- ours-every  ours-far-adapters with the learned temperature too (experiments/one-model-every-length/every.yaml; the
+              temperature needs the stock rotation's backward, so apply_clex turns the fused rotation off)
 
 All variants share ONE model (the same weights, one AdamW over everything): a variant is a rotary module
 swapped in, so that a 7B-shaped model fits once, not once per variant. Every CLEX variant draws the same t
@@ -70,6 +76,7 @@ import clex  # noqa: E402
 import clex.recipes  # noqa: E402
 from clex.hf.compat import set_activation_checkpointing  # noqa: E402
 from clex.hf.methods import METHODS  # noqa: E402
+from clex.hf.t_adapter import attach_t_adapters  # noqa: E402
 
 SHAPES = {"tiny": TINY, "smollm2-135m": SMOLLM2, "tinyllama-1b": TINYLLAMA_1B, "llama2-7b": LLAMA2_7B}
 #: variant -> (kind, CLEXConfig overrides, apply_clex's fused_rotation or None for its default)
@@ -84,6 +91,17 @@ VARIANTS = {
     # the recipes' CLEXConfig fields (clex.recipes), at the benchmark's max_factor
     "ours-recommended": ("clex", dict(clex.recipes.get("recommended").clex), None),
     "ours-far": ("clex", dict(clex.recipes.get("far").clex), None),
+    "ours-far-frozen-ode": ("clex-frozen-ode", dict(clex.recipes.get("far").clex), None),
+    "ours-far-adapters": (
+        "clex",
+        {**clex.recipes.get("far").clex, "train_t": "integer-quadratic-even", "adapter_rank": 8},
+        None,
+    ),
+    "ours-every": (
+        "clex",
+        {**clex.recipes.get("far").clex, "train_t": "integer-quadratic-even", "mscale": "learned", "adapter_rank": 8},
+        None,
+    ),
 }
 
 
@@ -107,12 +125,14 @@ class SharedModel:
                 saved = (copy.deepcopy(cfg.rope_parameters), cfg.max_position_embeddings)
                 METHODS["yarn"](self.model, factor=max_factor)
                 cfg.rope_parameters, cfg.max_position_embeddings = saved
-            elif kind == "clex":
+            elif kind.startswith("clex"):
                 torch.manual_seed(seed + 1)  # the same ODE init for every CLEX variant
                 kwargs = {} if fused is None else {"fused_rotation": fused}
                 clex.apply_clex(self.model, clex.CLEXConfig(max_factor=max_factor, seed=seed, **overrides), **kwargs)
+                if kind == "clex-frozen-ode":
+                    self.inner.rotary_emb.dynamics.requires_grad_(False)
             self.rotaries[v] = self.inner.rotary_emb
-            if kind == "clex":  # where the fused rotation runs (none: transformers' function is not LLaMA's)
+            if kind.startswith("clex"):  # where the fused rotation runs (none: transformers' function is not LLaMA's)
                 print(
                     f"{v}: fused rotation {self.rotaries[v].fused_rotation!r} in "
                     f"{getattr(self.rotaries[v], 'fused_rotation_modules', ())}",
@@ -124,6 +144,12 @@ class SharedModel:
 
     def use(self, variant: str, layers: int) -> None:
         self.inner.rotary_emb = self.rotaries[variant]
+        for v, rotary in self.rotaries.items():  # t-conditioned adapters: their hooks on for their variant only
+            hooks = getattr(rotary, "_clex_t_adapters", None)
+            if hooks is not None and v != variant:
+                hooks.remove()
+            elif hooks is not None and not hooks._handles:
+                attach_t_adapters(self.model)
         for attn, s in zip(self.attention, self.base_scaling):  # a CLEX temperature must not leak into others
             attn.scaling = s
         self.inner.layers = self.layers[:layers]
@@ -370,7 +396,9 @@ def main(argv=None):
                     variants=variants,
                     dtype=args.dtype,
                 )
-                r["last_t"] = [bench.rotaries[v].last_t[0].item() for v in variants if VARIANTS[v][0] == "clex"][:1]
+                r["last_t"] = [
+                    bench.rotaries[v].last_t[0].item() for v in variants if VARIANTS[v][0].startswith("clex")
+                ][:1]
                 results.append(r)
                 print(
                     f"{name} seq {seq} checkpointing {ckpt} layers {r['layers']} done "

@@ -27,7 +27,7 @@ $py -c "import deepspeed, pydantic, hjson, torch; print('deepspeed', deepspeed._
 if [ "${CPU_CHECK:-0}" = 1 ]; then  # the trainer uses accelerate's cpu=True where it finds no accelerator: lift that
     recipe=recipes/tiny-clex.yaml; read -r -a args <<< "model=$BASE ${DS_EXTRA:-}"   # DS_EXTRA="train=lora": LoRA
     entry=("$OUT/ds_cpu.py")
-    printf 'import sys\nimport clex.train.loop as loop\nloop._has_accelerator = lambda: True\nsys.exit(loop.cli())\n' > "$OUT/ds_cpu.py"
+    printf 'import sys\nimport clex.train.distributed as d\nimport clex.train.loop as loop\nd.has_accelerator = lambda: True\nsys.exit(loop.cli())\n' > "$OUT/ds_cpu.py"
 else
     recipe=recipes/smollm2-clex.yaml
     args=(model="$BASE" seq_len=4096 batch_size=2 dtype=bfloat16 gradient_checkpointing=true)

@@ -114,7 +114,7 @@ def test_yarn_temperature_scales_attention_logits_by_the_square_of_the_mscale():
     [
         ("prior", "yarnn", "CLEXConfig.prior must be one of 'ntk', 'yarn', got 'yarnn'"),
         ("past_max", "hold", "CLEXConfig.past_max must be one of 'ode', 'prior', got 'hold'"),
-        ("mscale", True, "CLEXConfig.mscale must be one of 'none', 'yarn', got True"),
+        ("mscale", True, "CLEXConfig.mscale must be one of 'none', 'yarn', 'learned', got True"),
         ("angle_cap", "yes", "CLEXConfig.angle_cap must be True or False, got 'yes'"),
     ],
 )
@@ -159,3 +159,37 @@ def test_weighted_integer_t_draws_each_t_with_its_probability(name, probs):
     assert set(draws) == {1.0, 2.0, 3.0, 4.0}
     for t, n in draws.items():
         assert abs(n / 20000 - probs[int(t)]) < 0.012
+
+
+@pytest.mark.parametrize("name, power", [("integer-quadratic-even", 2), ("integer-cubic-even", 3)])
+def test_even_t_sequences_give_every_t_its_share_of_every_prefix_whatever_the_seed(name, power):
+    from collections import Counter
+
+    from clex.core.policies import T_SAMPLERS, T_SEQUENCES, step_generator
+
+    weights = {k: k**power for k in range(1, 17)}
+    probs = {k: w / sum(weights.values()) for k, w in weights.items()}
+    for seed in range(4):
+        ts = [T_SEQUENCES[name](k, seed, 16.0) for k in range(400)]
+        for n in (50, 200, 400):
+            counts = Counter(ts[:n])
+            assert all(abs(counts[float(k)] - n * p) < 2 for k, p in probs.items())
+    iid = {
+        seed: Counter(T_SAMPLERS["integer-quadratic"](step_generator(seed, k), 16.0) for k in range(200))
+        for seed in range(4)
+    }
+    assert max(c[16.0] for c in iid.values()) - min(c[16.0] for c in iid.values()) > 2  # i.i.d. draws: seed luck
+
+
+def test_an_even_sequence_drives_the_rotary_from_its_draw_counter():
+    from clex.core.policies import T_SEQUENCES
+
+    rotary = clex.CLEXRotaryEmbedding(
+        clex.CLEXConfig(max_factor=16, train_t="integer-quadratic-even", seed=3),
+        torch.ones(4),
+        original_length=8,
+        rope_theta=1e4,
+    )
+    rotary.draws = 17
+    t, _ = rotary.draw(8)
+    assert t == T_SEQUENCES["integer-quadratic-even"](17, 3, 16.0) and rotary.draws == 18

@@ -85,3 +85,23 @@ def test_the_patch_is_where_the_rotation_is_llamas_and_the_stock_function_runs_e
 def test_a_bad_fused_rotation_is_refused():
     with pytest.raises(ValueError, match="fused_rotation must be one of 'off', 'torch', 'triton', 'auto'; got 'on'"):
         clex.apply_clex(tiny_model("llama"), fused_rotation="on")
+
+
+def _hub_wrapper(func):
+    """The shape of `kernels`' function wrapper: a module whose forward falls back to ``func`` in its closure."""
+
+    class Func(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            return func(*args, **kwargs)
+
+    return Func()
+
+
+def test_the_rotation_behind_a_kernels_hub_wrapper_is_recognised():
+    """transformers >= 5.25 with `kernels` installed holds apply_rotary_pos_emb as such a module: the patch sees
+    through it to LLaMA's rotation, and not through a wrapper of some other function."""
+    from clex.hf.fused_rotation import _llama_rotation
+
+    assert is_llama_rotation(_hub_wrapper(_llama_rotation))
+    assert not is_llama_rotation(_hub_wrapper(lambda q, k, cos, sin, unsqueeze_dim=1: (q, k)))
+    assert not is_llama_rotation(_hub_wrapper(torch.add))

@@ -25,7 +25,8 @@ from clex.data.presets import build_model
 from clex.hf.lookup import find_rotary
 from clex.hf.methods import prepare_model
 from clex.train.config import TrainConfig
-from clex.train.loop import _select_trainable, float32_rotary_policy, nonfinite_gradients
+from clex.train.distributed import float32_rotary_policy, nonfinite_gradients
+from clex.train.loop import _select_trainable
 
 BF16 = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16, buffer_dtype=torch.bfloat16)
 

@@ -1,5 +1,6 @@
 """The fine-tuning loop: config files and overrides, loss falls per method, exact resume, 2 processes."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -240,8 +241,35 @@ def test_the_ode_weights_get_their_own_learning_rate():
     _, groups = _select_trainable(model, TrainConfig(model="micro-llama", lr=1e-3, clex_lr=2e-5))
     assert len(groups) == 2 and "lr" not in groups[0] and groups[1]["lr"] == 2e-5
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in clex.get_clex_rotary(model).dynamics.parameters()}
-    with pytest.raises(ValueError, match="TrainConfig.clex_lr must be a number > 0, or null for lr, got 0.0"):
-        TrainConfig(clex_lr=0)
+    with pytest.raises(ValueError, match=r"TrainConfig.clex_lr must be a number >= 0 \(0: the ODE weights frozen\)"):
+        TrainConfig(clex_lr=-1)
+    _, groups = _select_trainable(model, TrainConfig(model="micro-llama", lr=1e-3, clex_lr=0))
+    assert len(groups) == 1 and not any(p.requires_grad for p in clex.get_clex_rotary(model).dynamics.parameters())
+    with pytest.raises(ValueError, match="train='clex' with clex_lr=0 would train nothing"):
+        TrainConfig(train="clex", clex_lr=0)
+
+
+def test_lora_with_the_functions_of_t_a_frozen_ode_and_the_adapter_saved_apart(tmp_path, text_dir):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from clex.hf.t_adapter import TAdapter
+
+    options = {"time_dt": 0.1, "mscale": "learned", "adapter_rank": 2, "log_scale": True}
+    cfg = tiny(tmp_path, text_dir, train="lora", lora_rank=4, steps=4, lr=1e-2, clex_lr=0, t_lr=5e-2, clex=options)
+    final = run(dataclasses.replace(cfg, save_adapter=True))
+    model = clex.load_model(final)
+    rotary = clex.get_clex_rotary(model)
+    assert torch.count_nonzero(rotary.dynamics.ode_down_proj) == 0  # frozen: still the prior
+    assert rotary.temperature.abs().min() > 1e-3  # moved at t_lr (the stock rotation's full gradient)
+    assert all(torch.count_nonzero(m.up) > 0 for m in model.modules() if isinstance(m, TAdapter))
+    # the adapter folder + the base + CLEX: the same merged weights as the final folder
+    base = build_model("micro-llama", seed=0)[0]
+    clex.apply_clex(base, rotary.config)
+    rebuilt = PeftModel.from_pretrained(base, final / "adapter").merge_and_unload()
+    saved = load_file(str(final / "model.safetensors"))
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"):
+        assert torch.allclose(rebuilt.state_dict()[name], saved[name], atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from torchdiffeq._impl.odeint import SOLVERS as TORCHDIFFEQ_SOLVERS
 
 from .equations import ACTIVATIONS, PRIORS
-from .policies import INFERENCE_T, POSITION_SAMPLERS, T_SAMPLERS
+from .policies import INFERENCE_T, POSITION_SAMPLERS, T_SAMPLERS, T_SEQUENCES
 
 #: Our own solvers (fixed grid, residual formulation): ``rk4-fused`` is torchdiffeq's rk4 written as one
 #: plain-torch loop in float64 with an exact hand-written backward.
@@ -34,8 +34,10 @@ SOLVE_DEVICES = ("cpu", "model")
 #: What θ(t) does past max_factor: ``ode`` integrates the network further (the paper's ODE as it stands);
 #: ``prior`` keeps the learned residual of max_factor and follows the prior's own shape beyond it.
 PAST_MAX = ("ode", "prior")
-#: Attention temperature as a function of t: ``none`` (the paper), ``yarn`` (q·k × (0.1·ln t + 1)², YaRN's).
-MSCALES = ("none", "yarn")
+#: Attention temperature as a function of t: ``none`` (the paper), ``yarn`` (q·k × (0.1·ln t + 1)², YaRN's),
+#: ``learned`` (q·k × exp(w₁·u + w₂·u²), u = ln t / ln max_factor, w learned from 0: see
+#: :meth:`clex.core.rotary_embedding.CLEXRotaryEmbedding.temperature_at`).
+MSCALES = ("none", "yarn", "learned")
 #: Inference t policies: the registry in :mod:`clex.core.policies` plus ``fixed`` (t set once, e.g. for generation).
 INFERENCE_POLICIES = (*INFERENCE_T, "fixed")
 
@@ -64,7 +66,13 @@ class CLEXConfig:
     # (YaRN's NTK-by-parts with factor t); see clex.core.equations.PRIORS
     angle_cap: bool = False  # pairs that never turned in L keep every angle <= L·θ⁰_j: θ_j(t) <= θ⁰_j / t
     past_max: str = "ode"  # past max_factor: ode (integrate the network on) or prior (hold its residual)
-    mscale: str = "none"  # attention temperature: none, or yarn (q·k × (0.1·ln t + 1)², as YaRN)
+    mscale: str = "none"  # attention temperature: none, yarn (q·k × (0.1·ln t + 1)², as YaRN), or learned
+    # Weights conditioned on t (clex.hf.t_adapter): a low-rank adapter on each target linear whose components are
+    # gated by g(t) = u^p (u = ln t / ln max_factor, p learned per component): 0 at t = 1, full at max_factor.
+    adapter_rank: int = 0  # components per target (0: none, the paper)
+    adapter_targets: tuple = ("q_proj", "o_proj")  # linear layers (name suffixes) that get one; q/o keep the key
+    # cache exact when t changes, k/v (which write the cache) only at a fixed t (generate_fixed_t, an export)
+    adapter_scale: float = 2.0  # s on the adapters' output (as LoRA's alpha / rank; the recipes' 16 / 8)
 
     # --- the solver ---
     # Defaults measured in benchmarks/solve.py: θ(t) within 1e-5 relative of a float64 fine-step solve and
@@ -80,7 +88,8 @@ class CLEXConfig:
 
     # --- training: what one step draws ---
     train_t: str = "integer"  # t sampler: integer (paper), integer-linear (P(t) ∝ t), integer-quadratic (∝ t²),
-    # integer-mixed (½ integer + ½ integer-quadratic), uniform, log-uniform
+    # integer-mixed (½ integer + ½ integer-quadratic), uniform, log-uniform; or an even sequence (each t gets its
+    # expected share of the steps, whatever the seed): integer-quadratic-even (∝ t²), integer-cubic-even (∝ t³)
     position_sampler: str = "random"  # extrapolated positions: random (paper) or pose
     position_span: str = "sequence"  # positions span n·t (sequence: the paper) or max(n, L)·t (original: rows
     # shorter than L still see positions up to L·t)
@@ -117,6 +126,13 @@ class CLEXConfig:
         number("atol", lambda v: v > 0, "a number > 0")
         number("t_resolution", lambda v: v >= 0, "an integer >= 0 (0 = exact continuous t)", integer=True)
         number("seed", lambda v: True, "an integer", integer=True)
+        number("adapter_rank", lambda v: v >= 0, "an integer >= 0 (0: no t-conditioned adapter)", integer=True)
+        number("adapter_scale", lambda v: v > 0, "a number > 0")
+        targets = self.adapter_targets
+        if isinstance(targets, str) or not isinstance(targets, (list, tuple)) or not targets:
+            bad("adapter_targets", "a non-empty list of linear layer names, e.g. ['q_proj', 'o_proj']")
+        if not all(isinstance(x, str) and x and "." not in x for x in targets) or len(set(targets)) != len(targets):
+            bad("adapter_targets", "distinct layer names without dots, e.g. ['q_proj', 'o_proj']")
         choice("act", tuple(ACTIVATIONS))
         choice("prior", tuple(PRIORS))
         choice("past_max", PAST_MAX)
@@ -135,7 +151,7 @@ class CLEXConfig:
                 f"CLEXConfig.prior={self.prior!r} needs formulation='residual' (the reference formulation integrates "
                 f"the NTK prior only), got formulation={self.formulation!r}"
             )
-        choice("train_t", tuple(T_SAMPLERS))
+        choice("train_t", (*T_SAMPLERS, *T_SEQUENCES))
         choice("position_sampler", tuple(POSITION_SAMPLERS))
         choice("position_span", POSITION_SPANS)
         choice("solve_device", SOLVE_DEVICES)
@@ -159,6 +175,8 @@ class CLEXConfig:
         object.__setattr__(self, "param_factor", int(self.param_factor))
         object.__setattr__(self, "t_resolution", int(self.t_resolution))
         object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "adapter_rank", int(self.adapter_rank))
+        object.__setattr__(self, "adapter_targets", tuple(self.adapter_targets))
         if self.original_length is not None:
             object.__setattr__(self, "original_length", int(self.original_length))
 
@@ -167,7 +185,9 @@ class CLEXConfig:
         return tuple(f.name for f in fields(cls))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["adapter_targets"] = list(self.adapter_targets)  # JSON and YAML hold lists
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> CLEXConfig:

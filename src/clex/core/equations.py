@@ -204,6 +204,16 @@ def yarn_mscale(t: float | Tensor) -> float | Tensor:
     return 0.1 * math.log(t) + 1.0 if t > 1 else 1.0
 
 
+def log_t_fraction(t: float | Tensor, max_factor: float) -> float | Tensor:
+    """u(t) = ln t / ln max_factor in [0, 1]: 0 at t <= 1, 1 at max_factor and held there past it. The input of
+    CLEX's learned functions of t (the learned temperature, the t-conditioned adapters' gates)."""
+    if max_factor <= 1:
+        return torch.zeros_like(t, dtype=torch.float32) if isinstance(t, Tensor) else 0.0
+    if isinstance(t, Tensor):
+        return torch.log(t.clamp(min=1.0, max=float(max_factor))) / math.log(max_factor)
+    return math.log(min(max(t, 1.0), max_factor)) / math.log(max_factor)
+
+
 def angle_cap(log_inv_freq0: Tensor, t: float | Tensor, length: int) -> Tensor:
     """The largest log-frequency a pair may have at factor t and stay inside the angles pre-training showed:
 

@@ -80,6 +80,30 @@ T_SAMPLERS = {
 }
 
 
+def _power_weights(max_factor: float, power: int) -> Tensor:
+    return torch.arange(1, int(max_factor) + 1, dtype=torch.float64) ** power
+
+
+def _even(power: int):
+    """A low-discrepancy t sequence with P(t = k) ∝ k^power on {1..floor(max_factor)}: draw n is the inverse CDF at
+    u_n = frac(c + n·φ), φ = (√5 − 1)/2, c from the seed. Every prefix of n draws holds each t within about one
+    draw of its expected count n·P(t) (i.i.d. draws: within about sqrt(n·P(t))), so runs of a few hundred steps
+    differ by seed in the ORDER of their t, not in how many steps each t gets."""
+
+    def sequence(step: int, seed: int, max_factor: float) -> float:
+        offset = float(torch.rand((), generator=step_generator(seed, -1)))
+        u = (offset + step * (math.sqrt(5) - 1) / 2) % 1.0
+        cdf = torch.cumsum(_power_weights(max_factor, power), 0)
+        return float(torch.searchsorted(cdf / cdf[-1], torch.tensor([u], dtype=torch.float64), right=True)[0] + 1)
+
+    sequence.__doc__ = f"P(t = k) ∝ k^{power}, as an even (low-discrepancy) sequence: see _even."
+    return sequence
+
+
+#: Deterministic t sequences: ``T_SEQUENCES[name](step, seed, max_factor) -> t``, the t of training draw ``step``.
+T_SEQUENCES = {"integer-quadratic-even": _even(2), "integer-cubic-even": _even(3)}
+
+
 # --- training: the positions of one sequence ---------------------------------------------------------
 
 

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import CLEXConfig
-from .equations import angle_cap, prior_shift, rope_angles, yarn_mscale
-from .policies import INFERENCE_T, POSITION_SAMPLERS, T_SAMPLERS, step_generator
+from .equations import angle_cap, log_t_fraction, prior_shift, rope_angles, yarn_mscale
+from .policies import INFERENCE_T, POSITION_SAMPLERS, T_SAMPLERS, T_SEQUENCES, step_generator
 from .solve import solve_log_freqs
 
 
@@ -98,6 +98,11 @@ class CLEXRotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq.detach().float().clone(), persistent=False)
         self.register_buffer("original_inv_freq", self.inv_freq.clone(), persistent=False)
         self.dynamics = CLEXDynamics(dim, config.param_factor)
+        if config.mscale == "learned":  # log τ(t) = w₁·u + w₂·u², from 0: τ = 1 (no temperature) until trained
+            self.temperature = nn.Parameter(torch.zeros(2))
+        else:
+            self.register_parameter("temperature", None)
+        self._temperature_memo: tuple = (None, (0.0, 0.0))  # (parameter version, w as floats): see temperature_at
         self.draws = 0  # training forwards so far: step k draws from (config.seed, k); saved by the trainer
         self.last_t: Tensor | None = None  # [B] t of the latest forward, per row
         self.last_inv_freq: Tensor | None = None  # [B, d/2] θ of the latest forward (float32)
@@ -271,8 +276,11 @@ class CLEXRotaryEmbedding(nn.Module):
         """
         c = self.config
         gen = step_generator(c.seed, self.draws)
+        if c.train_t in T_SEQUENCES:
+            t = T_SEQUENCES[c.train_t](self.draws, c.seed, c.max_factor)
+        else:
+            t = T_SAMPLERS[c.train_t](gen, c.max_factor)
         self.draws += 1
-        t = T_SAMPLERS[c.train_t](gen, c.max_factor)
         length = self.original_length
         if c.position_span == "original":
             t = max(t, n / length)
@@ -302,23 +310,33 @@ class CLEXRotaryEmbedding(nn.Module):
             vars(self).update(last_t=t_rows)  # plain attributes: skips nn.Module.__setattr__ (once per token)
             if self.inference_listener is not None:
                 self.inference_listener(x, position_ids, theta)
-        scale = self.query_scale_for(kv_len, float(t) if self.training else float(t_rows.max()))
+        top_t = float(t) if self.training else float(t_rows.max())
+        magnitude = None  # a learned temperature in training: on cos and sin as sqrt(τ(t)), a tensor with gradients
+        if self.training and self.temperature is not None:
+            magnitude = self.temperature_at(top_t, grad=True).sqrt()
+            scale = self.query_scale_for(kv_len, top_t, temperature=False)
+        else:  # inference: the whole q·k factor in `scaling`, so cached keys never hold t (see query_scale_for)
+            scale = self.query_scale_for(kv_len, top_t)
         vars(self).update(last_inv_freq=theta.detach() if theta.requires_grad else theta, query_scale=scale)
         with torch.autocast(x.device.type, enabled=False):
             emb = rope_angles(positions, theta.to(x.device))  # [B, P, d] float32
             cos, sin = emb.cos(), emb.sin()
             if self.attention_scaling != 1.0:  # (skipped at 1: the same values, two ops fewer per decode step)
                 cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+            if magnitude is not None:
+                cos, sin = cos * magnitude.to(cos.device), sin * magnitude.to(sin.device)
         if x.dtype != torch.float32:
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         return cos, sin
 
-    def query_scale_for(self, kv_len: float, t: float) -> float:
+    def query_scale_for(self, kv_len: float, t: float, *, temperature: bool = True) -> float:
         """The factor on q·k for a forward over ``kv_len`` keys at length factor ``t`` (its largest):
         max(1, log(len)/log(L)) with ``log_scale`` (len pinned by ``log_scale_length`` when set), times YaRN's
-        (0.1·ln t + 1)² with ``mscale="yarn"``; 1 otherwise. It multiplies the logits, not cos/sin, so cached
-        keys stay valid when t changes (the exact key cache re-rotates angles only); the transformers glue
-        (:func:`clex.apply_clex`) applies it through each attention module's ``scaling``."""
+        (0.1·ln t + 1)² with ``mscale="yarn"``, times the learned τ(t) with ``mscale="learned"`` (``temperature``
+        False leaves τ out); 1 otherwise. At inference it multiplies the logits, not cos/sin, so cached keys stay
+        valid when t changes (the exact key cache re-rotates angles only); the transformers glue
+        (:func:`clex.apply_clex`) applies it through each attention module's ``scaling``. In training a learned
+        τ rides on cos and sin instead (sqrt(τ) on each: the same logits, with gradients to its weights)."""
         c = self.config
         factor = 1.0
         if c.log_scale:
@@ -326,7 +344,25 @@ class CLEXRotaryEmbedding(nn.Module):
             factor = max(1.0, math.log(kv_len) / math.log(self.original_length))
         if c.mscale == "yarn":
             factor *= yarn_mscale(t) ** 2
+        if c.mscale == "learned" and temperature:
+            factor *= float(self.temperature_at(t))
         return factor
+
+    def temperature_at(self, t: float, *, grad: bool = False) -> Tensor:
+        """The learned attention temperature τ(t) = exp(w₁·u + w₂·u²), u = ln t / ln max_factor (u held at 1 past
+        max_factor; τ(1) = 1 exactly). A float32 scalar tensor: with gradients to w when ``grad``, else a CPU
+        value read from w once per weight version (no device sync per forward). 1 without ``mscale="learned"``."""
+        if self.temperature is None:
+            return torch.ones(())
+        u = log_t_fraction(check_t(t), float(self.config.max_factor))
+        if grad:
+            w = self.temperature.float()
+            return torch.exp(w[0] * u + w[1] * u * u)
+        key = (self.temperature.data_ptr(), self.temperature._version, self.temperature.device)
+        if self._temperature_memo[0] != key:
+            self._temperature_memo = (key, tuple(self.temperature.detach().float().cpu().tolist()))
+        w1, w2 = self._temperature_memo[1]
+        return torch.tensor(math.exp(w1 * u + w2 * u * u))
 
     def extra_repr(self) -> str:
         c = self.config

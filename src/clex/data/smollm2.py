@@ -125,7 +125,7 @@ def _convert_into(gguf: Path, out: Path) -> dict:
 
     where = dict(gguf_file=gguf.name, local_files_only=True, trust_remote_code=False)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **where)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **where)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, use_kernels=False, **where)
     # The GGUF-loaded model carries quantization_config and refuses save_pretrained: copy into a plain one.
     raw = gguf_model.config.to_dict()
     for key in ("quantization_config", "_model_name_or_path", "transformers_version", "architectures"):

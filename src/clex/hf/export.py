@@ -16,7 +16,10 @@ on cos and sin reproduces past L; transformers has one attention factor for both
 export is the plain model with that temperature (said in the folder's ``clex_export.json``). vLLM reads
 ``short_mscale`` / ``long_mscale`` instead of ``attention_factor`` (both are written). ``log_scale`` scales q·k
 by log(n)/log(L) for a forward over n > L keys; the export pins it at n = N, as it pins t (and as ``clex eval``
-and :func:`clex.generate_fixed_t` do), so ``attention_factor`` also carries sqrt(log N / log L).
+and :func:`clex.generate_fixed_t` do), so ``attention_factor`` also carries sqrt(log N / log L); a learned
+temperature (``mscale="learned"``) enters the same way, as sqrt(τ(N/L)): ``attention_factor`` is the square
+root of the rotary's ``query_scale_for(N, N/L)`` in every case. t-conditioned adapters (:mod:`clex.hf.t_adapter`)
+are merged into their layers' weights at t = N/L (below L too: the folder says so).
 
 ``format="gguf"`` writes one LLaMA-family GGUF file instead (:mod:`clex.hf.to_gguf`): llama.cpp applies its
 per-pair ``rope_freqs`` at every position, so that file is CLEX at t = N/L everywhere, below L too.
@@ -32,10 +35,10 @@ from typing import Literal, get_args
 import torch
 
 from ..core.checks import check_fits, solve_bytes
-from ..core.equations import yarn_mscale
 from ..core.io import atomic_write_bytes, atomic_write_text, follow_umask
 from .generation import fixed_t
 from .lookup import get_clex_rotary, text_config
+from .t_adapter import fixed_t_state_dict
 from .to_gguf import TokenizerPre, check_tokenizer_pre
 
 Format = Literal["hf", "gguf"]
@@ -56,7 +59,7 @@ def longrope_parameters(model, length: int) -> dict:
     """The ``rope_parameters`` (type longrope) that hold a CLEX model's θ(length / L) past L (module docstring)."""
     check_length(model, length)
     rotary = get_clex_rotary(model)
-    c, L = rotary.config, rotary.original_length
+    L = rotary.original_length
     t = length / L
     # The θ a forward inside fixed_t(model, t) uses: the ODE solved on fixed_t's own t grid (its table when t is
     # on the grid). A separate solve (inv_freq_at) or the continuous policy's finer grid gives θ that differ by up
@@ -64,9 +67,13 @@ def longrope_parameters(model, length: int) -> dict:
     with torch.no_grad(), fixed_t(model, t):
         theta = rotary.frequencies(torch.tensor([t], dtype=torch.float64))[0].double().cpu()
     theta0 = rotary.inv_freq.double().cpu()
-    factor = rotary.attention_scaling * (yarn_mscale(t) if c.mscale == "yarn" else 1.0)
-    if c.log_scale:  # q·k × log(N)/log(L): the square root on each of cos and sin
-        factor *= math.sqrt(max(1.0, math.log(length) / math.log(L)))
+    # q·k × the rotary's query scale at N keys and t (log scale, YaRN's or the learned temperature): its square
+    # root on each of cos and sin
+    saved_length, rotary.log_scale_length = rotary.log_scale_length, None
+    try:
+        factor = rotary.attention_scaling * math.sqrt(rotary.query_scale_for(float(length), t))
+    finally:
+        rotary.log_scale_length = saved_length
     plain = dict(getattr(text_config(model), "rope_parameters", None) or {})
     params = {k: v for k, v in plain.items() if k in ("rope_theta", "partial_rotary_factor")}
     return {
@@ -134,7 +141,7 @@ def check_length(model, length: int) -> None:
 
 
 def export(
-    model,
+    model: torch.nn.Module,
     out: str | Path,
     *,
     length: int,
@@ -185,7 +192,8 @@ def export(
     params = longrope_parameters(model, length)  # before anything at out is touched
     for file in export_files(out) if out.is_dir() else []:  # an earlier export (overwrite): its files only
         file.unlink()
-    state = {k: v for k, v in model.state_dict().items() if ".dynamics." not in k}  # the ODE weights stay behind
+    t = length / get_clex_rotary(model).original_length
+    state = fixed_t_state_dict(model, t)  # t-conditioned adapters merged at t; the ODE weights stay behind
     type(model).save_pretrained(model, out, state_dict=state)  # the class's own: no CLEX config, no remote code
     file = out / "config.json"
     raw = json.loads(file.read_text())
@@ -211,8 +219,11 @@ def export(
 
 
 def _below_L_scale(c) -> str:
-    """What the one attention factor adds below L (transformers' longrope has one for both regimes)."""
-    parts = (["YaRN's temperature"] if c.mscale == "yarn" else []) + (["the log scale of N"] if c.log_scale else [])
+    """What the one attention factor (and the merged adapters) add below L (transformers' longrope has one for
+    both regimes)."""
+    temperature = {"yarn": ["YaRN's temperature"], "learned": ["the learned temperature of N"]}.get(c.mscale, [])
+    parts = temperature + (["the log scale of N"] if c.log_scale else [])
+    parts += ["the t-conditioned adapters at N"] if c.adapter_rank else []
     return f" with {' and '.join(parts)}" if parts else ""
 
 

@@ -11,6 +11,7 @@ like liger-kernel's.
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import torch
@@ -42,9 +43,28 @@ def _same_code(fn, reference) -> bool:
     )
 
 
+def _python_function(fn):
+    """The Python function behind a modeling module's ``apply_rotary_pos_emb``: the function itself, or the one a
+    `kernels` hub wrapper falls back to (transformers >= 5.25 wraps it in a module when `kernels` is installed)."""
+    if inspect.isfunction(fn):
+        return fn
+    forward = getattr(type(fn), "forward", None)
+    if inspect.isfunction(forward) and forward.__closure__:
+        inner = inspect.getclosurevars(forward).nonlocals.get("func")
+        if inspect.isfunction(inner):
+            return inner
+    return None
+
+
 def is_llama_rotation(fn) -> bool:
-    """``fn`` is transformers' LLaMA rotation (or a byte-identical copy) calling the stock ``rotate_half``."""
-    return _same_code(fn, _llama_rotation) and _same_code(fn.__globals__.get("rotate_half"), rotate_half)
+    """``fn`` is transformers' LLaMA rotation (or a byte-identical copy, or either behind a `kernels` hub
+    wrapper) calling the stock ``rotate_half``."""
+    fn = _python_function(fn)
+    return (
+        fn is not None
+        and _same_code(fn, _llama_rotation)
+        and _same_code(fn.__globals__.get("rotate_half"), rotate_half)
+    )
 
 
 def _dispatcher(stock):

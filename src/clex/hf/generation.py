@@ -186,8 +186,8 @@ def fixed_clex_t(model: nn.Module, length: int) -> Iterator[float | None]:
 
 
 def generate_fixed_t(
-    model: nn.Module, input_ids: Tensor, *, max_new_tokens: int, attention_mask: Tensor | None = None, **kwargs
-):
+    model: nn.Module, input_ids: Tensor, *, max_new_tokens: int, attention_mask: Tensor | None = None, **kwargs: object
+) -> object:
     """``model.generate`` with t fixed once from the longest prompt + max_new_tokens (:func:`fixed_t_for`).
 
     θ never changes during the generation, so no key is ever re-rotated; works with every cache type. With

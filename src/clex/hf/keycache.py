@@ -26,6 +26,7 @@ from transformers.cache_utils import (
 from ..core.rotary_embedding import CLEXRotaryEmbedding
 from .compat import CACHE_ARGS, TRANSFORMERS_VERSION, cache_argument, output_cache
 from .lookup import find_rotary, get_clex_rotary
+from .t_adapter import writes_cache
 
 #: When to re-rotate: ``on_change`` (ours: only rows whose θ changed) or ``every_step`` (the whole cache at
 #: every step, in float32: the reference's cost, kept for benchmarks).
@@ -179,6 +180,8 @@ class ExactKeyCache:
             raise ValueError("the CLEX rotary already has an inference_listener: call disable_exact_cache(model) first")
         self.model, self.rotary, self.owner, self.rerotate = model, rotary, owner, rerotate
         self.rerotations = 0
+        c = rotary.config  # adapters on layers that write the cache: a change of t cannot be followed (t_adapter)
+        self._t_in_cache = [n for n in c.adapter_targets if c.adapter_rank and writes_cache([n])]
         self._cache = None  # the cache of the running forward, until the rotary's listener takes it
         self._followed = None  # the cache the listener brought to the current θ in this forward
         self._arg_names = tuple(inspect.signature(owner.forward).parameters)  # to read positional arguments
@@ -246,6 +249,13 @@ class ExactKeyCache:
             state = self._new_state(cache, seen, theta, batch)
         if seen != state.length or batch != state.batch or len(cache.layers) != state.layers_checked:
             self._sync(cache, state, seen, batch)
+        if state.length and self._t_in_cache and theta is not state.theta and not torch.equal(theta, state.theta):
+            raise ValueError(
+                f"this CLEX model's t-conditioned adapters sit on {', '.join(self._t_in_cache)}, which write the key "
+                "cache: its cached keys and values were computed at another t, and re-rotation cannot mend that. "
+                "Generate at one t (clex.generate_fixed_t, or inference_t='fixed'), or put the adapters on "
+                "query/output layers only (CLEXConfig.adapter_targets, e.g. ['q_proj', 'o_proj'])"
+            )
         if self.rerotate == "every_step":
             if state.length:
                 self._rotate(cache, state, theta, rows=None, precise=False)

@@ -9,7 +9,7 @@ The authors' checkpoints (DAMO-NLP-SG/CLEX) carry ``rope_scaling = {"type": "cle
 ``model.clex_layer.proj_func.ode_up_proj`` / ``ode_down_proj`` (and ``model.clex_layer.inv_freq``).
 
 Nothing of a folder runs: every ``from_pretrained`` here passes ``trust_remote_code=False`` (so transformers never
-asks), and a folder whose ``config.json`` or ``tokenizer_config.json`` carries an ``auto_map`` (a pointer at a
+asks) and ``use_kernels=False`` (no kernel code fetched from the hub), and a folder whose ``config.json`` or ``tokenizer_config.json`` carries an ``auto_map`` (a pointer at a
 ``.py`` file of custom code) is refused before anything is read (:func:`refuse_remote_code`), except the one
 entry clex writes itself into saved CLEX folders (:data:`clex.hf.patch.OWN_AUTO_MAP`: ``clex_model.py``, which
 only forwards stock transformers to clex, and which :func:`load_model` never runs: it reads those folders
@@ -30,6 +30,7 @@ from ..core.checks import check_device, check_dtype
 from ..core.config import CLEXConfig, check_keys
 from .lookup import get_clex_rotary
 from .patch import OWN_AUTO_MAP, apply_clex, split_rope_parameters
+from .t_adapter import ADAPTER
 
 #: Reference config keys that are CLEXConfig fields of the same name and meaning.
 OFFICIAL_KEYS = ("max_factor", "param_factor", "act", "time_dt")
@@ -229,7 +230,7 @@ def load_model(
     device: str | torch.device | None = None,
     attn_implementation: str | None = None,
     clex: CLEXConfig | dict | None = None,
-    **overrides,
+    **overrides: object,
 ) -> nn.Module:
     """Load a causal LM from a local folder, with CLEX when its config says so (or when ``clex`` is given).
 
@@ -275,7 +276,8 @@ def load_model(
         raise ValueError(f"{path / 'config.json'} has no model_type; expected a transformers model folder")
     check_weight_files(path)
     config = AutoConfig.for_model(model_type, **cleaned)
-    kwargs = {"config": config, "trust_remote_code": False, "local_files_only": True}
+    # use_kernels=False: transformers >= 5.25 would otherwise fetch hub kernels (code) where `kernels` is installed
+    kwargs = {"config": config, "trust_remote_code": False, "local_files_only": True, "use_kernels": False}
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype)
     if attn_implementation is not None:
@@ -300,4 +302,31 @@ def load_model(
                 )
             with torch.no_grad():
                 param.copy_(hits[0].to(param.dtype))
+        _load_learned_functions_of_t(model, path, saved)
     return model.to(device) if device is not None else model
+
+
+def _load_learned_functions_of_t(model: nn.Module, path: Path, saved: CLEXConfig) -> None:
+    """The learned temperature and the t-conditioned adapters (:mod:`clex.hf.t_adapter`), by their exact state
+    dict names. Those the saved config has must be in the weights; ones a load-time override adds start fresh."""
+    from .lookup import find_rotary
+
+    rotary_name, rotary = find_rotary(model)
+    wanted = {}
+    if saved.mscale == "learned" and rotary.temperature is not None:
+        wanted[f"{rotary_name}.temperature"] = rotary.temperature
+    if saved.adapter_rank and saved.adapter_rank == rotary.config.adapter_rank:
+        wanted.update({k: p for k, p in model.named_parameters() if f".{ADAPTER}." in k})
+    if not wanted:
+        return
+    found = _read_weights(path, tuple(wanted))
+    for key, param in wanted.items():
+        value = found.get(key)
+        if value is None or value.shape != param.shape:
+            what = "missing" if value is None else f"of shape {tuple(value.shape)}, expected {tuple(param.shape)}"
+            raise ValueError(
+                f"{path}: the weights' `{key}` is {what} (its config has mscale={saved.mscale!r}, "
+                f"adapter_rank={saved.adapter_rank})"
+            )
+        with torch.no_grad():
+            param.copy_(value.to(param.dtype))

@@ -216,7 +216,19 @@ def _clex(
                 f"this model has CLEX with param_factor={rot.config.param_factor}; it cannot change to "
                 f"{fields['param_factor']} (the ODE weights have that shape)"
             )
-        rot.config = rot.config.replace(**{k: v for k, v in fields.items() if k != "original_length"})
+        new = rot.config.replace(**{k: v for k, v in fields.items() if k != "original_length"})
+        for name in ("adapter_rank", "adapter_targets", "adapter_scale"):
+            if getattr(new, name) != getattr(rot.config, name):
+                raise ValueError(
+                    f"this model has CLEX with {name}={getattr(rot.config, name)!r}; it cannot change to "
+                    f"{getattr(new, name)!r} (its t-conditioned adapters were built with it): apply CLEX afresh"
+                )
+        if (new.mscale == "learned") != (rot.config.mscale == "learned"):
+            raise ValueError(
+                f"this model has CLEX with mscale={rot.config.mscale!r}; it cannot change to {new.mscale!r} (a "
+                "learned temperature has its own weights): apply CLEX afresh"
+            )
+        rot.config = new
         return model
     return apply_clex(model, given if given is not None else CLEXConfig.from_dict(fields))
 

@@ -19,6 +19,7 @@ from ..core.config import CLEXConfig, check_keys
 from ..core.rotary_embedding import CLEXRotaryEmbedding
 from .fused_rotation import FUSED_ROTATION, use_fused_rotation
 from .lookup import find_rotary, get_clex_rotary, text_config
+from .t_adapter import attach_t_adapters
 
 CLEX_KEYS = {"rope_type", *CLEXConfig.field_names()}
 
@@ -41,7 +42,7 @@ def apply_clex(
     *,
     exact_cache: bool = True,
     fused_rotation: str = "auto",
-    **overrides,
+    **overrides: object,
 ) -> nn.Module:
     """Replace the model's RoPE with CLEX, in place, and return the model.
 
@@ -57,7 +58,8 @@ def apply_clex(
         fused_rotation: how each layer's rotation backpropagates into CLEX's cos/sin while training
             (:mod:`clex.hf.fused_rotation`): "auto" (one Triton kernel on a GPU where Triton imports, else eager
             torch), "torch", "triton", or "off" (stock autograd). The same values and gradients (float64: to
-            rounding); inference and plain RoPE always run transformers' own function.
+            rounding); with ``mscale="learned"`` "auto" means "off" (the fused backward passes no gradient to
+            the magnitude of cos/sin); inference and plain RoPE always run transformers' own function.
         **overrides: CLEXConfig fields that win over ``config``'s (e.g. ``max_factor=8``)
 
     Returns:
@@ -81,6 +83,15 @@ def apply_clex(
         )
     if overrides:
         config = config.replace(**overrides)
+    if config.mscale == "learned" and fused_rotation != "off":
+        # the fused rotation's backward passes only the angle's part of the cos/sin gradient (cos² + sin² taken
+        # as fixed): a temperature riding on their magnitude would get no gradient. "auto" picks stock autograd.
+        if fused_rotation != "auto":
+            raise ValueError(
+                f"apply_clex's fused_rotation={fused_rotation!r} cannot train mscale='learned' (its backward drops "
+                "the gradient of cos/sin's magnitude, where the learned temperature rides); use 'auto' or 'off'"
+            )
+        fused_rotation = "off"
     name, old = find_rotary(model)
     if isinstance(old, CLEXRotaryEmbedding):
         raise ValueError(f"{type(model).__name__} already has CLEX at `{name}`")
@@ -125,6 +136,7 @@ def apply_clex(
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     model.save_pretrained = types.MethodType(_save_pretrained, model)
     use_fused_rotation(model, new, fused_rotation)
+    attach_t_adapters(model)  # CLEXConfig.adapter_rank > 0: weights conditioned on t (clex.hf.t_adapter)
     if exact_cache:
         from .generation import enable_exact_cache  # generation builds on this module
 

@@ -14,7 +14,9 @@ position). So the file written here is CLEX at t = N/L everywhere, short prompts
 that ends at N:
 
     rope_freqs_j = θ⁰_j / θ_j(N/L)      (the longrope export's long_factor)
-    llama.rope.scaling.attn_factor = mscale(N/L) · sqrt(log N / log L with ``log_scale``)   (1 without either)
+    llama.rope.scaling.attn_factor = sqrt(the rotary's query scale at N: YaRN's or the learned temperature,
+                                          the log scale of N)   (1 without any)
+    weights: the t-conditioned adapters merged at N/L (clex.hf.t_adapter.fixed_t_state_dict)
 
 The attention factor: ``llama_context`` sets ``cparams.yarn_attn_factor`` (1 unless the rope scaling type is
 ``yarn``) and multiplies it by ``hparams.rope_attn_factor``, read from ``<arch>.rope.scaling.attn_factor``; the
@@ -44,6 +46,7 @@ import torch
 
 from ..core.io import temporary_sibling
 from .lookup import text_config
+from .t_adapter import fixed_t_state_dict
 
 #: model_type -> GGUF architecture this writer maps.
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
@@ -157,8 +160,9 @@ def interleave_rotary_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.reshape(n_heads, 2, d // 2, cols).transpose(1, 2).reshape(rows, cols)  # [h, d/2, 2, in] flat
 
 
-def _gguf_tensors(model, config) -> dict[str, np.ndarray]:
-    """The GGUF tensors (float32, transformers' [out, in] layout, which GGUFWriter stores as ggml's [in, out])."""
+def _gguf_tensors(model, config, t: float) -> dict[str, np.ndarray]:
+    """The GGUF tensors (float32, transformers' [out, in] layout, which GGUFWriter stores as ggml's [in, out]) of
+    the model at t: t-conditioned adapters merged, the ODE weights and the learned temperature left behind."""
     import gguf
 
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
@@ -166,8 +170,8 @@ def _gguf_tensors(model, config) -> dict[str, np.ndarray]:
     # gguf's own map of transformers' names to llama.cpp's LLaMA tensors (weights only: biases are not written)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     out = {}
-    for name, value in model.state_dict().items():
-        if ".dynamics." in name or (tied and name == "lm_head.weight"):  # the ODE stays behind; tied = embedding
+    for name, value in fixed_t_state_dict(model, t).items():
+        if tied and name == "lm_head.weight":  # tied = the embedding
             continue
         target = names.get_name(name, try_suffixes=(".weight",)) if name.endswith(".weight") else None
         if target is None:
@@ -300,7 +304,7 @@ def write_gguf(
     check_tokenizer_pre(tokenizer_pre)
     if not 0 < int(length) < 2**32:
         raise ValueError(f"format gguf holds context lengths below 2^32 (a uint32), got length {length}")
-    tensors = _gguf_tensors(model, config)
+    tensors = _gguf_tensors(model, config, length / int(params["original_max_position_embeddings"]))
     tmp = temporary_sibling(out)  # mode from the user's umask, like any file they write
     try:
         writer = gguf.GGUFWriter(tmp, "llama")

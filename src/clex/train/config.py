@@ -63,8 +63,10 @@ class TrainConfig:
     batch_size: int = 8  # rows per process per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size * processes * grad_accum
     lr: float = 2e-5  # peak learning rate of AdamW (the paper: 2e-5 for a 7B model; from random weights, more)
-    clex_lr: float | None = None  # lr of the CLEX ODE weights (None: lr); Adam moves W_down by ~lr a step, and
-    # the network's output scales with λd, so a large lr makes θ(t) jagged
+    clex_lr: float | None = None  # lr of the CLEX ODE weights (None: lr; 0: frozen, θ(t) stays the prior's);
+    # Adam moves W_down by ~lr a step, and the network's output scales with λd, so a large lr makes θ(t) jagged
+    t_lr: float | None = None  # lr of CLEX's learned functions of t (the learned temperature's weights, the
+    # t-conditioned adapters' gate powers; None: lr): a few scalars that must move far in a few hundred steps
     warmup_ratio: float = 0.03  # linear warmup over this fraction of the steps
     schedule: str = "cosine"  # cosine | linear | constant (after the warmup)
     weight_decay: float = 0.0  # AdamW's decoupled weight decay
@@ -78,6 +80,7 @@ class TrainConfig:
     lora_alpha: float = 16.0  # train=lora: the adapters' scale is lora_alpha / lora_rank
     lora_dropout: float = 0.0  # train=lora: dropout on the adapters' input
     lora_targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # adapted linears
+    save_adapter: bool = False  # train=lora: also write the adapters unmerged to final/adapter (peft's format)
 
     # --- precision, devices, seeds ---
     seed: int = 0  # model init, data order, held-out split, t draws, PoSE positions
@@ -143,8 +146,14 @@ class TrainConfig:
                 bad(name, "a number >= 0")
         if self.lr == 0:
             bad("lr", "a number > 0")
-        if self.clex_lr is not None and self.clex_lr <= 0:
-            bad("clex_lr", "a number > 0, or null for lr")
+        if self.clex_lr is not None and self.clex_lr < 0:
+            bad("clex_lr", "a number >= 0 (0: the ODE weights frozen), or null for lr")
+        if self.t_lr is not None and self.t_lr <= 0:
+            bad("t_lr", "a number > 0, or null for lr")
+        if self.save_adapter and self.train != "lora":
+            raise ValueError(
+                f"TrainConfig.save_adapter=true needs train='lora' (the adapters it saves), got train={self.train!r}"
+            )
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 bad(name, "a number in [0, 1)")
@@ -156,6 +165,10 @@ class TrainConfig:
         if self.train == "clex" and self.method != "clex":
             raise ValueError(
                 f"TrainConfig.train='clex' trains only the CLEX parameters: it needs method 'clex', got {self.method!r}"
+            )
+        if self.train == "clex" and self.clex_lr == 0:
+            raise ValueError(
+                "TrainConfig.train='clex' with clex_lr=0 would train nothing: the ODE weights are all it trains"
             )
         if self.clex and self.method != "clex":
             raise ValueError(

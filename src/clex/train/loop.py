@@ -41,9 +41,17 @@ from ..data.presets import build_model, count_parameters
 from ..hf.compat import set_activation_checkpointing
 from ..hf.lookup import find_rotary
 from ..hf.methods import original_length_of, pose_position_ids, prepare_model
+from ..hf.t_adapter import TAdapter
 from . import lora
 from .checkpoints import resume_checkpoint, save_checkpoint
 from .config import TrainConfig, read_config_file
+from .distributed import (
+    deepspeed_fill,
+    fsdp_float32_rotary,
+    make_accelerator,
+    nonfinite_gradients,
+    zero3_external_params,
+)
 from .packing import prepare_data, rows_at
 from .rundir import (
     check_out_dir,
@@ -73,10 +81,13 @@ def lr_schedule(optimizer, kind: str, *, warmup: int, steps: int) -> torch.optim
 def _select_trainable(model, config: TrainConfig):
     """Freeze what ``config.train`` leaves out; LoRA wraps the model with peft.
     -> (model, optimizer parameter groups: the model's trainable weights, then the ODE weights at clex_lr)"""
-    clex_params = []
+    clex_params, t_functions, t_weights = [], [], []
     _, rot = find_rotary(model)
     if isinstance(rot, CLEXRotaryEmbedding):
         clex_params = list(rot.dynamics.parameters())
+        adapters = [m for m in model.modules() if isinstance(m, TAdapter)]
+        t_functions = [rot.temperature] * (rot.temperature is not None) + [a.gate_power for a in adapters]
+        t_weights = [p for a in adapters for p in (a.down, a.up)]
     if config.train == "lora":
         model = lora.wrap(
             model,
@@ -88,97 +99,19 @@ def _select_trainable(model, config: TrainConfig):
     elif config.train == "clex":
         for p in model.parameters():
             p.requires_grad_(False)
-    for p in clex_params:  # the ODE weights train in every mode
-        p.requires_grad_(True)
-    ode = {id(p) for p in clex_params}
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in ode]}]
-    if clex_params:  # their own group, for their own lr
+    if config.clex_lr == 0:  # frozen: θ(t) is the prior's (the ODE still runs, without a backward)
+        for p in clex_params:
+            p.requires_grad_(False)
+        clex_params = []
+    for p in clex_params + t_functions + (t_weights if config.train != "clex" else []):
+        p.requires_grad_(True)  # the ODE weights and the learned functions of t train in every mode
+    own = {id(p) for p in clex_params + t_functions}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in own]}]
+    if clex_params:  # their own groups, for their own lr
         groups.append({"params": clex_params, "lr": config.clex_lr or config.lr})
+    if t_functions:
+        groups.append({"params": t_functions, "lr": config.t_lr or config.lr})
     return model, [g for g in groups if g["params"]]
-
-
-def _accelerator(config: TrainConfig):
-    from accelerate import Accelerator
-
-    kwargs = {}
-    if config.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise ValueError("TrainConfig.tensorboard=true needs TensorBoard: pip install tensorboard") from None
-        kwargs.update(log_with="tensorboard", project_dir=str(Path(config.out_dir) / "tensorboard"))
-    return Accelerator(
-        cpu=config.cpu or not _has_accelerator(),
-        mixed_precision="bf16" if config.dtype == "bfloat16" else None,  # None: the launch config's
-        gradient_accumulation_steps=config.grad_accum,
-        **kwargs,
-    )
-
-
-def _has_accelerator() -> bool:
-    """A GPU (or other device) is present; without one, accelerate must be told `cpu` to form a gloo group
-    from torchrun's environment (else every process would train alone)."""
-    from accelerate.utils import is_mps_available, is_npu_available, is_xpu_available
-
-    return torch.cuda.is_available() or is_mps_available() or is_xpu_available() or is_npu_available()
-
-
-def _deepspeed_fill(accelerator, config: TrainConfig) -> None:
-    """DeepSpeed reads micro-batch size, accumulation and clipping from its own config (we feed it no
-    dataloader): the run config's values win."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None:
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
-        plugin.deepspeed_config["gradient_clipping"] = config.max_grad_norm
-        plugin.deepspeed_config["gradient_accumulation_steps"] = config.grad_accum
-
-
-def float32_rotary_policy(policy):
-    """FSDP1's mixed-precision policy with the rotary module and every buffer kept in float32.
-
-    accelerate's bf16 policy casts every parameter and buffer to bf16 for the forward: the CLEX ODE weights,
-    θ⁰ (``inv_freq``: relative error 2^-9, so at 64k positions an angle off by up to ~128 rad) and the
-    frequencies solved from them, where DDP's autocast keeps all of that in float32. FSDP runs the modules of
-    ``_module_classes_to_ignore`` unwrapped from mixed precision (their own FSDP unit, inputs cast to float32
-    and outputs back), so adding the CLEX rotary there gives FSDP the numerics of DDP for the part CLEX adds;
-    ``buffer_dtype`` float32 does the same for plain RoPE's θ⁰. -> a new MixedPrecision (None stays None)."""
-    if policy is None:
-        return None
-    from torch.distributed.fsdp import MixedPrecision
-
-    return MixedPrecision(
-        param_dtype=policy.param_dtype,
-        reduce_dtype=policy.reduce_dtype,
-        buffer_dtype=torch.float32,
-        keep_low_precision_grads=policy.keep_low_precision_grads,
-        cast_forward_inputs=policy.cast_forward_inputs,
-        cast_root_forward_inputs=policy.cast_root_forward_inputs,
-        _module_classes_to_ignore=tuple({*policy._module_classes_to_ignore, CLEXRotaryEmbedding}),
-    )
-
-
-def _fsdp_float32_rotary(accelerator) -> None:
-    """Under FSDP1 with mixed precision, the policy of :func:`float32_rotary_policy` (before ``prepare``)."""
-    plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    if plugin is not None and getattr(plugin, "fsdp_version", 1) == 1:
-        plugin.mixed_precision_policy = float32_rotary_policy(plugin.mixed_precision_policy)
-
-
-def nonfinite_gradients(model) -> list[str]:
-    """Names of the trained parameters whose gradient holds a nan or an inf (an empty list when all are finite)."""
-    return [n for n, p in model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-
-
-def _zero3_external_params(accelerator, rotary) -> None:
-    """Under DeepSpeed ZeRO-3 a parameter is gathered when ITS module runs; the rotary reads the ODE weights
-    of its `dynamics` child directly, so register them as the rotary's external parameters."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if rotary is None or plugin is None or plugin.zero_stage != 3:
-        return
-    import deepspeed
-
-    for p in rotary.dynamics.parameters():
-        deepspeed.zero.register_external_parameter(rotary, p)
 
 
 def _evaluate(model, accelerator, eval_rows, config: TrainConfig) -> float:
@@ -247,7 +180,7 @@ def run(config: TrainConfig) -> Path:
         raise ValueError(f"run() takes a TrainConfig, got {type(config).__name__}")
     out_dir = Path(config.out_dir)
     check_out_dir(config, out_dir)
-    accelerator = _accelerator(config)
+    accelerator = make_accelerator(config)
     main_proc, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     set_seed(config.seed)
     if config.threads:
@@ -276,16 +209,16 @@ def run(config: TrainConfig) -> Path:
     optimizer = torch.optim.AdamW(
         groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay
     )
-    _deepspeed_fill(accelerator, config)
+    deepspeed_fill(accelerator, config)
     sizes = count_parameters(model), sum(p.numel() for g in groups for p in g["params"])  # before FSDP/ZeRO-3 shard
-    _fsdp_float32_rotary(accelerator)
+    fsdp_float32_rotary(accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     # made on the prepared optimizer (DeepSpeed may swap in its own); stepped by us once per optimizer step.
     # Not registered with accelerate (that would pickle it): checkpoints save its numbers as JSON.
     scheduler = lr_schedule(
         optimizer, config.schedule, warmup=math.ceil(config.warmup_ratio * config.steps), steps=config.steps
     )
-    _zero3_external_params(accelerator, rotary)
+    zero3_external_params(accelerator, rotary)
 
     # --- fresh start (the previous run removed only now: everything above could still refuse) or resume ---
     if config.overwrite and not config.resume:
@@ -417,9 +350,13 @@ def run(config: TrainConfig) -> Path:
     if config.train == "lora" and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         # sharded weights cannot be merged in place: gather them, merge the state dict (clex.train.lora)
         full = accelerator.get_state_dict(model)
+        if config.save_adapter and main_proc:
+            lora.save_adapter(unwrapped, final / "adapter", state_dict=full)
         state_dict = lora.merge_state_dict(full, rank=config.lora_rank, alpha=config.lora_alpha) if main_proc else None
         unwrapped = unwrapped.get_base_model()
     elif config.train == "lora":
+        if config.save_adapter and main_proc:
+            lora.save_adapter(unwrapped, final / "adapter")
         unwrapped = unwrapped.merge_and_unload()
         state_dict = None if world == 1 else accelerator.get_state_dict(unwrapped)
     else:
@@ -435,7 +372,7 @@ def run(config: TrainConfig) -> Path:
     return final
 
 
-def finetune(config: TrainConfig | dict | str | Path | None = None, **overrides) -> Path:
+def finetune(config: TrainConfig | dict | str | Path | None = None, **overrides: object) -> Path:
     """Fine-tune a RoPE model with CLEX or a baseline (PI, NTK, YaRN, ...) and return the final model's folder.
 
         final = clex.finetune("recipes/tiny-clex.yaml", steps=100, out_dir="runs/mine")

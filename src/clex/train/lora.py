@@ -27,6 +27,13 @@ def wrap(model, *, rank: int, alpha: float, dropout: float, targets):
     return get_peft_model(model, lora)
 
 
+def save_adapter(peft_model, folder, *, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the LoRA adapters unmerged to ``folder`` in peft's format (adapter_config.json +
+    adapter_model.safetensors): ``PeftModel.from_pretrained(base, folder)`` reads them back. ``state_dict``: the
+    full gathered one where the weights are sharded (ZeRO-3, FSDP)."""
+    peft_model.save_pretrained(str(folder), state_dict=state_dict)
+
+
 def merge_state_dict(state_dict: dict[str, torch.Tensor], *, rank: int, alpha: float) -> dict[str, torch.Tensor]:
     """The plain model's state dict from a LoRA model's full one: every ``X.base_layer.weight`` becomes
     ``X.weight`` = W + (alpha / rank) · B @ A (computed in float32, stored in W's dtype), the adapters dropped,

@@ -16,7 +16,8 @@ from clex.core.config import CLEXConfig
 from clex.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-YAMLS = sorted((ROOT / "recipes").glob("*.yaml"))
+#: the training files: recipes/ and the experiments' own (e.g. experiments/one-model-every-length/every.yaml)
+YAMLS = sorted([*(ROOT / "recipes").glob("*.yaml"), *(ROOT / "experiments").rglob("*.yaml")])
 
 
 def test_the_three_recipes_and_their_names():
@@ -82,7 +83,11 @@ def test_constructing_trainconfig_with_a_bare_recipe_name_is_refused():
         TrainConfig(recipe="far")
 
 
-@pytest.mark.parametrize("path", [p for p in YAMLS if "recipe" in yaml.safe_load(p.read_text())], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    [p for p in YAMLS if "recipe" in yaml.safe_load(p.read_text())],
+    ids=lambda p: p.relative_to(ROOT).as_posix(),
+)
 def test_a_yaml_recipe_restates_none_of_its_recipes_fields(path):
     """The file names the recipe and overrides only what it changes: a restated value could drift from it."""
     raw = yaml.safe_load(path.read_text())

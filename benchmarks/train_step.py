@@ -21,8 +21,9 @@ Variants (any subset, plain always first):
 - reference   CLEX as the authors compute it: rk4 at uniform steps of 0.01 on the full right-hand side,
               backpropagation through every step, stock rotation
 - ours-solve-on-model-device   ours with solve_device="model"
-- ours-recommended   ours with the recommended recipe's options (prior, mscale, angle_cap, past_max)
-- ours-far    ours with the far recipe's options (log_scale instead of mscale, t drawn P(t) ∝ t²: its own
+- ours-recommended   ours with the CLEXConfig fields of the recommended recipe (clex.recipes.RECOMMENDED: prior,
+                     mscale, angle_cap, past_max, ...) at --max-factor
+- ours-far    ours with the far recipe's (clex.recipes.FAR: log_scale instead of mscale, t drawn P(t) ∝ t²: its own
               t draws, so its ODE solves reach larger t than the other variants')
 - ours-far-frozen-ode   ours-far with the ODE weights frozen (TrainConfig.clex_lr=0: θ(t) the prior's, no backward
               through the solve)
@@ -72,6 +73,7 @@ from common import (
 )  # noqa: E402
 
 import clex  # noqa: E402
+import clex.recipes  # noqa: E402
 from clex.hf.compat import set_activation_checkpointing  # noqa: E402
 from clex.hf.methods import METHODS  # noqa: E402
 from clex.hf.t_adapter import attach_t_adapters  # noqa: E402
@@ -86,42 +88,18 @@ VARIANTS = {
     "ours-fused-torch": ("clex", {}, "torch"),
     "reference": ("clex", dict(method="rk4", time_dt=0.01, log_dt=None, formulation="reference"), "off"),
     "ours-solve-on-model-device": ("clex", dict(solve_device="model"), None),
-    # the recommended recipe (README "CLEX past 4x"): yarn prior, yarn temperature, angle cap, prior past max
-    "ours-recommended": ("clex", dict(prior="yarn", mscale="yarn", angle_cap=True, past_max="prior"), None),
-    # the far recipe (README "CLEX past 4x"): log scale instead of the temperature, t drawn P(t) ∝ t²
-    "ours-far": (
-        "clex",
-        dict(prior="yarn", log_scale=True, angle_cap=True, past_max="prior", train_t="integer-quadratic"),
-        None,
-    ),
-    "ours-far-frozen-ode": (
-        "clex-frozen-ode",
-        dict(prior="yarn", log_scale=True, angle_cap=True, past_max="prior", train_t="integer-quadratic"),
-        None,
-    ),
+    # the recipes' CLEXConfig fields (clex.recipes), at the benchmark's max_factor
+    "ours-recommended": ("clex", dict(clex.recipes.get("recommended").clex), None),
+    "ours-far": ("clex", dict(clex.recipes.get("far").clex), None),
+    "ours-far-frozen-ode": ("clex-frozen-ode", dict(clex.recipes.get("far").clex), None),
     "ours-far-adapters": (
         "clex",
-        dict(
-            prior="yarn",
-            log_scale=True,
-            angle_cap=True,
-            past_max="prior",
-            train_t="integer-quadratic-even",
-            adapter_rank=8,
-        ),
+        {**clex.recipes.get("far").clex, "train_t": "integer-quadratic-even", "adapter_rank": 8},
         None,
     ),
     "ours-every": (
         "clex",
-        dict(
-            prior="yarn",
-            log_scale=True,
-            angle_cap=True,
-            past_max="prior",
-            train_t="integer-quadratic-even",
-            mscale="learned",
-            adapter_rank=8,
-        ),
+        {**clex.recipes.get("far").clex, "train_t": "integer-quadratic-even", "mscale": "learned", "adapter_rank": 8},
         None,
     ),
 }

@@ -20,7 +20,8 @@ batch x seq_len) plus these TrainConfig overrides (``steps=1000`` gives one run 
 checkpoints it); trained into W/NAME (skipped if W/NAME/final exists; an interrupted run resumes from its latest
 checkpoint, or starts again if it left none).
 --models NAME=SOURCE[:KEY=VALUE,...], SOURCE a trained run's name or ``base``. Keys: CLEXConfig fields
-(changed at load time, e.g. angle_cap=true), ``clex=1`` (apply CLEX fresh: the untrained prior),
+(changed at load time, e.g. angle_cap=true), ``clex=1`` (apply CLEX fresh: the untrained prior; ``clex=far``:
+a recipe of clex.recipes, fresh),
 ``yarn=S`` (transformers' YaRN factor S, untrained; ``attention_factor=A`` sets its temperature on cos/sin),
 ``ode=zero`` (the ODE weights zeroed: the run's LoRA with the prior θ(t)), ``ode_from=RUN`` (the base model with
 RUN's ODE weights: the learned θ(t) alone), ``weights_only=1`` (the run's fine-tuned weights as a plain-RoPE
@@ -178,6 +179,7 @@ def _load(a, spec: str):
     from transformers import AutoTokenizer
 
     import clex
+    import clex.recipes
     from clex.eval.specs import parse_params
     from clex.hf.methods import prepare_model
 
@@ -190,8 +192,9 @@ def _load(a, spec: str):
     kw = dict(dtype=torch.bfloat16, device="cuda" if torch.cuda.is_available() else "cpu")
     if weights_only or clex_from:
         model = _plain(folder, **kw)
-    elif fresh or ode_from:
-        model = clex.load_model(folder, clex=clex.CLEXConfig(**{"max_factor": 8, **params}), **kw)
+    elif fresh or ode_from:  # clex=NAME: a recipe of clex.recipes; clex=1: CLEXConfig's defaults at max_factor 8
+        fields = clex.recipes.get(fresh).clex_config().to_dict() if isinstance(fresh, str) else {"max_factor": 8}
+        model = clex.load_model(folder, clex=clex.CLEXConfig.from_dict({**fields, **params}), **kw)
     else:
         model = clex.load_model(folder, **params, **kw)
     if yarn:

@@ -2,6 +2,7 @@
 and the quick demo runs end to end."""
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import json
@@ -123,11 +124,12 @@ def test_bad_input_is_one_line_without_a_traceback(capsys, folder, doc, tmp_path
     assert "missing" in cli_error(
         capsys, ["eval", "ppl", "--models", str(tmp_path / "missing"), "--out-dir", str(tmp_path)]
     )
-    assert "scale must be one of quick, default, large, got 'huge'" in cli_error(
-        capsys, ["demo", "--scale", "huge", "--out-dir", str(tmp_path)]
-    )
-    assert "variants: unknown ['clex-9x']; allowed: clex-rec-1x" in cli_error(
-        capsys, ["demo", "--variants", "clex-9x", "--out-dir", str(tmp_path)]
+    err = cli_error(capsys, ["demo", "--scale", "huge", "--out-dir", str(tmp_path)])
+    assert "'huge'" in err and "quick" in err and "large" in err
+    err = cli_error(capsys, ["demo", "--variants", "clex-9x", "--out-dir", str(tmp_path)])
+    assert "'clex-9x'" in err and "clex-rec-4x" in err and "pose-pi-1x" in err
+    assert "workers must be an integer >= 0" in cli_error(
+        capsys, ["demo", "--workers", "-1", "--out-dir", str(tmp_path)]
     )
     ppl = [
         "eval",
@@ -178,24 +180,39 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
         main(["eval", "ppl", "--models", str(tmp_path / "missing"), "--out-dir", str(tmp_path)])
 
 
-def test_quick_demo_writes_the_table_plot_json_and_models(tmp_path, monkeypatch, capsys):
+def test_quick_demo_writes_the_tables_plots_json_and_models(tmp_path, monkeypatch, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out-dir", str(out)]) == 0
+    assert main(["demo", "--scale", "quick", "--out-dir", str(out)]) == 0  # two fine-tunes at once (processes)
+    printed = capsys.readouterr().out
     summary = json.loads((out / "demo.json").read_text())
-    assert {r["model"] for r in summary["table"]} == {"base", "clex-1x", "clex-rec-1x", "pi-4x", "yarn4-4x"}
+    names = {"base", "clex-rec-4x", "clex-far-4x", "yarn8-4x", "pi-4x"}
+    assert {r["model"] for r in summary["table"]} == names and summary["seed"] == 0
     assert all(all(v > 1 for v in r["ppl"].values()) for r in summary["table"])
-    assert (out / "demo.png").stat().st_size > 1000 and "| clex-1x |" in (out / "demo.md").read_text()
-    assert (out / "models" / "clex-1x" / "final" / "config.json").is_file()
+    for n in ("32", "64", "128"):  # the ratio to the best model at each length: 1 for the best one
+        assert min(r["ratio"][n] for r in summary["table"]) == 1.0
+        assert all(r["ratio"][n] >= 1 and r["worst"] >= r["ratio"][n] for r in summary["table"])
+    assert set(summary["seconds"]) == set(summary["cpu_seconds"]) == names - {"base"} | {"pretrain", "evaluation"}
+    for name in ("demo.png", "ppl.png", "ratio.png"):
+        assert (out / name).stat().st_size > 1000, name
+    md = (out / "demo.md").read_text()
+    assert "| clex-far-4x | 4 x L |" in md and "| worst |" in md and md in printed
+    assert (out / "models" / "clex-far-4x" / "final" / "config.json").is_file()
+    assert "clex train:" in (out / "models" / "clex-far-4x" / "train.log").read_text()  # a worker's own output
     # a rerun reuses every stage; a stage trained under another definition of its variant is refused, not reused
     import clex.demo as demo
 
-    assert main(["demo", "--quick", "--out-dir", str(out)]) == 0
+    assert main(["demo", "--scale", "quick", "--out-dir", str(out), "--workers", "1"]) == 0
     assert capsys.readouterr().out.count("already trained") == 5  # the base and the four variants
-    monkeypatch.setitem(demo.VARIANTS, "clex-rec-1x", demo.VARIANTS["clex-rec-gaps-1x"])
+    monkeypatch.setitem(demo.VARIANTS, "clex-rec-4x", demo.VARIANTS["clex-rec-gaps-4x"])
     assert (
-        "clex-rec-1x holds a clex-rec-1x (clex, rows of 1 x L) trained with other settings (pose differ)"
-        in cli_error(capsys, ["demo", "--quick", "--out-dir", str(out)])
+        "clex-rec-4x holds a clex-rec-4x (recommended, rows of 4 x L) trained with other settings (pose differ)"
+        in cli_error(capsys, ["demo", "--scale", "quick", "--out-dir", str(out)])
     )
+    # --overwrite removes what the demo made, and nothing else
+    (out / "mine.txt").write_text("a user's file")
+    monkeypatch.setitem(demo.SCALES, "quick", dataclasses.replace(demo.SCALES["quick"], variants=("pi-4x",)))
+    assert main(["demo", "--scale", "quick", "--out-dir", str(out), "--overwrite", "--workers", "1"]) == 0
+    assert (out / "mine.txt").read_text() == "a user's file" and not (out / "models" / "clex-far-4x").exists()
 
 
 def test_a_wrong_choice_is_refused_before_torch_is_imported():
@@ -222,6 +239,7 @@ def test_a_wrong_choice_is_refused_before_torch_is_imported():
 def test_every_literal_annotation_becomes_choices_and_matches_its_registry():
     import typing
 
+    from clex.demo_variants import SCALES, VARIANTS
     from clex.eval.perplexity import PROTOCOLS
     from clex.eval.retrieval import TEMPLATES
     from clex.eval.ruler_tasks import SKIPPED, TASKS, RulerTask
@@ -233,6 +251,7 @@ def test_every_literal_annotation_becomes_choices_and_matches_its_registry():
         "eval ppl": {"protocol": list(PROTOCOLS), "dtype": ["float32", "bfloat16", "float16"]},
         "eval ruler": {"tasks": list(typing.get_args(RulerTask))},
         "export": {"format": list(FORMATS)},
+        "demo": {"scale": list(SCALES), "variants": list(VARIANTS)},
     }
     for command in COMMANDS:
         func = resolve(command)
@@ -292,6 +311,7 @@ def test_train_help_gives_every_field_its_default_and_meaning(capsys):
 def test_old_flags_name_their_new_words(capsys, tmp_path):
     assert "(--trials is now --samples)" in cli_error(capsys, ["eval", "passkey", "--models", "m", "--trials", "2"])
     assert "(--fresh is now --overwrite)" in cli_error(capsys, ["demo", "--fresh"])
+    assert "(--quick is now --scale quick)" in cli_error(capsys, ["demo", "--quick"])
     assert "(--force is now --overwrite)" in cli_error(capsys, ["models", "smollm2", "--force"])
     assert "(--out is now --out-dir and --name)" in cli_error(capsys, ["plot", "freqs", "m", "--out", "f.png"])
     assert "did you mean --samples?" in cli_error(capsys, ["eval", "passkey", "--models", "m", "--sampels", "2"])

@@ -37,12 +37,10 @@ GLOBAL_FLAGS = {"--help", "--version", "--debug"}
 
 #: What the documentation already says in the CLI's final vocabulary, which another branch is bringing in
 #: (`--overwrite` the one flag that replaces output, `--out-dir`/`--name` for every output, `--samples` for samples
-#: per cell, `clex train CONFIG [KEY=VALUE ...]`), and what other branches add (`clex.recipes`).
+#: per cell, `clex train CONFIG [KEY=VALUE ...]`), and what other branches add (none at present).
 #: Each is an expected failure here; once its branch is merged it passes, `test_pending` reports it as XPASS
 #: (strict: a failure), and its line below is to be deleted.
-PENDING = {
-    "clex.recipes": "the named recipes of the library",
-}
+PENDING: dict[str, str] = {}
 
 
 def _text(page: Path) -> str:

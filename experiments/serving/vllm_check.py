@@ -1,7 +1,7 @@
 """vLLM for real: serve a tiny exported CLEX model with vLLM's OpenAI server and check its log-probabilities.
 
     python experiments/serving/vllm_check.py --vllm-python /work/venvs/vllm/bin/python --out experiments/serving/results/vllm.json \
-        [--clex-options log_scale=true,prior=yarn,angle_cap=true,past_max=prior]
+        [--recipe far] [--clex-options log_scale=true,...]
 
 In THIS python (clex's): a tiny random LLaMA (float32, head_dim 64, L = 32) gets CLEX with a random ODE, a
 byte-level BPE tokenizer is trained on a few lines, and ``clex.export(..., length=N)`` writes a longrope folder.
@@ -37,12 +37,15 @@ L, N = 32, 128  # the tiny model's original length and the export's target lengt
 LONG, SHORT = 100, 20  # prompt lengths: past L, below L
 
 
-def tiny_clex_model(**clex_options):
-    """A tiny random LLaMA (float32, head_dim 64, L = 32) with CLEX and a random ODE (also llama_cpp_check.py's)."""
+def tiny_clex_model(recipe: str | None = None, **clex_options):
+    """A tiny random LLaMA (float32, head_dim 64, L = 32) with CLEX and a random ODE (also llama_cpp_check.py's):
+    the dynamics of ``recipe`` (a name of clex.recipes; None: CLEXConfig's defaults) at max_factor 8, then
+    ``clex_options``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import clex
+    import clex.recipes
 
     config = LlamaConfig(
         vocab_size=300,
@@ -58,7 +61,8 @@ def tiny_clex_model(**clex_options):
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
-    model = clex.apply_clex(model, max_factor=8, exact_cache=False, **clex_options)
+    dynamics = clex.recipes.get(recipe).clex_config() if recipe else None
+    model = clex.apply_clex(model, dynamics, **{"max_factor": 8, "exact_cache": False, **clex_options})
     with torch.no_grad():
         clex.get_clex_rotary(model).dynamics.ode_down_proj.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
     return model
@@ -181,6 +185,16 @@ def report(result: dict, out: str | None) -> None:
         Path(out).write_text(text + "\n")
 
 
+def recipe_name(text: str) -> str:
+    """``--recipe NAME`` -> the name, checked against clex.recipes (an unknown one: the valid names)."""
+    import clex.recipes
+
+    try:
+        return clex.recipes.get(text).name
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def clex_options(text: str) -> dict:
     """``--clex-options key=value,...`` -> CLEXConfig fields (values read as JSON where they parse)."""
     from clex.eval.specs import parse_params
@@ -193,11 +207,16 @@ def main(argv=None) -> int:
         __doc__.split("\n\n")[0],
         argv,
         **{
+            "--recipe": (
+                recipe_name,
+                None,
+                "a recipe of clex.recipes for the tiny model's CLEX (e.g. far), at max_factor 8",
+            ),
             "--clex-options": (
                 clex_options,
                 {},
-                "CLEXConfig fields of the tiny model, key=value,... (e.g. log_scale=true,prior=yarn)",
-            )
+                "CLEXConfig fields of the tiny model on top of the recipe's, key=value,... (e.g. log_scale=true)",
+            ),
         },
     )
     wall = time.perf_counter()
@@ -209,7 +228,7 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="clex-vllm-"))
-    model = tiny_clex_model(**args.clex_options)
+    model = tiny_clex_model(args.recipe, **args.clex_options)
     tiny_tokenizer(work / "tok")
     folder = clex.export(model, work / "export", length=N, tokenizer_from=work / "tok")
     stock = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -255,6 +274,7 @@ def main(argv=None) -> int:
         "command": " ".join(command),
         "L": L,
         "N": N,
+        "recipe": args.recipe,
         "clex_options": args.clex_options,
         "prompt_lengths": {k: len(v) for k, v in prompts.items()},
     }

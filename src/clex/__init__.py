@@ -5,12 +5,14 @@
     model.save_pretrained("out");  model = clex.load_model("out")
 
 Pipelines (imported on first use): clex.finetune(config, **fields), clex.run_ppl, clex.run_passkey,
-clex.run_needle, clex.plot_freqs, clex.export, clex.run_demo, clex.load_smollm2.
+clex.run_needle, clex.plot_freqs, clex.export, clex.run_demo, clex.load_smollm2. The named recipes:
+clex.recipes.get("recommended" | "far" | "paper").
 """
 
 from importlib import import_module
 from typing import TYPE_CHECKING
 
+from . import recipes
 from ._version import __version__
 
 #: the public API, each name imported from its module on first use, so that `import clex` loads neither torch
@@ -83,4 +85,4 @@ def __dir__():
     return sorted({*(n for n in globals() if n.startswith("__") and n.endswith("__")), *__all__})
 
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__", "recipes", *_LAZY]

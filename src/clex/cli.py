@@ -59,6 +59,7 @@ PACKAGE = Path(__file__).resolve().parent
 #: flags of earlier releases -> the one word each idea has now (said when an old flag is used)
 RENAMED = {
     "--fresh": "--overwrite",
+    "--quick": "--scale quick",
     "--force": "--overwrite",
     "--trials": "--samples",
     "--out": "--out-dir and --name",

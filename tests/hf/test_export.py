@@ -10,6 +10,7 @@ from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
 import clex
+import clex.recipes
 from clex.hf.export import export
 from clex.hf.generation import fixed_t
 
@@ -27,8 +28,7 @@ def ids(n):
     return torch.randint(3, 97, (1, n), generator=torch.Generator().manual_seed(n))
 
 
-REC = {"prior": "yarn", "mscale": "yarn", "angle_cap": True, "past_max": "prior"}
-FAR = {"prior": "yarn", "log_scale": True, "angle_cap": True, "past_max": "prior", "train_t": "integer-quadratic"}
+REC, FAR = (dict(clex.recipes.get(name).clex) for name in ("recommended", "far"))  # the recipes' CLEX fields
 
 
 @pytest.mark.parametrize("options", [{}, REC, FAR], ids=["paper", "rec", "far"])

@@ -11,6 +11,7 @@ from conftest import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import clex
+import clex.recipes
 from clex.hf.export import export
 from clex.hf.generation import fixed_t
 from clex.hf.to_gguf import interleave_rotary_rows
@@ -63,8 +64,8 @@ WIDE = {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1} 
     [
         ({}, {}),
         (WIDE, {}),
-        ({}, {"prior": "yarn", "mscale": "yarn", "angle_cap": True, "past_max": "prior"}),
-        ({}, {"prior": "yarn", "log_scale": True, "angle_cap": True, "past_max": "prior"}),
+        ({}, dict(clex.recipes.get("recommended").clex)),
+        ({}, dict(clex.recipes.get("far").clex)),
     ],
 )
 def test_the_gguf_is_clex_at_fixed_t_at_every_length(tmp_path, overrides, options):

@@ -19,6 +19,7 @@ import yaml
 from ..core.config import CLEXConfig
 from ..core.io import atomic_write_text
 from ..hf.methods import METHODS
+from ..recipes import get as get_recipe
 
 TRAINABLE = ("all", "clex", "lora")
 DTYPES = ("float32", "bfloat16")
@@ -43,6 +44,8 @@ def refuse_unknown(where: str, keys, allowed) -> None:
 class TrainConfig:
     # --- model and method ---
     model: str = "tiny-llama"  # a preset of clex.data.presets.MODEL_PRESETS, or a local model folder
+    recipe: str | None = None  # paper | recommended | far (clex.recipes): its method, factor, pose and clex
+    # fields go under the ones given explicitly (from_dict / from_file: in files and overrides)
     method: str = "clex"  # clex | pi | ntk | dynamic-ntk | yarn | longrope | llama3 | none (clex.hf.methods.METHODS)
     factor: float = 16.0  # target length / L: the baselines' scale, the PoSE span, CLEX's max_factor (default)
     clex: dict = field(default_factory=dict)  # CLEXConfig fields for method clex; seed defaults to `seed`
@@ -179,6 +182,13 @@ class TrainConfig:
                     f"TrainConfig.rope.{key}={self.rope[key]!r}: the run's {key} is TrainConfig.{field_name} "
                     f"({getattr(self, field_name)!r}); set {field_name}={self.rope[key]} instead of rope.{key}"
                 )
+        if self.recipe is not None:
+            recipe = get_recipe(self.recipe)
+            if not set(recipe.clex) <= set(self.clex):  # TrainConfig(recipe=...) directly: nothing merged
+                raise ValueError(
+                    f"TrainConfig.recipe={self.recipe!r} is applied by TrainConfig.from_dict / from_file; in Python "
+                    f"use TrainConfig(**clex.recipes.get({self.recipe!r}).train_fields(...))"
+                )
         if self.method == "clex":
             self.clex_config()  # validates the fields now, with CLEXConfig's messages
 
@@ -202,6 +212,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         refuse_unknown("TrainConfig", d, [f.name for f in fields(cls)])
+        if d.get("recipe") is not None:  # the recipe's fields under the explicit ones
+            d = get_recipe(d["recipe"]).train_fields(**d)
         return cls(**d)
 
     @classmethod

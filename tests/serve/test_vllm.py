@@ -22,7 +22,7 @@ def test_every_request_is_served_at_its_own_t(tmp_path, model):
     r = json.loads(out.read_text())
     greedy, sampled = r["concurrent"]["greedy"], r["concurrent"]["sampled"]
     rows = greedy + sampled + r["prefix"]["requests"] + [r["reserve"]["served"]]
-    assert max(row["max_abs"] for row in rows) <= 1e-4  # measured ~5e-6 (float32)
+    assert max(row["max_abs"] for row in rows) <= 1e-4  # measured 5e-6 to 1e-5 (float32)
     if model == "tiny-yarn-qwen2":  # its longest sampled request asks past the context (max_model_len = 8 L):
         # vLLM lowers its max_tokens, and it is served (within 1e-4 above) at the t of max_model_len
         assert any(row["length"] == r["max_model_len"] < row["prompt"] + row["max_tokens"] for row in sampled)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import clex
-from clex.cli import _arg_help
+from clex.flags import arg_help
 
 INIT = Path(clex.__file__)
 
@@ -45,7 +45,7 @@ def test_every_public_function_documents_each_argument():
         if not inspect.isfunction(obj):
             continue
         doc = inspect.getdoc(obj) or ""
-        helps = _arg_help(doc)
+        helps = arg_help(doc)
         params = [p for p in inspect.signature(obj).parameters]
         lacking = [p for p in params if p not in helps]
         if "Args:" not in doc or lacking:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "clex"
 #: floor of each subpackage or top-level module (recipes just above the core: train reads it; demo_variants, the
-#: demo's table, below the demo; cli, demo on top); a module may import only lower floors or its own subpackage;
-#: modules of one floor never import each other.
+#: demo's table, below the demo; flags, the CLI's reader of the source, beside the demo; cli on top); a module may
+#: import only lower floors or its own subpackage; modules of one floor never import each other.
 FLOORS = {
     "_version": 0,
     "core": 1,
@@ -21,6 +21,7 @@ FLOORS = {
     "serve": 4,
     "demo_variants": 4,
     "demo": 5,
+    "flags": 5,
     "cli": 6,
 }
 

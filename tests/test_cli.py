@@ -292,7 +292,7 @@ def test_train_takes_config_and_key_value_words_and_suggests_the_closest_field(c
 def test_train_help_gives_every_field_its_default_and_meaning(capsys):
     import dataclasses
 
-    from clex.cli import dataclass_fields
+    from clex.flags import dataclass_fields
     from clex.train.config import TrainConfig
 
     with pytest.raises(SystemExit):
